@@ -1,0 +1,242 @@
+"""One Unicorn engine running vCPUs over the shared guest RAM, and the VP exits it reports.
+
+Exits come from three places (see shared/design/architecture.md, "Measured facts"):
+- native hooks (cpu/fastpath.py) for port I/O and CPUID, which only leave the engine for
+  devices Python owns;
+- exit addresses (ctl_exits) for RDMSR/WRMSR (Unicorn cannot hook them), the kernel entry and
+  breakpoints: emu_start returns with RIP on the instruction, not yet executed;
+- HLT (emu_start returns after it), vmcall (the invalid-instruction hook) and faults.
+"""
+import ctypes
+from dataclasses import dataclass, field
+
+from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
+from unicorn import unicorn_const as ucc
+from unicorn import x86_const as x86
+
+from hclsim.cpu import fastpath, native
+from hclsim.cpu.memory import GuestMemory
+from hclsim.cpu.pagetable import translate
+
+MSR_EFER = 0xC0000080
+
+# Exit kinds.
+EXIT_HLT = "hlt"
+EXIT_ADDRESS = "exit-address"   # RIP reached a registered exit address
+EXIT_STOP = "stop"              # a handler asked the engine to stop (crash MSR, error, ...)
+EXIT_FAULT = "fault"
+
+VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
+                8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
+                17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
+
+GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+             "r12", "r13", "r14", "r15", "rip", "rflags")
+CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4")
+SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss")
+REG_IDS = {name: getattr(x86, "UC_X86_REG_" + name.upper()) for name in GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES}
+REG_IDS["fs_base"] = x86.UC_X86_REG_FS_BASE
+REG_IDS["gs_base"] = x86.UC_X86_REG_GS_BASE
+
+
+@dataclass
+class VpExit:
+    kind: str
+    rip: int
+    vector: int | None = None        # faults: the CPU exception vector, if known
+    fault_address: int | None = None  # faults: the unmapped/denied address, if known
+    message: str = ""
+    stop_reason: object = None       # EXIT_STOP: what the handler passed to request_stop
+
+
+class SlowIoDispatch:
+    """The single Python entry point native hooks call for slow port I/O, keyed by uc handle."""
+
+    def __init__(self):
+        self.engines: dict[int, "Engine"] = {}
+        self.callback = native.SLOW_IO_PROTO(self._dispatch)
+        self.address = ctypes.cast(self.callback, ctypes.c_void_p).value
+
+    def _dispatch(self, uc_ptr, port, size, value, is_in):
+        engine = self.engines.get(uc_ptr)
+        if engine is None:
+            return 0
+        try:
+            if is_in == fastpath.IO_DRAIN:
+                engine.on_uart_full(value)
+                return 0
+            return engine.io_handler(port, size, value, bool(is_in)) & 0xFFFFFFFF
+        except BaseException as exc:  # a Python exception must not unwind through C frames
+            engine.request_stop(exc)
+            return 0
+
+
+SLOW_IO = SlowIoDispatch()
+
+
+@dataclass
+class Engine:
+    mem: GuestMemory
+    cpuid_table: object
+    io_handler: object                   # (port, size, value, is_in) -> int
+    hypercall_handler: object            # (engine) -> None; vmcall at RIP, RIP not yet advanced
+    uart_sink: object = None             # (uart index, bytes) -> None
+    exits: set = field(default_factory=set)
+
+    def __post_init__(self):
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc.mem_map_ptr(0, self.mem.size, UC_PROT_ALL, self.mem.address)
+        self.state = fastpath.FastPathState(self.cpuid_table, self.mem.address, self.mem.size, SLOW_IO.address)
+        self.state.buf[fastpath.H_PAGING] = 1
+        ud = self.state.address
+        native.hook_add(self.uc, ucc.UC_HOOK_INSN, fastpath.hook_out.address, ud, x86.UC_X86_INS_OUT)
+        native.hook_add(self.uc, ucc.UC_HOOK_INSN, fastpath.hook_in.address, ud, x86.UC_X86_INS_IN)
+        native.hook_add(self.uc, ucc.UC_HOOK_INSN, fastpath.hook_cpuid.address, ud, x86.UC_X86_INS_CPUID)
+        native.hook_add(self.uc, ucc.UC_HOOK_BLOCK, fastpath.hook_block.address, ud)
+        self.uc.hook_add(ucc.UC_HOOK_INSN_INVALID, self._on_invalid)
+        self.uc.hook_add(ucc.UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(ucc.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        SLOW_IO.engines[native.uc_handle(self.uc)] = self
+        self._stop_reason = None
+        self._fault = None
+        self.code_signature = None
+        self.uc.ctl_exits_enabled(True)
+        self.set_exits(self.exits, force=True)
+        self._pristine = self.uc.context_save()
+
+    def reset(self, cpuid_table) -> None:
+        """Make a pooled engine look new to the next machine: registers, counters and devices
+        as at creation. Translated code is kept (see load_code)."""
+        self.uc.context_restore(self._pristine)
+        self.state.reset(cpuid_table)
+        self.state.buf[fastpath.H_PAGING] = 1
+        self.uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)  # memory contents changed
+
+    def load_code(self, signature) -> None:
+        """Declare what executable images the guest RAM now holds; translated blocks survive
+        only if they are the same images at the same addresses as last time."""
+        if signature != self.code_signature:
+            self.uc.ctl_flush_tb()
+            self.state.forget_blocks()
+            self.code_signature = signature
+
+    def close(self):
+        SLOW_IO.engines.pop(native.uc_handle(self.uc), None)
+
+    # ---- registers and memory -------------------------------------------------------------
+    def reg(self, name: str) -> int:
+        return self.uc.reg_read(REG_IDS[name])
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.uc.reg_write(REG_IDS[name], value & 0xFFFFFFFFFFFFFFFF)
+
+    def msr(self, index: int) -> int:
+        return self.uc.msr_read(index)
+
+    def set_msr(self, index: int, value: int) -> None:
+        self.uc.msr_write(index, value)
+
+    def registers(self) -> dict[str, int]:
+        regs = {name: self.reg(name) for name in GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES}
+        regs["efer"] = self.msr(MSR_EFER)
+        regs["fs_base"] = self.reg("fs_base")
+        regs["gs_base"] = self.reg("gs_base")
+        return regs
+
+    def translate(self, va: int) -> int:
+        """GPA for va under the running VP's CR3, or a negative pagetable.WALK_* code."""
+        if not self.reg("cr0") & 0x80000000:
+            return va
+        return translate(self.mem.array(), self.reg("cr3"), va)
+
+    def read_virtual(self, va: int, length: int) -> bytes:
+        """Bytes at va..va+length through the page tables; stops early at an unmapped page."""
+        out = bytearray()
+        while len(out) < length:
+            pa = self.translate(va + len(out))
+            if pa < 0 or not self.mem.contains(pa):
+                break
+            chunk = min(length - len(out), 0x1000 - ((va + len(out)) & 0xFFF), self.mem.size - pa)
+            out += self.mem.read(pa, chunk)
+        return bytes(out)
+
+    def code_changed(self, start: int, end: int) -> None:
+        """Guest code in [start, end) (identity-mapped addresses) was rewritten by the host."""
+        self.uc.ctl_remove_cache(start, end)
+        self.state.invalidate_blocks(start, end)
+
+    # ---- exits ---------------------------------------------------------------------------
+    def set_exits(self, addresses, force: bool = False) -> None:
+        addresses = set(addresses)
+        if addresses == self.exits and not force:
+            return  # translated blocks already stop at these addresses
+        self.exits = addresses
+        self.uc.ctl_set_exits(sorted(self.exits) or [0xFFFFFFFFFFFFFFF0])
+        self.uc.ctl_flush_tb()
+
+    def request_stop(self, reason) -> None:
+        """Called from a handler inside the run: end it with EXIT_STOP and this reason."""
+        self._stop_reason = reason
+        self.uc.emu_stop()
+
+    def on_uart_full(self, index: int) -> None:
+        data = self.state.take_uart_output(index)
+        if self.uart_sink is not None:
+            self.uart_sink(index, data)
+
+    def drain_uarts(self) -> None:
+        for i in range(fastpath.N_UARTS):
+            if self.state.buf[fastpath.H_UART_LEN0 + i]:
+                self.on_uart_full(i)
+
+    def _on_invalid(self, uc, user_data):
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        insn = self.read_virtual(rip, 3)
+        if insn in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):  # vmcall / vmmcall
+            self.hypercall_handler(self)
+            return True
+        self._fault = VpExit(EXIT_FAULT, rip, vector=6, message=f"invalid opcode {insn.hex()}")
+        return False
+
+    def _on_interrupt(self, uc, intno, user_data):
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        self._fault = VpExit(EXIT_FAULT, rip, vector=intno,
+                             message=f"{VECTOR_NAMES.get(intno, 'vector ' + str(intno))} exception")
+        uc.emu_stop()
+
+    def _on_unmapped(self, uc, access, address, size, value, user_data):
+        kind = {ucc.UC_MEM_READ_UNMAPPED: "read", ucc.UC_MEM_WRITE_UNMAPPED: "write",
+                ucc.UC_MEM_FETCH_UNMAPPED: "instruction fetch"}.get(access, "access")
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        self._fault = VpExit(EXIT_FAULT, rip, vector=14, fault_address=address,
+                             message=f"{kind} of unmapped address {address:#x}")
+        return False
+
+    def run(self, timeout_us: int = 0) -> VpExit:
+        """Run the loaded VP from its RIP until the next exit."""
+        self._stop_reason = None
+        self._fault = None
+        rip = self.reg("rip")
+        try:
+            self.uc.emu_start(rip, 0, timeout=timeout_us)
+            error = None
+        except UcError as exc:
+            error = exc
+        self.drain_uarts()
+        rip = self.reg("rip")
+        if self._fault is not None:
+            return self._fault
+        if self._stop_reason is not None:
+            if isinstance(self._stop_reason, BaseException):
+                raise self._stop_reason
+            return VpExit(EXIT_STOP, rip, stop_reason=self._stop_reason)
+        if error is not None:
+            return VpExit(EXIT_FAULT, rip, message=str(error))
+        if rip in self.exits:
+            return VpExit(EXIT_ADDRESS, rip)
+        if self.read_virtual(rip - 1, 1) == b"\xf4":
+            return VpExit(EXIT_HLT, rip)
+        return VpExit(EXIT_STOP, rip, stop_reason="timeout" if timeout_us else "stopped")
+
+    def counters(self) -> dict:
+        return self.state.counters()

@@ -1,0 +1,178 @@
+"""Hypercall ABI checks and handlers (hyperv-essentials.md sections 3-6).
+
+dispatch() validates the control word and the input/output GPAs the way hv1_hypercall does,
+then calls the handler for the code. Handlers get the input bytes and return
+(status, reps completed, output bytes).
+"""
+import struct
+from dataclasses import dataclass
+
+HV_STATUS_SUCCESS = 0x0000
+HV_STATUS_INVALID_HYPERCALL_CODE = 0x0002
+HV_STATUS_INVALID_HYPERCALL_INPUT = 0x0003
+HV_STATUS_INVALID_ALIGNMENT = 0x0004
+HV_STATUS_INVALID_PARAMETER = 0x0005
+HV_STATUS_ACCESS_DENIED = 0x0006
+HV_STATUS_INVALID_VP_INDEX = 0x000E
+HV_STATUS_INVALID_VP_STATE = 0x0015
+HV_STATUS_VTL_ALREADY_ENABLED = 0x0086
+
+HV_PARTITION_ID_SELF = 0xFFFFFFFFFFFFFFFF
+HV_VP_INDEX_SELF = 0xFFFFFFFE
+
+# Register names (section 6) answered by Get/SetVpRegisters.
+REG_VSM_CODE_PAGE_OFFSETS = 0x000D0002
+REG_VSM_VP_STATUS = 0x000D0003
+REG_VSM_PARTITION_STATUS = 0x000D0004
+REG_VSM_CAPABILITIES = 0x000D0006
+REG_GUEST_OS_ID = 0x00090002
+REG_HYPERCALL = 0x00090001
+REG_VP_INDEX = 0x00090003
+REG_TIME_REF_COUNT = 0x00090004
+REG_VP_ASSIST_PAGE = 0x00090013
+GPR_REGISTERS = {0x20000 + i: name for i, name in enumerate(
+    ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
+     "r13", "r14", "r15", "rip", "rflags"))}
+CONTROL_REGISTERS = {0x40000: "cr0", 0x40001: "cr2", 0x40002: "cr3", 0x40003: "cr4"}
+
+VTL2 = 2
+VSM_VP_STATUS_VTL2 = VTL2 | (1 << 16) | (1 << 18)   # active VTL 2; VTL0 and VTL2 enabled
+VSM_CAPABILITIES = 0x18000000
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    name: str
+    rep: bool
+    header: int         # fixed input header bytes
+    in_element: int     # rep input element size
+    out_element: int    # rep output element size (or simple output size)
+    handler: object
+
+
+def _u32(data, off):
+    return struct.unpack_from("<I", data, off)[0]
+
+
+def _u64(data, off):
+    return struct.unpack_from("<Q", data, off)[0]
+
+
+def _check_self(header: bytes, vp: int) -> int | None:
+    partition, vp_index = _u64(header, 0), _u32(header, 8)
+    if partition != HV_PARTITION_ID_SELF or vp_index not in (HV_VP_INDEX_SELF, vp):
+        return HV_STATUS_INVALID_PARAMETER
+    input_vtl = header[12]
+    if input_vtl & 0xE0 or (input_vtl & 0x10 and (input_vtl & 0xF) > VTL2):
+        return HV_STATUS_INVALID_PARAMETER
+    return None
+
+
+def _register_value(hv, engine, vp: int, name: int) -> int | None:
+    fixed = {REG_VSM_CODE_PAGE_OFFSETS: 0x0F | (0x26 << 12), REG_VSM_VP_STATUS: VSM_VP_STATUS_VTL2,
+             REG_VSM_PARTITION_STATUS: (1 << 0) | (1 << 2) | (VTL2 << 16),
+             REG_VSM_CAPABILITIES: VSM_CAPABILITIES}
+    if name in fixed:
+        return fixed[name]
+    if name == REG_GUEST_OS_ID:
+        return hv.guest_os_id
+    if name == REG_HYPERCALL:
+        return hv.hypercall_msr
+    if name == REG_VP_INDEX:
+        return vp
+    if name == REG_TIME_REF_COUNT:
+        return hv.time_ref_count(engine)
+    if name == REG_VP_ASSIST_PAGE:
+        return hv.vps[vp].vp_assist_page
+    if name in GPR_REGISTERS:
+        return engine.reg(GPR_REGISTERS[name])
+    if name in CONTROL_REGISTERS:
+        return engine.reg(CONTROL_REGISTERS[name])
+    return None
+
+
+def get_vp_registers(hv, engine, vp, header, elements, rep_count):
+    status = _check_self(header, vp)
+    if status is not None:
+        return status, 0, b""
+    out = bytearray()
+    for i in range(rep_count):
+        value = _register_value(hv, engine, vp, _u32(elements, 4 * i))
+        if value is None:
+            return HV_STATUS_INVALID_PARAMETER, i, bytes(out)
+        out += struct.pack("<QQ", value & (2**64 - 1), 0)
+    return HV_STATUS_SUCCESS, rep_count, bytes(out)
+
+
+def set_vp_registers(hv, engine, vp, header, elements, rep_count):
+    status = _check_self(header, vp)
+    if status is not None:
+        return status, 0, b""
+    for i in range(rep_count):
+        name, value = _u32(elements, 32 * i), _u64(elements, 32 * i + 16)
+        if name in GPR_REGISTERS:
+            engine.set_reg(GPR_REGISTERS[name], value)
+        elif name == REG_GUEST_OS_ID:
+            hv.guest_os_id = value
+        else:  # read-only or unknown: as virt_whp, INVALID_PARAMETER at the failing index
+            return HV_STATUS_INVALID_PARAMETER, i, b""
+    return HV_STATUS_SUCCESS, rep_count, b""
+
+
+def get_vp_index_from_apic_id(hv, engine, vp, header, elements, rep_count):
+    if _u64(header, 0) != HV_PARTITION_ID_SELF or header[8] > VTL2 or any(header[9:16]):
+        return HV_STATUS_INVALID_PARAMETER, 0, b""
+    out = bytearray()
+    for i in range(rep_count):
+        index = hv.vp_by_apic.get(_u32(elements, 4 * i))
+        if index is None:
+            return HV_STATUS_INVALID_PARAMETER, i, bytes(out)
+        out += struct.pack("<I", index)
+    return HV_STATUS_SUCCESS, rep_count, bytes(out)
+
+
+CALLS = {
+    0x0050: CallSpec("HvCallGetVpRegisters", True, 0x10, 4, 16, get_vp_registers),
+    0x0051: CallSpec("HvCallSetVpRegisters", True, 0x10, 32, 0, set_vp_registers),
+    0x009A: CallSpec("HvCallGetVpIndexFromApicId", True, 0x10, 4, 4, get_vp_index_from_apic_id),
+}
+
+
+def result(status: int, reps: int = 0) -> int:
+    return (status & 0xFFFF) | ((reps & 0xFFF) << 32)
+
+
+def dispatch(hv, engine, vp: int, control: int, in_gpa: int, out_gpa: int) -> int:
+    """Validate and run one hypercall; the RAX result value."""
+    code = control & 0xFFFF
+    fast = (control >> 16) & 1
+    var_size = (control >> 17) & 0x3FF
+    rep_count = (control >> 32) & 0xFFF
+    rep_start = (control >> 48) & 0xFFF
+    spec = CALLS.get(code)
+    if spec is None:
+        return result(HV_STATUS_INVALID_HYPERCALL_CODE)
+    if control & ((0xF << 27) | (0xF << 44) | (0xF << 60)) or fast:
+        return result(HV_STATUS_INVALID_HYPERCALL_INPUT)
+    if spec.rep:
+        if rep_count == 0 or rep_start >= rep_count:
+            return result(HV_STATUS_INVALID_HYPERCALL_INPUT)
+    elif rep_count or rep_start or var_size:
+        return result(HV_STATUS_INVALID_HYPERCALL_INPUT)
+    in_len = spec.header + 8 * var_size + spec.in_element * rep_count
+    out_len = spec.out_element * rep_count if spec.rep else spec.out_element
+    for gpa, length in ((in_gpa, in_len), (out_gpa, out_len)):
+        if length == 0:
+            continue
+        if gpa & 7:
+            return result(HV_STATUS_INVALID_ALIGNMENT)
+        if (gpa & 0xFFF) + length > 0x1000 or not hv.mem.contains(gpa, length):
+            return result(HV_STATUS_INVALID_HYPERCALL_INPUT)
+    data = hv.mem.read(in_gpa, in_len)
+    header, elements = data[:spec.header], data[spec.header + 8 * var_size:]
+    # Rep calls resume at rep_start: elements before it are already done.
+    skip = rep_start * spec.in_element
+    status, done, output = spec.handler(hv, engine, vp, header, elements[skip:], rep_count - rep_start)
+    if output and (spec.rep or status == HV_STATUS_SUCCESS):
+        hv.mem.write(out_gpa + rep_start * spec.out_element, output)
+    return result(status, rep_start + done)

@@ -1,0 +1,205 @@
+"""The Hyper-V subset the firmware relies on: synthetic MSRs, the hypercall page and the hypercall
+ABI (shared/design/hyperv-essentials.md sections 2, 3 and 8). Hypercall handlers themselves live
+in cpu/hypercalls.py.
+
+Time is deterministic: TIME_REF_COUNT advances with the executed instruction count (1 ns each),
+so the same image gives the same reference times run after run.
+"""
+from dataclasses import dataclass, field
+
+from hclsim.boot.layout import ISOLATION_NONE, ISOLATION_SNP, ISOLATION_TDX
+from hclsim.cpu import hypercalls
+
+HV_X64_MSR_GUEST_OS_ID = 0x40000000
+HV_X64_MSR_HYPERCALL = 0x40000001
+HV_X64_MSR_VP_INDEX = 0x40000002
+HV_X64_MSR_TIME_REF_COUNT = 0x40000020
+HV_X64_MSR_TSC_FREQUENCY = 0x40000022
+HV_X64_MSR_APIC_FREQUENCY = 0x40000023
+HV_X64_MSR_VP_ASSIST_PAGE = 0x40000073
+HV_X64_MSR_CRASH_P0 = 0x40000100
+HV_X64_MSR_CRASH_CTL = 0x40000105
+X86_MSR_APIC_BASE = 0x1B
+
+CRASH_CTL_NOTIFY = 1 << 63
+CRASH_CTL_CRASH_MESSAGE = 1 << 62
+CRASH_MESSAGE_MAX = 4096
+
+# Architectural MSRs Unicorn itself keeps per CPU: passed through.
+PASSTHROUGH_MSRS = {0x10, 0x277, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084, 0xC0000100,
+                    0xC0000101, 0xC0000102, 0xC0000103}
+
+INSTRUCTIONS_PER_100NS = 100
+TSC_FREQUENCY = 1_000_000_000   # the simulated TSC ticks once per instruction
+APIC_FREQUENCY = 200_000_000
+
+
+class GeneralProtection(Exception):
+    """The access raises #GP in the guest."""
+
+
+@dataclass
+class GuestCrash:
+    """An enlightened panic (CRASH_CTL write): the guest's last words."""
+    params: tuple
+    message: str
+
+    def summary(self) -> str:
+        return self.message or "guest crash without message (P0=%#x P1=%#x)" % self.params[:2]
+
+
+def hypercall_page_bytes() -> bytes:
+    """The page the hypervisor overlays at the HYPERCALL MSR's GPN (Intel: vmcall)."""
+    vmcall = b"\x0f\x01\xc1"
+    page = bytearray(b"\xcc" * 4096)
+    stubs = {
+        0x00: vmcall + b"\xc3",
+        0x04: b"\x89\xc1" + b"\xb8\x11\x00\x00\x00" + vmcall + b"\xc3",          # 32-bit VTL call
+        0x0F: b"\x48\x89\xc8" + b"\xb9\x11\x00\x00\x00" + vmcall + b"\xc3",      # 64-bit VTL call
+        0x1B: b"\x89\xc1" + b"\xb8\x12\x00\x00\x00" + vmcall + b"\xc3",          # 32-bit VTL return
+        0x26: b"\x48\x89\xc8" + b"\xb9\x12\x00\x00\x00" + vmcall + b"\xc3",      # 64-bit VTL return
+    }
+    for offset, code in stubs.items():
+        page[offset:offset + len(code)] = code
+    return bytes(page)
+
+
+VSM_CODE_PAGE_OFFSETS = 0x0F | (0x26 << 12)
+
+
+@dataclass
+class VpState:
+    """Per-VP hypervisor state (the VP's own registers live in its engine context)."""
+    index: int
+    apic_id: int
+    vp_assist_page: int = 0
+    mtrrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Hypervisor:
+    mem: object
+    apic_ids: list                       # VP index -> APIC id
+    isolation: int = ISOLATION_NONE
+    guest_os_id: int = 0
+    hypercall_msr: int = 0
+    crash_params: list = field(default_factory=lambda: [0] * 5)
+    crash: GuestCrash | None = None
+    hypercall_log: list = field(default_factory=list)   # (vp, code, status) for reports/tests
+
+    def __post_init__(self):
+        self.vps = [VpState(i, apic) for i, apic in enumerate(self.apic_ids)]
+        self._saved_page = None
+        self.vp_by_apic = {apic: i for i, apic in enumerate(self.apic_ids)}
+
+    @property
+    def hardware_isolated(self) -> bool:
+        return self.isolation in (ISOLATION_SNP, ISOLATION_TDX)
+
+    def time_ref_count(self, engine) -> int:
+        return engine.counters()["instructions"] // INSTRUCTIONS_PER_100NS
+
+    # ---- MSRs ----------------------------------------------------------------------------
+    def rdmsr(self, engine, vp: int, index: int) -> int:
+        if index == HV_X64_MSR_GUEST_OS_ID:
+            return self.guest_os_id
+        if index == HV_X64_MSR_HYPERCALL:
+            return self.hypercall_msr
+        if index == HV_X64_MSR_VP_INDEX:
+            return vp
+        if index == HV_X64_MSR_TIME_REF_COUNT:
+            return self.time_ref_count(engine)
+        if index == HV_X64_MSR_TSC_FREQUENCY:
+            return TSC_FREQUENCY
+        if index == HV_X64_MSR_APIC_FREQUENCY:
+            return APIC_FREQUENCY
+        if index == HV_X64_MSR_VP_ASSIST_PAGE:
+            return self.vps[vp].vp_assist_page
+        if HV_X64_MSR_CRASH_P0 <= index < HV_X64_MSR_CRASH_CTL:
+            return self.crash_params[index - HV_X64_MSR_CRASH_P0]
+        if index == HV_X64_MSR_CRASH_CTL:
+            return CRASH_CTL_NOTIFY | CRASH_CTL_CRASH_MESSAGE  # capabilities
+        if index == X86_MSR_APIC_BASE:
+            return 0xFEE00000 | (1 << 11) | ((1 << 8) if vp == 0 else 0)
+        if index in PASSTHROUGH_MSRS:
+            return engine.msr(index)
+        if self._is_mtrr(index):
+            return self.vps[vp].mtrrs.get(index, 0)
+        raise GeneralProtection(f"rdmsr of unknown MSR {index:#x}")
+
+    def wrmsr(self, engine, vp: int, index: int, value: int) -> None:
+        if index == HV_X64_MSR_GUEST_OS_ID:
+            self.guest_os_id = value
+        elif index == HV_X64_MSR_HYPERCALL:
+            self._write_hypercall_msr(engine, value)
+        elif index == HV_X64_MSR_VP_ASSIST_PAGE:
+            if value & 0xFFE:
+                raise GeneralProtection(f"VP_ASSIST_PAGE reserved bits set: {value:#x}")
+            self.vps[vp].vp_assist_page = value
+        elif HV_X64_MSR_CRASH_P0 <= index < HV_X64_MSR_CRASH_CTL:
+            self.crash_params[index - HV_X64_MSR_CRASH_P0] = value
+        elif index == HV_X64_MSR_CRASH_CTL:
+            if value & CRASH_CTL_NOTIFY:
+                self.crash = self._read_crash(value)  # the machine ends the run
+        elif index in PASSTHROUGH_MSRS:
+            engine.set_msr(index, value)
+        elif self._is_mtrr(index):
+            self.vps[vp].mtrrs[index] = value
+        elif index == X86_MSR_APIC_BASE:
+            pass  # x2APIC enable is modelled with the APIC (sidecar issue)
+        else:
+            raise GeneralProtection(f"wrmsr of {'read-only' if index in (HV_X64_MSR_VP_INDEX, HV_X64_MSR_TIME_REF_COUNT) else 'unknown'} MSR {index:#x}")
+
+    @staticmethod
+    def _is_mtrr(index: int) -> bool:
+        return index in (0x2FF, 0x250, 0x258, 0x259) or 0x268 <= index <= 0x26F or 0x200 <= index <= 0x21F
+
+    def _write_hypercall_msr(self, engine, value: int) -> None:
+        if self.hypercall_msr & 2:
+            raise GeneralProtection("HYPERCALL MSR is locked")
+        if value & 0xFFC:
+            raise GeneralProtection(f"HYPERCALL MSR reserved bits set: {value:#x}")
+        gpa = value & ~0xFFF
+        if self._saved_page is not None:  # unmap the old overlay: the RAM underneath shows again
+            old_gpa, data = self._saved_page
+            self.mem.write(old_gpa, data)
+            engine.code_changed(old_gpa, old_gpa + 4096)
+            self._saved_page = None
+        if value & 1:
+            if not self.mem.contains(gpa, 4096):
+                raise GeneralProtection(f"hypercall page GPA {gpa:#x} outside guest RAM")
+            self._saved_page = (gpa, self.mem.read(gpa, 4096))
+            self.mem.write(gpa, hypercall_page_bytes())
+            engine.code_changed(gpa, gpa + 4096)
+        self.hypercall_msr = value
+
+    def _read_crash(self, ctl: int) -> GuestCrash:
+        p = tuple(self.crash_params)
+        message = ""
+        if ctl & CRASH_CTL_CRASH_MESSAGE and p[4]:
+            length = min(p[4], CRASH_MESSAGE_MAX)
+            if self.mem.contains(p[3], length):
+                message = self.mem.read(p[3], length).split(b"\0")[0].decode("utf-8", "replace")
+        return GuestCrash(p, message)
+
+    # ---- hypercalls ----------------------------------------------------------------------
+    def hypercall(self, engine, vp: int) -> None:
+        """Emulate the vmcall at RIP: ABI in RCX/RDX/R8, result in RAX, RIP += 3."""
+        control = engine.reg("rcx")
+        result = hypercalls.dispatch(self, engine, vp, control, engine.reg("rdx"), engine.reg("r8"))
+        self.hypercall_log.append((vp, control & 0xFFFF, result & 0xFFFF))
+        engine.set_reg("rax", result)
+        engine.set_reg("rip", engine.reg("rip") + 3)
+
+    def msr_exit(self, engine, vp: int, insn: bytes) -> None:
+        """Emulate the RDMSR/WRMSR at RIP (engine stopped on it)."""
+        index = engine.reg("rcx") & 0xFFFFFFFF
+        if insn == b"\x0f\x32":
+            value = self.rdmsr(engine, vp, index)
+            engine.set_reg("rax", value & 0xFFFFFFFF)
+            engine.set_reg("rdx", (value >> 32) & 0xFFFFFFFF)
+        else:
+            value = (engine.reg("rax") & 0xFFFFFFFF) | ((engine.reg("rdx") & 0xFFFFFFFF) << 32)
+            self.wrmsr(engine, vp, index, value)
+        engine.set_reg("rip", engine.reg("rip") + 2)
+

@@ -1,0 +1,3 @@
+import sys
+from hclsim.cli import main
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""One simulated boot: builds the VTL2 image from a BootConfig, runs the boot shim on the BSP
+until it jumps to the kernel, and hands over to the Linux stand-in's handoff check.
+"""
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+from hclsim.boot import firmware, image as vtl_image
+from hclsim.boot.elfimage import load_firmware_image
+from hclsim.boot.host_dt import build_host_config, write_host_dt
+from hclsim.boot.initrd import load_initrd
+from hclsim.boot.kernel import load_kernel
+from hclsim.config import BootConfig
+from hclsim.cpu import engine as eng
+from hclsim.cpu.cpuid import build_cpuid_table
+from hclsim.cpu.fault import GuestFaultError, Symbolizer, fault_report
+from hclsim.cpu.hypervisor import GeneralProtection, Hypervisor
+from hclsim.cpu import pool
+from hclsim.cpu.msr_sites import find_msr_sites
+from hclsim.devices.uart16550 import UART_NAMES
+from hclsim.kernel_stub import images as default_images
+from hclsim.kernel_stub.handoff import HandoffRegs, check_handoff
+
+SERIAL_TAIL_LINES = 20
+
+
+@dataclass
+class BootResult:
+    config: BootConfig
+    image: object                    # boot.image.LoadedImage
+    handoff: object                  # kernel_stub.handoff.Handoff
+    regs: dict                       # BSP registers at the kernel entry
+    serial: dict                     # UART name -> bytes
+    shim_log: bytes
+    counters: dict
+    timings: dict
+    hypercalls: list
+    kernel: object
+    initrd: object
+    shim_path: str
+    host_dt: bytes
+
+
+@dataclass
+class Machine:
+    """Guest RAM, the hypervisor, one engine and the BSP, set up from a BootConfig."""
+    config: BootConfig
+    on_serial: object = None          # (uart name, bytes) -> None, for live console output
+    timings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        cfg = self.config.validated()
+        t0 = time.perf_counter()
+        self.kernel = load_kernel(cfg.kernel or default_images.default_kernel())
+        self.initrd = None if cfg.no_initrd else load_initrd(cfg.initrd or default_images.default_initrd())
+        self.shim_path = str(cfg.shim or firmware.build(firmware.SHIM))
+        self.shim = load_firmware_image(self.shim_path, "boot shim")
+        self.timings["load_images_ms"] = (time.perf_counter() - t0) * 1e3
+
+        t1 = time.perf_counter()
+        initrd_bytes = self.initrd.data if self.initrd else b""
+        self.layout = vtl_image.plan_layout(cfg.vtl2_base, cfg.vtl2_size, self.kernel.span, self.kernel.alignment,
+                                            self.shim.span, len(initrd_bytes))
+        memory = max(cfg.memory, self.layout.vtl2_base + self.layout.vtl2_size)
+        host = build_host_config(cfg.cpus, cfg.numa_nodes, memory, self.layout.vtl2_base,
+                                 self.layout.vtl2_size, bootargs=cfg.host_bootargs, com3=cfg.com3)
+        if cfg.host_cpu_order is not None:
+            host = dataclasses.replace(host, cpus=tuple(host.cpus[i] for i in cfg.host_cpu_order))
+        self.host_dt = write_host_dt(host)
+        self.hv = Hypervisor(None, list(range(cfg.cpus)), cfg.isolation_type)
+        self.serial = {name: bytearray() for name in UART_NAMES}
+        self.mem, self.engine = pool.acquire(
+            memory, build_cpuid_table(cfg.isolation_type, cfg.cpus), io_handler=self._port_io,
+            hypercall_handler=lambda e: self.hv.hypercall(e, 0), uart_sink=self._uart_output)
+        self.hv.mem = self.mem
+        self.image = vtl_image.write_image(
+            self.mem, self.layout, shim=self.shim, kernel=self.kernel, initrd=initrd_bytes,
+            host_dt=self.host_dt, isolation=cfg.isolation_type, cmdline_policy=cfg.cmdline_policy_value,
+            static_cmdline=cfg.static_cmdline)
+        self.symbolize = Symbolizer()
+        self.symbolize.add("shim", self.image.shim_base, self.shim)
+        self.msr_sites = {}
+        for seg in self.shim.segments:
+            if seg.executable:
+                self.msr_sites.update(find_msr_sites(seg.data, self.image.shim_base + seg.vaddr))
+        self.engine.load_code((self.shim_digest(), self.image.shim_base))
+        self.engine.set_exits(set(self.msr_sites) | {self.image.kernel_entry})
+        self._load_bsp()
+        self.unknown_ports = {}
+        self.msr_exits = 0
+        self.timings["build_image_ms"] = (time.perf_counter() - t1) * 1e3
+
+    def shim_digest(self) -> str:
+        h = hashlib.sha256()
+        for seg in self.shim.segments:
+            h.update(seg.vaddr.to_bytes(8, "little") + seg.data)
+        return h.hexdigest()
+
+    def _load_bsp(self) -> None:
+        ctx = self.image.bsp_context()
+        uc = self.engine.uc
+        from unicorn import x86_const as x86
+        uc.reg_write(x86.UC_X86_REG_GDTR, ctx["gdtr"])
+        for name in ("cr3", "cr4"):
+            self.engine.set_reg(name, ctx[name])
+        self.engine.set_msr(eng.MSR_EFER, ctx["efer"])
+        self.engine.set_reg("cr0", ctx["cr0"])
+        for name in ("cs", "ss", "ds", "es", "fs", "gs", "rip", "rsi", "rsp", "rflags"):
+            self.engine.set_reg(name, ctx[name])
+
+    # ---- devices -------------------------------------------------------------------------
+    def _uart_output(self, index: int, data: bytes) -> None:
+        name = UART_NAMES[index]
+        self.serial[name] += data
+        if self.on_serial is not None:
+            self.on_serial(name, data)
+
+    def _port_io(self, port: int, size: int, value: int, is_in: bool) -> int:
+        # No device: reads float high, writes are dropped (as on a real PC bus).
+        self.unknown_ports[port] = self.unknown_ports.get(port, 0) + 1
+        return (1 << (8 * size)) - 1 if is_in else 0
+
+    def serial_tail(self, name: str = "COM3", lines: int = SERIAL_TAIL_LINES) -> list[str]:
+        text = bytes(self.serial[name]).decode("utf-8", "replace")
+        return text.splitlines()[-lines:]
+
+    # ---- running -------------------------------------------------------------------------
+    def _fail(self, title: str, exit, detail: str = "") -> GuestFaultError:
+        return fault_report(title, self.engine, exit, self.symbolize, self.serial_tail(), detail)
+
+    def run_to_handoff(self) -> BootResult:
+        """Run the boot shim until it enters the kernel; raise GuestFaultError on a fault/crash."""
+        deadline = time.monotonic() + self.config.timeout
+        t0 = time.perf_counter()
+        while True:
+            exit = self.engine.run(timeout_us=int(max(1.0, deadline - time.monotonic()) * 1e6))
+            if exit.kind == eng.EXIT_ADDRESS:
+                if exit.rip == self.image.kernel_entry:
+                    break
+                kind = self.msr_sites.get(exit.rip)
+                insn = self.engine.read_virtual(exit.rip, 2)
+                if kind is None or insn not in (b"\x0f\x30", b"\x0f\x32"):
+                    raise self._fail("unexpected stop", exit, "stopped at an exit address with no handler")
+                self.msr_exits += 1
+                try:
+                    self.hv.msr_exit(self.engine, 0, insn)
+                except GeneralProtection as gp:
+                    exit.vector = 13
+                    raise self._fail("guest fault", exit, str(gp)) from None
+                if self.hv.crash is not None:
+                    exit.message = self.hv.crash.summary()
+                    raise self._fail("boot shim panic", exit)
+                continue
+            if exit.kind == eng.EXIT_FAULT:
+                raise self._fail("guest fault", exit)
+            if exit.kind == eng.EXIT_HLT:
+                raise self._fail("guest halted", exit, "the BSP halted before reaching the kernel")
+            if exit.stop_reason == "timeout" or time.monotonic() >= deadline:
+                raise self._fail("guest timeout", exit, f"no kernel handoff within {self.config.timeout:g} s")
+            raise self._fail("guest stopped", exit, str(exit.stop_reason))
+        self.timings["shim_to_handoff_ms"] = (time.perf_counter() - t0) * 1e3
+
+        t1 = time.perf_counter()
+        regs = self.engine.registers()
+        handoff_regs = HandoffRegs(**{k: regs[k] for k in ("rip", "rdi", "rsi", "rsp", "cr0", "cr3", "cr4",
+                                                            "efer", "cs", "ds", "ss")})
+        lay = self.image.layout
+        handoff = check_handoff(self.mem, handoff_regs, kernel_entry=self.image.kernel_entry,
+                                vtl2_base=lay.vtl2_base, vtl2_size=lay.vtl2_size,
+                                initrd=self.initrd.data if self.initrd else None)
+        self.timings["handoff_check_ms"] = (time.perf_counter() - t1) * 1e3
+        counters = self.engine.counters()
+        counters.update(msr_exits=self.msr_exits, hypercalls=len(self.hv.hypercall_log))
+        return BootResult(self.config, self.image, handoff, regs, {k: bytes(v) for k, v in self.serial.items()},
+                          vtl_image.read_shim_log(self.mem, self.image), counters, dict(self.timings),
+                          list(self.hv.hypercall_log), self.kernel, self.initrd, self.shim_path, self.host_dt)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            pool.release(self.mem, self.engine)
+            self.engine = None
+
+
+def boot(config: BootConfig, on_serial=None) -> BootResult:
+    machine = Machine(config, on_serial=on_serial)
+    try:
+        return machine.run_to_handoff()
+    finally:
+        machine.close()
+

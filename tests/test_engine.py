@@ -1,0 +1,172 @@
+"""The engine on hand-assembled guest code: native I/O and CPUID hooks, slow-path I/O, MSR exit
+addresses, hypercalls through the hypercall page, HLT, faults and instruction counting."""
+import struct
+
+import pytest
+
+from hclsim.boot.image import plan_layout, write_page_tables
+from hclsim.cpu import engine as eng
+from hclsim.cpu.cpuid import build_cpuid_table
+from hclsim.cpu.hypervisor import Hypervisor
+from hclsim.cpu.memory import GuestMemory
+from hclsim.cpu.msr_sites import find_msr_sites
+
+from .asmutil import assemble
+
+BASE = 0x8000000
+CODE = BASE + 0x400000
+GDT = BASE + 0x3F0000
+
+
+@pytest.fixture
+def machine():
+    mem = GuestMemory(256 << 20)
+    lay = plan_layout(BASE, 64 << 20, 0x1000, 0x200000, 0x1000, 0)
+    cr3 = write_page_tables(mem, lay)
+    for i, e in enumerate((0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)):
+        mem.write_u64(GDT + 8 * i, e)
+    ports = []
+    hv = Hypervisor(mem, [0, 1, 2, 3])
+    out = {}
+
+    def io(port, size, value, is_in):
+        ports.append((port, size, value, is_in))
+        return 0x5A if is_in else 0
+
+    e = eng.Engine(mem, build_cpuid_table(0, 4), io_handler=io,
+                   hypercall_handler=lambda en: hv.hypercall(en, 0),
+                   uart_sink=lambda i, d: out.setdefault(i, bytearray()).extend(d))
+    from unicorn import x86_const as x86
+    e.uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT, 0x1F, 0))
+    e.set_reg("cr3", cr3)
+    e.set_reg("cr4", 0x40060)
+    e.set_msr(eng.MSR_EFER, 0xD00)
+    e.set_reg("cr0", 0x80000021)
+    for seg in ("cs",):
+        e.set_reg(seg, 0x10)
+    for seg in ("ds", "ss", "es"):
+        e.set_reg(seg, 0x18)
+    e.set_reg("rsp", CODE + 0x10000)
+    yield mem, e, hv, ports, out
+    e.close()
+
+
+def load(mem, e, source):
+    code = assemble(source)
+    mem.write(CODE, code)
+    sites = find_msr_sites(code, CODE)
+    e.set_exits(sites)
+    e.set_reg("rip", CODE)
+    return code, sites
+
+
+def test_uart_natively_and_other_ports_through_python(machine):
+    mem, e, hv, ports, out = machine
+    load(mem, e, """
+        mov ecx, 300
+    1:  mov dx, 0x3e8
+        mov al, 'x'
+        out dx, al
+        mov dx, 0x3ed
+        in al, dx
+        dec ecx
+        jnz 1b
+        mov dx, 0x80
+        in al, dx
+        mov bl, al
+        out dx, al
+        hlt
+    """)
+    exit = e.run()
+    assert exit.kind == eng.EXIT_HLT
+    assert out[0] == b"x" * 300
+    assert ports == [(0x80, 1, 0, True), (0x80, 1, 0x5A, False)]
+    c = e.counters()
+    assert c["io_fast_exits"] == 600 and c["io_slow_exits"] == 2
+    # 1 + 300 * 7 (loop body) + 5 (mov dx; in; mov bl; out; hlt) instructions
+    assert c["instructions"] == 1 + 300 * 7 + 5
+
+
+def test_cpuid_msr_exit_and_hypercall(machine):
+    mem, e, hv, ports, out = machine
+    page = CODE + 0x2000
+    code, sites = load(mem, e, f"""
+        mov eax, 0x40000000
+        cpuid
+        mov r12, rbx
+        mov ecx, 0x40000001
+        mov eax, {page | 1}
+        xor edx, edx
+        wrmsr
+        mov rcx, (1 << 32) | 0x9a
+        mov rdx, {CODE + 0x3000}
+        mov r8, {CODE + 0x3800}
+        mov rax, {page}
+        call rax
+        hlt
+    """)
+    assert sorted(sites.values()) == ["wrmsr"]
+    mem.write(CODE + 0x3000, struct.pack("<QB7xI", 2**64 - 1, 0, 3))  # apic id 3
+    e.set_exits(set(sites))
+    exit = e.run()
+    assert exit.kind == eng.EXIT_ADDRESS and exit.rip in sites
+    hv.msr_exit(e, 0, e.read_virtual(exit.rip, 2))
+    assert hv.hypercall_msr == page | 1
+    assert mem.read(page, 4) == b"\x0f\x01\xc1\xc3"
+    exit = e.run()
+    assert exit.kind == eng.EXIT_HLT
+    assert e.reg("r12") == 0x7263694D
+    assert e.reg("rax") == 1 << 32  # success, 1 rep completed
+    assert mem.read_u32(CODE + 0x3800) == 3
+    assert hv.hypercall_log == [(0, 0x9A, 0)]
+
+
+def test_unmapped_access_is_a_fault(machine):
+    mem, e, *_ = machine
+    load(mem, e, "mov rax, 0x7f0000000000\n mov rbx, [rax]\n hlt")
+    exit = e.run()
+    assert exit.kind == eng.EXIT_FAULT
+    assert exit.rip == CODE + 10
+    assert "unmapped" in exit.message or exit.vector is not None
+
+
+def test_bad_hypercall_code_and_alignment(machine):
+    mem, e, hv, *_ = machine
+    page = CODE + 0x2000
+    hv.wrmsr(e, 0, 0x40000001, page | 1)
+    load(mem, e, f"""
+        mov rcx, 0x7777
+        mov rax, {page}
+        call rax
+        mov r12, rax
+        mov rcx, (1 << 32) | 0x9a
+        mov rdx, {CODE + 0x3004}
+        xor r8, r8
+        mov rax, {page}
+        call rax
+        hlt
+    """)
+    assert e.run().kind == eng.EXIT_HLT
+    assert e.reg("r12") == 0x0002
+    assert e.reg("rax") == 0x0004
+
+
+def test_deterministic_instruction_counts(machine):
+    mem, e, *_ = machine
+    src = "mov ecx, 1000\n1: add rax, rcx\n dec ecx\n jnz 1b\n hlt"
+    load(mem, e, src)
+    e.run()
+    first = e.counters()["instructions"]
+    assert first == 1 + 3 * 1000 + 1
+    e.set_reg("rip", CODE)
+    e.run()
+    assert e.counters()["instructions"] == 2 * first
+
+
+def test_rep_string_counts_as_one_instruction(machine):
+    mem, e, *_ = machine
+    load(mem, e, f"mov rdi, {CODE + 0x8000}\n mov ecx, 500\n xor eax, eax\n rep stosb\n"
+                 f" mov ecx, 3\n rep stosq\n hlt")
+    assert e.run().kind == eng.EXIT_HLT
+    assert e.counters()["instructions"] == 7
+    assert e.reg("rdi") == CODE + 0x8000 + 500 + 24
