@@ -199,9 +199,16 @@ class Engine:
         return False
 
     def _on_interrupt(self, uc, intno, user_data):
+        # No IDT delivery in Unicorn: any exception ends the run (the shim has no IDT either,
+        # so on hardware this would escalate to a triple fault).
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
-        self._fault = VpExit(EXIT_FAULT, rip, vector=intno,
-                             message=f"{VECTOR_NAMES.get(intno, 'vector ' + str(intno))} exception")
+        if intno == 14:
+            cr2 = uc.reg_read(x86.UC_X86_REG_CR2)
+            self._fault = VpExit(EXIT_FAULT, rip, vector=14, fault_address=cr2,
+                                 message=f"page fault at {cr2:#x}")
+        else:
+            self._fault = VpExit(EXIT_FAULT, rip, vector=intno,
+                                 message=f"{VECTOR_NAMES.get(intno, 'vector ' + str(intno))} exception")
         uc.emu_stop()
 
     def _on_unmapped(self, uc, access, address, size, value, user_data):

@@ -58,9 +58,9 @@ def cmd_boot(args) -> int:
         result = boot(config, on_serial=live)
     except GuestFaultError as exc:
         if args.out:
-            from pathlib import Path
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "fault.txt").write_text(exc.report + "\n")
+            paths = write_outputs(args.out, {"version": 1, "status": "fault", "error": str(exc)},
+                                  getattr(exc, "serial", {}), shim_log=getattr(exc, "shim_log", None))
+            (paths[0].parent / "fault.txt").write_text(exc.report + "\n")
         print(f"hclsim: error: {exc}", file=sys.stderr)
         print(exc.report.split("\n", 1)[1] if "\n" in exc.report else "", file=sys.stderr)
         return EXIT_GUEST_FAULT

@@ -127,7 +127,10 @@ class Machine:
 
     # ---- running -------------------------------------------------------------------------
     def _fail(self, title: str, exit, detail: str = "") -> GuestFaultError:
-        return fault_report(title, self.engine, exit, self.symbolize, self.serial_tail(), detail)
+        err = fault_report(title, self.engine, exit, self.symbolize, self.serial_tail(), detail)
+        err.serial = {k: bytes(v) for k, v in self.serial.items()}  # nothing the guest said is lost
+        err.shim_log = vtl_image.read_shim_log(self.mem, self.image)
+        return err
 
     def run_to_handoff(self) -> BootResult:
         """Run the boot shim until it enters the kernel; raise GuestFaultError on a fault/crash."""
