@@ -120,10 +120,15 @@ def test_initrd_crc_mismatch_panics():
     assert "[PANIC]" in err.report and "registers:" in err.report and "code:" in err.report
 
 
-def test_malformed_host_device_tree_panics():
-    m = Machine(BootConfig())
+@pytest.mark.parametrize("isolation", ["none", "snp"])
+def test_malformed_host_device_tree_panics(isolation):
+    m = Machine(BootConfig(isolation=isolation))
     m.mem.write(m.image.host_dt_gpa, b"\xde\xad\xbe\xef")
-    assert "malformed host device tree" in str(_panic(m))
+    err = _panic(m)
+    assert "malformed host device tree" in str(err)
+    assert "[PANIC] malformed host device tree" in err.shim_log.decode()
+    on_serial = "[PANIC] malformed host device tree" in err.serial["COM3"].decode()
+    assert on_serial == (isolation == "none")  # a confidential VM's shim never writes serial
 
 
 def test_vp_index_mismatch_panics():
@@ -139,3 +144,46 @@ def test_boot_without_initrd():
 def test_64_numa_nodes_with_large_memory():
     r = boot(BootConfig(cpus=64, numa_nodes=64, memory=8 << 30))
     assert len({node for _, node in r.handoff.dt["cpus"]}) == 64
+
+
+def test_real_distribution_kernel_and_initrd(real_kernel, real_initrd, real_kernel_version):
+    """A Debian bzImage (compressed vmlinux inside) and its initramfs-tools initrd."""
+    r = boot(BootConfig(kernel=str(real_kernel), initrd=str(real_initrd)))
+    assert r.kernel.format == "bzimage" and real_kernel_version in (r.kernel.version or "")
+    assert r.handoff.initrd_size == real_initrd.stat().st_size
+    lay = r.image.layout
+    assert lay.region("kernel").size >= r.kernel.span
+    assert "initrd: " in r.serial["COM3"].decode() and "crc" in r.serial["COM3"].decode()
+
+
+@pytest.mark.slow
+def test_2048_vcpus_64_numa_nodes():
+    r = boot(BootConfig(cpus=2048, numa_nodes=64, memory=4 << 30))
+    cpus = r.handoff.dt["cpus"]
+    assert len(cpus) == 2048 and len({n for _, n in cpus}) == 64
+    assert "vp index check: 2048 cpus match" in r.serial["COM3"].decode()
+
+
+def test_too_many_cpus_in_host_device_tree_panics():
+    from hclsim.boot.host_dt import HostCpu, read_host_dt, write_host_dt
+    m = Machine(BootConfig())
+    host = read_host_dt(m.host_dt)
+    huge = type(host)(cpus=tuple(HostCpu(i, 0) for i in range(2049)), memory=host.memory, com3=True)
+    m.mem.write(m.image.host_dt_gpa, write_host_dt(huge))
+    err = _panic(m)
+    assert "too many CPUs" in str(err)
+    assert "[PANIC] too many CPUs" in err.serial["COM3"].decode()  # told on COM3 too
+
+
+def test_smashed_stack_cookie_panics():
+    from hclsim.boot.layout import STACK_COOKIE
+    m = Machine(BootConfig())
+    cookie_gpa = m.image.shim_base + m.shim.symbol("shim_stack_bottom")
+    real_rdmsr = m.hv.rdmsr
+
+    def rdmsr(engine, vp, index):  # the shim reads TIME_REF_COUNT once its stack is set up
+        if m.mem.read_u32(cookie_gpa) == STACK_COOKIE:
+            m.mem.write_u32(cookie_gpa, 0xBAD)
+        return real_rdmsr(engine, vp, index)
+    m.hv.rdmsr = rdmsr
+    assert "stack cookie smashed" in str(_panic(m))

@@ -15,6 +15,7 @@
 static struct shim_log_header *ring;
 static uint8_t *ring_data;
 static uint16_t serial_port;  /* 0 = serial not allowed (yet) */
+static uint16_t panic_port;   /* where a panic before serial is set up may still report */
 
 static char line_buf[LINE_MAX];
 static char panic_msg[LINE_MAX];  /* stays put: its GPA goes to CRASH_P3 */
@@ -90,6 +91,11 @@ int log_serial_enabled(void)
     return serial_port != 0;
 }
 
+void log_allow_panic_serial(uint16_t port)
+{
+    panic_port = port;
+}
+
 void panic(const char *f, ...)
 {
     size_t n;
@@ -102,6 +108,11 @@ void panic(const char *f, ...)
         n = fmt_v(panic_msg, sizeof(panic_msg), f, ap);
         va_end(ap);
         emit(LOG_PANIC, panic_msg);
+        /* Panicking before the host device tree said where serial is (e.g. the
+         * tree itself is malformed): in a VM whose isolation allows serial,
+         * the boot log, panic included, still goes to the standard port. */
+        if (!serial_port && panic_port)
+            log_enable_serial(panic_port, 115200);
     }
     n = str_nlen(panic_msg, sizeof(panic_msg));
 

@@ -12,6 +12,8 @@ void log_msg(enum log_level level, const char *fmt, ...) PRINTF_LIKE(2, 3);
 /* Serial is allowed from now on: set up the UART and replay the ring. */
 void log_enable_serial(uint16_t port, uint32_t baud);
 int log_serial_enabled(void);
+/* Isolation allows serial: a panic before log_enable_serial may use port. */
+void log_allow_panic_serial(uint16_t port);
 
 #define log_info(...)  log_msg(LOG_INFO, __VA_ARGS__)
 #define log_warn(...)  log_msg(LOG_WARN, __VA_ARGS__)

@@ -57,6 +57,8 @@ void shim_main(const struct shim_params_raw *p, uint64_t base)
     uint32_t iso = p->supported_isolation_type;
     hv_confirm_isolation(iso);
     int hw_isolated = iso == ISOLATION_SNP || iso == ISOLATION_TDX;
+    if (iso == ISOLATION_NONE || iso == ISOLATION_VBS)
+        log_allow_panic_serial(COM3_PORT);
     int hypercalls = 0;
     uint32_t vtl = 0;
     uint64_t vsm_caps = 0;
