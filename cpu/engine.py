@@ -100,14 +100,15 @@ class Engine:
         self._stop_reason = None
         self._fault = None
         self.code_signature = None
+        self.current_vp = None
         self.uc.ctl_exits_enabled(True)
         self.set_exits(self.exits, force=True)
-        self._pristine = self.uc.context_save()
+        self.pristine = self.uc.context_save()
 
     def reset(self, cpuid_table) -> None:
         """Make a pooled engine look new to the next machine: registers, counters and devices
         as at creation. Translated code is kept (see load_code)."""
-        self.uc.context_restore(self._pristine)
+        self.uc.context_restore(self.pristine)
         self.state.reset(cpuid_table)
         self.state.buf[fastpath.H_PAGING] = 1
         self.uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)  # memory contents changed
@@ -164,6 +165,23 @@ class Engine:
         """Guest code in [start, end) (identity-mapped addresses) was rewritten by the host."""
         self.uc.ctl_remove_cache(start, end)
         self.state.invalidate_blocks(start, end)
+
+    def map_mmio(self, base: int, size: int, read, write) -> None:
+        """An MMIO range outside RAM: read(offset, size) -> int, write(offset, size, value).
+        Accesses are VP exits handled in Python (devices are rare, and own their state)."""
+        def on_read(uc, offset, width, user_data):
+            try:
+                return read(offset, width) & ((1 << (8 * width)) - 1)
+            except BaseException as exc:
+                self.request_stop(exc)
+                return 0
+
+        def on_write(uc, offset, width, value, user_data):
+            try:
+                write(offset, width, value)
+            except BaseException as exc:
+                self.request_stop(exc)
+        self.uc.mmio_map(base, size, on_read, None, on_write, None)
 
     # ---- exits ---------------------------------------------------------------------------
     def set_exits(self, addresses, force: bool = False) -> None:

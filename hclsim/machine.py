@@ -18,6 +18,7 @@ from hclsim.cpu.fault import GuestFaultError, Symbolizer, fault_report
 from hclsim.cpu.hypervisor import GeneralProtection, Hypervisor
 from hclsim.cpu import pool
 from hclsim.cpu.msr_sites import find_msr_sites
+from hclsim.cpu.vp import Vp
 from hclsim.devices.uart16550 import UART_NAMES
 from hclsim.kernel_stub import images as default_images
 from hclsim.kernel_stub.handoff import HandoffRegs, check_handoff
@@ -98,16 +99,9 @@ class Machine:
         return h.hexdigest()
 
     def _load_bsp(self) -> None:
-        ctx = self.image.bsp_context()
-        uc = self.engine.uc
-        from unicorn import x86_const as x86
-        uc.reg_write(x86.UC_X86_REG_GDTR, ctx["gdtr"])
-        for name in ("cr3", "cr4"):
-            self.engine.set_reg(name, ctx[name])
-        self.engine.set_msr(eng.MSR_EFER, ctx["efer"])
-        self.engine.set_reg("cr0", ctx["cr0"])
-        for name in ("cs", "ss", "ds", "es", "fs", "gs", "rip", "rsi", "rsp", "rflags"):
-            self.engine.set_reg(name, ctx[name])
+        self.bsp = Vp(0, 0)
+        self.bsp.set_long_mode(self.engine, self.image.bsp_context())
+        self.bsp.load(self.engine)
 
     # ---- devices -------------------------------------------------------------------------
     def _uart_output(self, index: int, data: bytes) -> None:

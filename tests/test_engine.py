@@ -170,3 +170,42 @@ def test_rep_string_counts_as_one_instruction(machine):
     assert e.run().kind == eng.EXIT_HLT
     assert e.counters()["instructions"] == 7
     assert e.reg("rdi") == CODE + 0x8000 + 500 + 24
+
+
+def test_mmio_accesses_reach_the_device(machine):
+    mem, e, *_ = machine
+    seen = []
+    regs = {0x10: 0xCAFE}
+    # identity-map the 2 MiB page holding the MMIO range (a PD for the 4th GiB)
+    pml4 = e.reg("cr3")
+    pdpt = mem.read_u64(pml4) & ~0xFFF
+    pd = CODE + 0x20000
+    mem.write_u64(pdpt + 3 * 8, pd | 3)
+    mem.write_u64(pd + ((0xFED40000 >> 21) & 511) * 8, (0xFED40000 & ~0x1FFFFF) | 0x83)
+    e.map_mmio(0xFED40000, 0x1000, read=lambda off, size: regs.get(off, 0xFFFFFFFF),
+               write=lambda off, size, value: seen.append((off, size, value)))
+    load(mem, e, "mov rax, 0xfed40000\n mov ebx, [rax + 0x10]\n mov dword ptr [rax + 4], 0x1234\n"
+                 " mov ecx, [rax + 8]\n hlt")
+    assert e.run().kind == eng.EXIT_HLT
+    assert e.reg("rbx") == 0xCAFE and e.reg("rcx") == 0xFFFFFFFF
+    assert seen == [(4, 4, 0x1234)]
+
+
+def test_vps_are_contexts_multiplexed_on_one_engine(machine):
+    from hclsim.cpu.vp import Vp
+    mem, e, *_ = machine
+    load(mem, e, "1: mov eax, 0x0b\n mov ecx, 1\n cpuid\n add r12, rdx\n add r13, 1\n hlt\n jmp 1b")
+    ctx = {"gdtr": (0, GDT, 0x1F, 0), "cr3": e.reg("cr3"), "cr4": 0x40060, "efer": 0xD00,
+           "cr0": 0x80000021, "cs": 0x10, "ds": 0x18, "es": 0x18, "fs": 0x18, "gs": 0x18, "ss": 0x18,
+           "rip": CODE, "rsp": CODE + 0x10000, "rflags": 2}
+    vps = [Vp(i, 10 + i) for i in range(3)]
+    for vp in vps:
+        vp.set_long_mode(e, ctx)
+    for _round in range(2):
+        for vp in vps:
+            vp.load(e)
+            assert e.run().kind == eng.EXIT_HLT
+            vp.save(e)
+    for vp in vps:
+        vp.load(e)
+        assert e.reg("r13") == 2 and e.reg("r12") == 2 * vp.apic_id  # CPUID 0xB: its own x2APIC id

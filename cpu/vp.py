@@ -1,0 +1,41 @@
+"""A virtual processor: its architectural state as a saved engine context, so any engine of the
+pool can run it (context_save/restore cost microseconds; an engine costs milliseconds)."""
+from dataclasses import dataclass, field
+
+from unicorn import x86_const as x86
+
+from hclsim.cpu import engine as eng, fastpath
+
+
+@dataclass
+class Vp:
+    index: int
+    apic_id: int
+    context: object = field(default=None, repr=False)   # a Unicorn context, None until first save
+
+    def set_long_mode(self, engine, ctx: dict) -> None:
+        """Give the VP a 64-bit starting context (the image's BSP context or a StartVp context)
+        through engine, and keep it."""
+        uc = engine.uc
+        uc.context_restore(engine.pristine)
+        uc.reg_write(x86.UC_X86_REG_GDTR, ctx["gdtr"])
+        for name in ("cr3", "cr4"):
+            engine.set_reg(name, ctx[name])
+        engine.set_msr(eng.MSR_EFER, ctx["efer"])
+        engine.set_reg("cr0", ctx["cr0"])
+        for name in ("cs", "ss", "ds", "es", "fs", "gs", "rip", "rsi", "rsp", "rflags"):
+            if name in ctx:
+                engine.set_reg(name, ctx[name])
+        self.save(engine)
+
+    def load(self, engine) -> None:
+        """Make engine run this VP next."""
+        engine.uc.context_restore(self.context)
+        engine.state.buf[fastpath.H_APIC_ID] = self.apic_id
+        engine.current_vp = self
+
+    def save(self, engine) -> None:
+        if self.context is None:
+            self.context = engine.uc.context_save()
+        else:
+            engine.uc.context_update(self.context)
