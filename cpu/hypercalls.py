@@ -68,22 +68,19 @@ def _check_self(header: bytes, vp: int) -> int | None:
     return None
 
 
+# Synthetic registers that are the VP's view of a synthetic MSR.
+MSR_REGISTERS = {REG_GUEST_OS_ID: 0x40000000, REG_HYPERCALL: 0x40000001, REG_VP_INDEX: 0x40000002,
+                 REG_TIME_REF_COUNT: 0x40000020, REG_VP_ASSIST_PAGE: 0x40000073}
+VSM_REGISTERS = {REG_VSM_CODE_PAGE_OFFSETS: 0x0F | (0x26 << 12), REG_VSM_VP_STATUS: VSM_VP_STATUS_VTL2,
+                 REG_VSM_PARTITION_STATUS: (1 << 0) | (1 << 2) | (VTL2 << 16),
+                 REG_VSM_CAPABILITIES: VSM_CAPABILITIES}
+
+
 def _register_value(hv, engine, vp: int, name: int) -> int | None:
-    fixed = {REG_VSM_CODE_PAGE_OFFSETS: 0x0F | (0x26 << 12), REG_VSM_VP_STATUS: VSM_VP_STATUS_VTL2,
-             REG_VSM_PARTITION_STATUS: (1 << 0) | (1 << 2) | (VTL2 << 16),
-             REG_VSM_CAPABILITIES: VSM_CAPABILITIES}
-    if name in fixed:
-        return fixed[name]
-    if name == REG_GUEST_OS_ID:
-        return hv.guest_os_id
-    if name == REG_HYPERCALL:
-        return hv.hypercall_msr
-    if name == REG_VP_INDEX:
-        return vp
-    if name == REG_TIME_REF_COUNT:
-        return hv.time_ref_count(engine)
-    if name == REG_VP_ASSIST_PAGE:
-        return hv.vps[vp].vp_assist_page
+    if name in VSM_REGISTERS:
+        return VSM_REGISTERS[name]
+    if name in MSR_REGISTERS:
+        return hv.rdmsr(engine, vp, MSR_REGISTERS[name])
     if name in GPR_REGISTERS:
         return engine.reg(GPR_REGISTERS[name])
     if name in CONTROL_REGISTERS:

@@ -64,9 +64,6 @@ def hypercall_page_bytes() -> bytes:
     return bytes(page)
 
 
-VSM_CODE_PAGE_OFFSETS = 0x0F | (0x26 << 12)
-
-
 @dataclass
 class VpState:
     """Per-VP hypervisor state (the VP's own registers live in its engine context)."""

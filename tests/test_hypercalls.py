@@ -1,0 +1,96 @@
+"""Hypercall ABI rules and handlers (hyperv-essentials.md sections 3-6) on a real engine."""
+import struct
+
+import pytest
+
+from hclsim.cpu import hypercalls as hc
+from hclsim.cpu import pool
+from hclsim.cpu.cpuid import build_cpuid_table
+from hclsim.cpu.hypervisor import GeneralProtection, Hypervisor
+
+IN, OUT = 0x10000, 0x11000
+SELF = 2**64 - 1
+
+
+@pytest.fixture
+def hv():
+    mem, engine = pool.acquire(16 << 20, build_cpuid_table(0, 4), io_handler=None,
+                               hypercall_handler=None, uart_sink=None)
+    h = Hypervisor(mem, [0, 2, 4, 6])
+    h.engine = engine
+    yield h
+    pool.release(mem, engine)
+
+
+def call(h, code, payload, reps=0, rep_start=0, in_gpa=IN, extra=0):
+    h.mem.write(in_gpa, payload)
+    control = code | (reps << 32) | (rep_start << 48) | extra
+    result = hc.dispatch(h, h.engine, 0, control, in_gpa, OUT)
+    return result & 0xFFFF, (result >> 32) & 0xFFF
+
+
+def test_get_vp_index_from_apic_id(hv):
+    header = struct.pack("<QB7x", SELF, 0)
+    assert call(hv, 0x9A, header + struct.pack("<4I", 6, 0, 4, 2), reps=4) == (0, 4)
+    assert struct.unpack("<4I", hv.mem.read(OUT, 16)) == (3, 0, 2, 1)
+    # an unknown APIC id fails at its index; earlier elements are written
+    assert call(hv, 0x9A, header + struct.pack("<3I", 2, 4, 99), reps=3) == (hc.HV_STATUS_INVALID_PARAMETER, 2)
+    # rep start resumes mid-list
+    hv.mem.write(OUT, bytes(16))
+    assert call(hv, 0x9A, header + struct.pack("<3I", 2, 4, 6), reps=3, rep_start=1) == (0, 3)
+    assert struct.unpack("<3I", hv.mem.read(OUT, 12)) == (0, 2, 3)
+
+
+def test_get_vp_registers(hv):
+    header = struct.pack("<QIB3x", SELF, 0xFFFFFFFE, 0)
+    names = struct.pack("<3I", hc.REG_VSM_VP_STATUS, hc.REG_VSM_CODE_PAGE_OFFSETS, hc.REG_VP_INDEX)
+    assert call(hv, 0x50, header + names, reps=3) == (0, 3)
+    values = struct.unpack("<6Q", hv.mem.read(OUT, 48))
+    assert values[0] & 0xF == 2 and values[2] == 0x2600F and values[4] == 0
+    unknown = struct.pack("<2I", hc.REG_VSM_VP_STATUS, 0x12345)
+    assert call(hv, 0x50, header + unknown, reps=2) == (hc.HV_STATUS_INVALID_PARAMETER, 1)
+    other_partition = struct.pack("<QIB3x", 5, 0xFFFFFFFE, 0)
+    assert call(hv, 0x50, other_partition + names, reps=1)[0] == hc.HV_STATUS_INVALID_PARAMETER
+
+
+def test_set_vp_registers_guest_os_id(hv):
+    header = struct.pack("<QIB3x", SELF, 0xFFFFFFFE, 0)
+    assoc = struct.pack("<I12xQQ", hc.REG_GUEST_OS_ID, 0x1234, 0)
+    assert call(hv, 0x51, header + assoc, reps=1) == (0, 1)
+    assert hv.guest_os_id == 0x1234
+    read_only = struct.pack("<I12xQQ", hc.REG_VSM_VP_STATUS, 1, 0)
+    assert call(hv, 0x51, header + read_only, reps=1) == (hc.HV_STATUS_INVALID_PARAMETER, 0)
+
+
+@pytest.mark.parametrize("code,reps,rep_start,extra,status", [
+    (0x7777, 0, 0, 0, hc.HV_STATUS_INVALID_HYPERCALL_CODE),
+    (0x9A, 0, 0, 0, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),          # rep call with rep count 0
+    (0x9A, 2, 2, 0, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),          # rep start >= rep count
+    (0x9A, 1, 0, 1 << 27, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),    # reserved control bits
+    (0x9A, 1, 0, 1 << 16, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),    # fast calls are not offered
+    (0x9A, 1100, 0, 0, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),       # input crosses a page
+])
+def test_abi_rules(hv, code, reps, rep_start, extra, status):
+    assert call(hv, code, struct.pack("<QB7x", SELF, 0) + bytes(8), reps=reps, rep_start=rep_start,
+                extra=extra)[0] == status
+
+
+def test_misaligned_input(hv):
+    assert call(hv, 0x9A, struct.pack("<QB7xI", SELF, 0, 0), reps=1, in_gpa=IN + 4)[0] == hc.HV_STATUS_INVALID_ALIGNMENT
+
+
+def test_synthetic_msrs(hv):
+    e = hv.engine
+    hv.wrmsr(e, 0, 0x40000000, 0x0000010000000000)
+    assert hv.rdmsr(e, 0, 0x40000000) == 0x0000010000000000
+    assert hv.rdmsr(e, 2, 0x40000002) == 2
+    with pytest.raises(GeneralProtection):
+        hv.wrmsr(e, 0, 0x40000002, 5)              # VP_INDEX is read-only
+    with pytest.raises(GeneralProtection):
+        hv.wrmsr(e, 0, 0x40000001, 0x5000 | 0x4)   # reserved bits
+    original = hv.mem.read(0x5000, 16)
+    hv.wrmsr(e, 0, 0x40000001, 0x5000 | 1)
+    assert hv.mem.read(0x5000, 4) == b"\x0f\x01\xc1\xc3"
+    assert hv.mem.read(0x5026, 11) == bytes.fromhex("4889c8b912000000 0f01c1".replace(" ", ""))
+    hv.wrmsr(e, 0, 0x40000001, 0)                  # disabled: the RAM underneath shows again
+    assert hv.mem.read(0x5000, 16) == original
