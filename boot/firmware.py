@@ -53,6 +53,7 @@ class FirmwareSpec:
 
 
 SHIM = FirmwareSpec("shim", BOOT_DIR / "firmware" / "shim")
+SIDECAR = FirmwareSpec("sidecar", BOOT_DIR.parent / "sidecar" / "firmware")
 
 
 def cache_dir() -> Path:

@@ -74,8 +74,9 @@ def _page_table_pages(base: int, size: int) -> int:
 
 
 def plan_layout(vtl2_base: int, min_size: int, kernel_span: int, kernel_align: int,
-                shim_span: int, initrd_size: int, sidecar_size: int = 0) -> VtlLayout:
-    """Place the regions low to high from vtl2_base; grow the VTL2 size (2 MiB steps) to fit."""
+                shim_span: int, initrd_size: int, sidecar_size: int = 0, free_needed: int = 0) -> VtlLayout:
+    """Place the regions low to high from vtl2_base; grow the VTL2 size (2 MiB steps) to fit,
+    leaving at least free_needed bytes of VTL2 RAM for the shim to allocate (sidecar nodes)."""
     regions = []
     cursor = vtl2_base
 
@@ -98,10 +99,10 @@ def plan_layout(vtl2_base: int, min_size: int, kernel_span: int, kernel_align: i
     place("log", LOG_PAGES * PAGE_SIZE)
     place("heap", HEAP_PAGES * PAGE_SIZE)
     # Page tables go last; their own size depends on the final VTL2 size.
-    size = max(min_size, align_up(cursor - vtl2_base + 16 * PAGE_SIZE, ALIGN_2M))
+    size = max(min_size, align_up(cursor - vtl2_base + 16 * PAGE_SIZE + free_needed, ALIGN_2M))
     while True:
         pt_pages = _page_table_pages(vtl2_base, size)
-        if cursor + pt_pages * PAGE_SIZE <= vtl2_base + size:
+        if cursor + pt_pages * PAGE_SIZE + free_needed <= vtl2_base + size:
             break
         size += ALIGN_2M
     regions.append(Region("page_tables", cursor, pt_pages * PAGE_SIZE))
@@ -161,7 +162,7 @@ class LoadedImage:
 
 
 def write_image(mem, lay: VtlLayout, *, shim, kernel, initrd: bytes | None, host_dt: bytes,
-                isolation: int, cmdline_policy: int, static_cmdline: str) -> LoadedImage:
+                isolation: int, cmdline_policy: int, static_cmdline: str, sidecar=None) -> LoadedImage:
     """Write every region of lay into guest memory."""
     if lay.vtl2_base + lay.vtl2_size > mem.size:
         raise ImageError(f"VTL2 range [{lay.vtl2_base:#x}, {lay.vtl2_base + lay.vtl2_size:#x}) does not fit in "
@@ -176,6 +177,11 @@ def write_image(mem, lay: VtlLayout, *, shim, kernel, initrd: bytes | None, host
     shim_base = r["shim"].start
     for seg in shim.segments:
         mem.write(shim_base + seg.vaddr, seg.data)
+    sidecar_entry = 0
+    if sidecar is not None:
+        for seg in sidecar.segments:
+            mem.write(r["sidecar"].start + seg.vaddr, seg.data)
+        sidecar_entry = r["sidecar"].start + sidecar.entry
 
     initrd = initrd or b""
     mem.write(r["initrd"].start, initrd)
@@ -201,7 +207,8 @@ def write_image(mem, lay: VtlLayout, *, shim, kernel, initrd: bytes | None, host
         memory_start_offset=rel(lay.vtl2_base), memory_size=lay.vtl2_size,
         parameter_region_offset=rel(r["parameters"].start), parameter_region_size=r["parameters"].size,
         vtl2_reserved_region_offset=rel(r["reserved"].start), vtl2_reserved_region_size=r["reserved"].size,
-        sidecar_offset=rel(r["sidecar"].start), sidecar_size=r["sidecar"].size, sidecar_entry_offset=0,
+        sidecar_offset=rel(r["sidecar"].start), sidecar_size=r["sidecar"].size,
+        sidecar_entry_offset=rel(sidecar_entry) if sidecar is not None else 0,
         used_start=rel(lay.vtl2_base), used_end=rel(lay.used_end),
         bounce_buffer_start=0, bounce_buffer_size=0,
         log_buffer_start=rel(r["log"].start), log_buffer_size=r["log"].size,

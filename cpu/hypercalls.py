@@ -7,6 +7,8 @@ then calls the handler for the code. Handlers get the input bytes and return
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 HV_STATUS_SUCCESS = 0x0000
 HV_STATUS_INVALID_HYPERCALL_CODE = 0x0002
 HV_STATUS_INVALID_HYPERCALL_INPUT = 0x0003
@@ -128,7 +130,59 @@ def get_vp_index_from_apic_id(hv, engine, vp, header, elements, rep_count):
     return HV_STATUS_SUCCESS, rep_count, bytes(out)
 
 
+def parse_vp_context(raw: bytes) -> dict:
+    """An HvInitialVpContext as the register dict Vp.set_long_mode takes."""
+    from hclsim.sidecar.layout import hv_initial_vp_context
+    c = np.frombuffer(raw, hv_initial_vp_context, count=1)[0]
+    ctx = {name: int(c[name]) for name in ("rip", "rsp", "rflags", "efer", "cr0", "cr3", "cr4")}
+    for seg in ("cs", "ds", "es", "fs", "gs", "ss"):
+        ctx[seg] = int(c[seg]["selector"])
+    for table in ("gdtr", "idtr"):
+        ctx[table] = (0, int(c[table]["base"]), int(c[table]["limit"]), 0)
+    ctx["pat"] = int(c["msr_cr_pat"])
+    return ctx
+
+
+def _target_vp(hv, header: bytes):
+    if _u64(header, 0) != HV_PARTITION_ID_SELF:
+        return HV_STATUS_INVALID_PARAMETER, None
+    index = _u32(header, 8)
+    if index >= len(hv.vps):
+        return HV_STATUS_INVALID_VP_INDEX, None
+    return None, hv.vps[index]
+
+
+def enable_vp_vtl(hv, engine, vp, header, elements, rep_count):
+    status, target = _target_vp(hv, header)
+    if status is not None:
+        return status, 0, b""
+    if target.index == vp or header[12] != VTL2 or any(header[13:16]):
+        return HV_STATUS_INVALID_PARAMETER, 0, b""
+    if target.vtl2_enabled:
+        return HV_STATUS_VTL_ALREADY_ENABLED, 0, b""
+    target.vtl2_enabled = True
+    target.vtl2_context = parse_vp_context(header[16:16 + 0xE0])
+    return HV_STATUS_SUCCESS, 0, b""
+
+
+def start_virtual_processor(hv, engine, vp, header, elements, rep_count):
+    status, target = _target_vp(hv, header)
+    if status is not None:
+        return status, 0, b""
+    if target.index == vp:
+        return HV_STATUS_INVALID_PARAMETER, 0, b""
+    if header[12] > VTL2:
+        return HV_STATUS_ACCESS_DENIED, 0, b""
+    if header[12] == VTL2 and not target.vtl2_enabled or target.started:
+        return HV_STATUS_INVALID_VP_STATE, 0, b""
+    target.started = True
+    target.start_context = parse_vp_context(header[16:16 + 0xE0])
+    return HV_STATUS_SUCCESS, 0, b""
+
+
 CALLS = {
+    0x000F: CallSpec("HvCallEnableVpVtl", False, 0xF0, 0, 0, enable_vp_vtl),
+    0x0099: CallSpec("HvCallStartVirtualProcessor", False, 0xF0, 0, 0, start_virtual_processor),
     0x0050: CallSpec("HvCallGetVpRegisters", True, 0x10, 4, 16, get_vp_registers),
     0x0051: CallSpec("HvCallSetVpRegisters", True, 0x10, 32, 0, set_vp_registers),
     0x009A: CallSpec("HvCallGetVpIndexFromApicId", True, 0x10, 4, 4, get_vp_index_from_apic_id),

@@ -64,6 +64,14 @@ def hypercall_page_bytes() -> bytes:
     return bytes(page)
 
 
+X2APIC_MSR_ID, X2APIC_MSR_VERSION, X2APIC_MSR_TPR = 0x802, 0x803, 0x808
+X2APIC_MSR_EOI, X2APIC_MSR_SVR, X2APIC_MSR_ICR = 0x80B, 0x80F, 0x830
+APIC_BASE_DEFAULT = 0xFEE00000
+APIC_BASE_BSP, APIC_BASE_X2APIC, APIC_BASE_ENABLE = 1 << 8, 1 << 10, 1 << 11
+SVR_APIC_ENABLE = 1 << 8
+APIC_VERSION = 0x50014  # version 0x14, max LVT 5
+
+
 @dataclass
 class VpState:
     """Per-VP hypervisor state (the VP's own registers live in its engine context)."""
@@ -71,6 +79,32 @@ class VpState:
     apic_id: int
     vp_assist_page: int = 0
     mtrrs: dict = field(default_factory=dict)
+    vtl2_enabled: bool = False
+    started: bool = False
+    vtl2_context: dict | None = None         # from EnableVpVtl
+    start_context: dict | None = None        # set by StartVirtualProcessor, taken by the scheduler
+    apic_base: int = APIC_BASE_DEFAULT | APIC_BASE_ENABLE
+    svr: int = 0xFF
+    tpr: int = 0
+    irr: set = field(default_factory=set)    # requested vectors
+    isr: list = field(default_factory=list)  # in service, innermost last
+
+    @property
+    def x2apic(self) -> bool:
+        return bool(self.apic_base & APIC_BASE_X2APIC)
+
+    def deliverable(self) -> int | None:
+        """The vector to deliver next (highest priority above the one in service), if any."""
+        if not self.irr or not self.svr & SVR_APIC_ENABLE:
+            return None
+        vector = max(self.irr)
+        if self.isr and vector >> 4 <= self.isr[-1] >> 4:
+            return None
+        return vector
+
+    def accept(self, vector: int) -> None:
+        self.irr.discard(vector)
+        self.isr.append(vector)
 
 
 @dataclass
@@ -86,6 +120,10 @@ class Hypervisor:
 
     def __post_init__(self):
         self.vps = [VpState(i, apic) for i, apic in enumerate(self.apic_ids)]
+        bsp = self.vps[0]
+        bsp.vtl2_enabled = bsp.started = True
+        bsp.apic_base |= APIC_BASE_BSP
+        self.ipis_sent = 0
         self._saved_page = None
         self.vp_by_apic = {apic: i for i, apic in enumerate(self.apic_ids)}
 
@@ -117,7 +155,9 @@ class Hypervisor:
         if index == HV_X64_MSR_CRASH_CTL:
             return CRASH_CTL_NOTIFY | CRASH_CTL_CRASH_MESSAGE  # capabilities
         if index == X86_MSR_APIC_BASE:
-            return 0xFEE00000 | (1 << 11) | ((1 << 8) if vp == 0 else 0)
+            return self.vps[vp].apic_base
+        if 0x800 <= index <= 0x8FF:
+            return self._x2apic_read(vp, index)
         if index in PASSTHROUGH_MSRS:
             return engine.msr(index)
         if self._is_mtrr(index):
@@ -143,9 +183,68 @@ class Hypervisor:
         elif self._is_mtrr(index):
             self.vps[vp].mtrrs[index] = value
         elif index == X86_MSR_APIC_BASE:
-            pass  # x2APIC enable is modelled with the APIC (sidecar issue)
+            if value & ~(0xFFFFFF000 | APIC_BASE_BSP | APIC_BASE_X2APIC | APIC_BASE_ENABLE):
+                raise GeneralProtection(f"APIC_BASE reserved bits set: {value:#x}")
+            self.vps[vp].apic_base = (value & ~APIC_BASE_BSP) | (self.vps[vp].apic_base & APIC_BASE_BSP)
+        elif 0x800 <= index <= 0x8FF:
+            self._x2apic_write(vp, index, value)
         else:
             raise GeneralProtection(f"wrmsr of {'read-only' if index in (HV_X64_MSR_VP_INDEX, HV_X64_MSR_TIME_REF_COUNT) else 'unknown'} MSR {index:#x}")
+
+    # ---- x2APIC ---------------------------------------------------------------------------
+    def _x2apic_check(self, vp: int, index: int) -> VpState:
+        state = self.vps[vp]
+        if not state.x2apic:
+            raise GeneralProtection(f"x2APIC MSR {index:#x} accessed with x2APIC mode off")
+        return state
+
+    def _x2apic_read(self, vp: int, index: int) -> int:
+        state = self._x2apic_check(vp, index)
+        regs = {X2APIC_MSR_ID: state.apic_id, X2APIC_MSR_VERSION: APIC_VERSION, X2APIC_MSR_TPR: state.tpr,
+                X2APIC_MSR_SVR: state.svr}
+        if index in regs:
+            return regs[index]
+        if index == X2APIC_MSR_EOI:
+            raise GeneralProtection("rdmsr of the write-only x2APIC EOI register")
+        return 0  # ISR/TMR/IRR/LVT reads: nothing modelled there reads non-zero
+
+    def _x2apic_write(self, vp: int, index: int, value: int) -> None:
+        state = self._x2apic_check(vp, index)
+        if index == X2APIC_MSR_EOI:
+            if value:
+                raise GeneralProtection("x2APIC EOI written with a non-zero value")
+            if state.isr:
+                state.isr.pop()
+        elif index == X2APIC_MSR_SVR:
+            state.svr = value & 0x1FF
+        elif index == X2APIC_MSR_TPR:
+            state.tpr = value & 0xFF
+        elif index == X2APIC_MSR_ICR:
+            self.send_ipi(vp, value)
+        elif index in (X2APIC_MSR_ID, X2APIC_MSR_VERSION):
+            raise GeneralProtection(f"wrmsr of read-only x2APIC register {index:#x}")
+
+    def send_ipi(self, source_vp: int, icr: int) -> None:
+        """An x2APIC ICR write: fixed interrupts to one, self, all or all-but-self."""
+        vector, mode, shorthand = icr & 0xFF, (icr >> 8) & 7, (icr >> 18) & 3
+        if mode != 0:
+            raise GeneralProtection(f"IPI delivery mode {mode} is not supported (fixed only)")
+        if vector < 16:
+            return  # illegal vector: a real APIC records an error and drops it
+        if shorthand == 0:
+            target = self.vp_by_apic.get(icr >> 32)
+            targets = [] if target is None else [target]
+        elif shorthand == 1:
+            targets = [source_vp]
+        else:
+            targets = [i for i in range(len(self.vps)) if shorthand == 2 or i != source_vp]
+        for t in targets:
+            self.raise_interrupt(t, vector)
+
+    def raise_interrupt(self, vp: int, vector: int) -> None:
+        """Request vector on vp (from an IPI or the host); the scheduler delivers it."""
+        self.vps[vp].irr.add(vector)
+        self.ipis_sent += 1
 
     @staticmethod
     def _is_mtrr(index: int) -> bool:

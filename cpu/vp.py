@@ -6,12 +6,23 @@ from unicorn import x86_const as x86
 
 from hclsim.cpu import engine as eng, fastpath
 
+MSR_PAT = 0x277
+
+
+# Run states.
+NOT_STARTED = "not-started"
+RUNNABLE = "runnable"
+HALTED = "halted"
+EXTERNAL = "external"   # run by the Linux stand-in, not by an engine
+
 
 @dataclass
 class Vp:
     index: int
     apic_id: int
     context: object = field(default=None, repr=False)   # a Unicorn context, None until first save
+    state: str = NOT_STARTED
+    halted_with_interrupts: bool = False  # HLT with RFLAGS.IF set: an interrupt wakes it
 
     def set_long_mode(self, engine, ctx: dict) -> None:
         """Give the VP a 64-bit starting context (the image's BSP context or a StartVp context)
@@ -19,10 +30,14 @@ class Vp:
         uc = engine.uc
         uc.context_restore(engine.pristine)
         uc.reg_write(x86.UC_X86_REG_GDTR, ctx["gdtr"])
+        if "idtr" in ctx:
+            uc.reg_write(x86.UC_X86_REG_IDTR, ctx["idtr"])
         for name in ("cr3", "cr4"):
             engine.set_reg(name, ctx[name])
         engine.set_msr(eng.MSR_EFER, ctx["efer"])
         engine.set_reg("cr0", ctx["cr0"])
+        if "pat" in ctx:
+            engine.set_msr(MSR_PAT, ctx["pat"])
         for name in ("cs", "ss", "ds", "es", "fs", "gs", "rip", "rsi", "rsp", "rflags"):
             if name in ctx:
                 engine.set_reg(name, ctx[name])

@@ -33,6 +33,8 @@ class BootConfig:
     initrd: str | None = None         # None: the shipped initrd
     no_initrd: bool = False
     shim: str | None = None           # None: the shipped boot shim (built from boot/firmware/shim)
+    sidecar: str | None = None        # None: the shipped sidecar kernel (built from sidecar/firmware)
+    no_sidecar: bool = True           # leave the image's sidecar slot empty (until the sidecar ships)
     isolation: str = "none"
     static_cmdline: str = ""
     cmdline_policy: str = "append-chosen"

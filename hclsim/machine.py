@@ -15,13 +15,15 @@ from hclsim.config import BootConfig
 from hclsim.cpu import engine as eng
 from hclsim.cpu.cpuid import build_cpuid_table
 from hclsim.cpu.fault import GuestFaultError, Symbolizer, fault_report
-from hclsim.cpu.hypervisor import GeneralProtection, Hypervisor
+from hclsim.cpu.hypervisor import Hypervisor
 from hclsim.cpu import pool
-from hclsim.cpu.msr_sites import find_msr_sites
-from hclsim.cpu.vp import Vp
+from hclsim.cpu.exit_sites import find_exit_sites
+from hclsim.cpu.scheduler import STOP_ADDRESS, STOP_CRASH, STOP_IDLE, STOP_TIMEOUT, Scheduler
+from hclsim.cpu.vp import RUNNABLE, Vp
 from hclsim.devices.uart16550 import UART_NAMES
 from hclsim.kernel_stub import images as default_images
 from hclsim.kernel_stub.handoff import HandoffRegs, check_handoff
+from hclsim.sidecar.partition import node_memory_bytes, partition
 
 SERIAL_TAIL_LINES = 20
 
@@ -57,12 +59,17 @@ class Machine:
         self.initrd = None if cfg.no_initrd else load_initrd(cfg.initrd or default_images.default_initrd())
         self.shim_path = str(cfg.shim or firmware.build(firmware.SHIM))
         self.shim = load_firmware_image(self.shim_path, "boot shim")
+        self.sidecar_path = None if cfg.no_sidecar else str(cfg.sidecar or firmware.build(firmware.SIDECAR))
+        self.sidecar = None if self.sidecar_path is None else load_firmware_image(self.sidecar_path, "sidecar")
         self.timings["load_images_ms"] = (time.perf_counter() - t0) * 1e3
 
         t1 = time.perf_counter()
         initrd_bytes = self.initrd.data if self.initrd else b""
+        nodes = partition([i * cfg.numa_nodes // cfg.cpus for i in range(cfg.cpus)]) if self.sidecar else []
         self.layout = vtl_image.plan_layout(cfg.vtl2_base, cfg.vtl2_size, self.kernel.span, self.kernel.alignment,
-                                            self.shim.span, len(initrd_bytes))
+                                            self.shim.span, len(initrd_bytes),
+                                            sidecar_size=self.sidecar.span if self.sidecar else 0,
+                                            free_needed=node_memory_bytes(nodes))
         memory = max(cfg.memory, self.layout.vtl2_base + self.layout.vtl2_size)
         host = build_host_config(cfg.cpus, cfg.numa_nodes, memory, self.layout.vtl2_base,
                                  self.layout.vtl2_size, bootargs=cfg.host_bootargs, com3=cfg.com3)
@@ -73,35 +80,35 @@ class Machine:
         self.serial = {name: bytearray() for name in UART_NAMES}
         self.mem, self.engine = pool.acquire(
             memory, build_cpuid_table(cfg.isolation_type, cfg.cpus), io_handler=self._port_io,
-            hypercall_handler=lambda e: self.hv.hypercall(e, 0), uart_sink=self._uart_output)
+            hypercall_handler=lambda e: self.hv.hypercall(e, e.current_vp.index), uart_sink=self._uart_output)
         self.hv.mem = self.mem
         self.image = vtl_image.write_image(
             self.mem, self.layout, shim=self.shim, kernel=self.kernel, initrd=initrd_bytes,
             host_dt=self.host_dt, isolation=cfg.isolation_type, cmdline_policy=cfg.cmdline_policy_value,
-            static_cmdline=cfg.static_cmdline)
+            static_cmdline=cfg.static_cmdline, sidecar=self.sidecar)
         self.symbolize = Symbolizer()
-        self.symbolize.add("shim", self.image.shim_base, self.shim)
-        self.msr_sites = {}
-        for seg in self.shim.segments:
-            if seg.executable:
-                self.msr_sites.update(find_msr_sites(seg.data, self.image.shim_base + seg.vaddr))
-        self.engine.load_code((self.shim_digest(), self.image.shim_base))
-        self.engine.set_exits(set(self.msr_sites) | {self.image.kernel_entry})
-        self._load_bsp()
-        self.unknown_ports = {}
-        self.msr_exits = 0
-        self.timings["build_image_ms"] = (time.perf_counter() - t1) * 1e3
-
-    def shim_digest(self) -> str:
-        h = hashlib.sha256()
-        for seg in self.shim.segments:
-            h.update(seg.vaddr.to_bytes(8, "little") + seg.data)
-        return h.hexdigest()
-
-    def _load_bsp(self) -> None:
-        self.bsp = Vp(0, 0)
+        images = [("shim", self.image.shim_base, self.shim)]
+        if self.sidecar is not None:
+            images.append(("sidecar", self.layout.region("sidecar").start, self.sidecar))
+        msr_sites, pause_sites, digest = {}, set(), hashlib.sha256()
+        for name, base, img in images:
+            self.symbolize.add(name, base, img)
+            for seg in img.segments:
+                digest.update(base.to_bytes(8, "little") + seg.vaddr.to_bytes(8, "little") + seg.data)
+                if seg.executable:
+                    for addr, kind in find_exit_sites(seg.data, base + seg.vaddr).items():
+                        if kind == "pause":
+                            pause_sites.add(addr)
+                        else:
+                            msr_sites[addr] = kind
+        self.engine.load_code(digest.hexdigest())
+        self.vps = [Vp(i, apic) for i, apic in enumerate(self.hv.apic_ids)]
+        self.bsp = self.vps[0]
         self.bsp.set_long_mode(self.engine, self.image.bsp_context())
-        self.bsp.load(self.engine)
+        self.bsp.state = RUNNABLE
+        self.scheduler = Scheduler(self.engine, self.hv, self.vps, msr_sites, pause_sites, {self.image.kernel_entry})
+        self.unknown_ports = {}
+        self.timings["build_image_ms"] = (time.perf_counter() - t1) * 1e3
 
     # ---- devices -------------------------------------------------------------------------
     def _uart_output(self, index: int, data: bytes) -> None:
@@ -120,6 +127,20 @@ class Machine:
         return text.splitlines()[-lines:]
 
     # ---- running -------------------------------------------------------------------------
+    def _stop_error(self, stop) -> GuestFaultError:
+        """The guest error for a scheduler stop that is not the kernel handoff."""
+        if stop.reason == STOP_CRASH:
+            title = "boot shim panic" if stop.vp is self.bsp else f"VP {stop.vp.index} panic"
+            return self._fail(title, stop.exit)
+        if stop.reason == STOP_TIMEOUT:
+            return self._fail("guest timeout", stop.exit, f"no kernel handoff within {self.config.timeout:g} s")
+        if stop.reason == STOP_IDLE:
+            bsp_exit = eng.VpExit(eng.EXIT_HLT, self.engine.reg("rip"))
+            return self._fail("guest halted", bsp_exit, "the BSP halted before reaching the kernel")
+        if stop.reason == STOP_ADDRESS:
+            return self._fail("guest fault", stop.exit, f"VP {stop.vp.index} jumped to the kernel entry")
+        return self._fail("guest fault", stop.exit, stop.detail)
+
     def _fail(self, title: str, exit, detail: str = "") -> GuestFaultError:
         err = fault_report(title, self.engine, exit, self.symbolize, self.serial_tail(), detail)
         err.serial = {k: bytes(v) for k, v in self.serial.items()}  # nothing the guest said is lost
@@ -128,34 +149,10 @@ class Machine:
 
     def run_to_handoff(self) -> BootResult:
         """Run the boot shim until it enters the kernel; raise GuestFaultError on a fault/crash."""
-        deadline = time.monotonic() + self.config.timeout
         t0 = time.perf_counter()
-        while True:
-            exit = self.engine.run(timeout_us=int(max(1.0, deadline - time.monotonic()) * 1e6))
-            if exit.kind == eng.EXIT_ADDRESS:
-                if exit.rip == self.image.kernel_entry:
-                    break
-                kind = self.msr_sites.get(exit.rip)
-                insn = self.engine.read_virtual(exit.rip, 2)
-                if kind is None or insn not in (b"\x0f\x30", b"\x0f\x32"):
-                    raise self._fail("unexpected stop", exit, "stopped at an exit address with no handler")
-                self.msr_exits += 1
-                try:
-                    self.hv.msr_exit(self.engine, 0, insn)
-                except GeneralProtection as gp:
-                    exit.vector = 13
-                    raise self._fail("guest fault", exit, str(gp)) from None
-                if self.hv.crash is not None:
-                    exit.message = self.hv.crash.summary()
-                    raise self._fail("boot shim panic", exit)
-                continue
-            if exit.kind == eng.EXIT_FAULT:
-                raise self._fail("guest fault", exit)
-            if exit.kind == eng.EXIT_HLT:
-                raise self._fail("guest halted", exit, "the BSP halted before reaching the kernel")
-            if exit.stop_reason == "timeout" or time.monotonic() >= deadline:
-                raise self._fail("guest timeout", exit, f"no kernel handoff within {self.config.timeout:g} s")
-            raise self._fail("guest stopped", exit, str(exit.stop_reason))
+        stop = self.scheduler.run(timeout=self.config.timeout)
+        if stop.reason != STOP_ADDRESS or stop.vp is not self.bsp:
+            raise self._stop_error(stop)
         self.timings["shim_to_handoff_ms"] = (time.perf_counter() - t0) * 1e3
 
         t1 = time.perf_counter()
@@ -168,7 +165,8 @@ class Machine:
                                 initrd=self.initrd.data if self.initrd else None)
         self.timings["handoff_check_ms"] = (time.perf_counter() - t1) * 1e3
         counters = self.engine.counters()
-        counters.update(msr_exits=self.msr_exits, hypercalls=len(self.hv.hypercall_log))
+        counters.update(msr_exits=self.scheduler.msr_exits, hypercalls=len(self.hv.hypercall_log),
+                        vp_switches=self.scheduler.switches, ipis=self.hv.ipis_sent)
         return BootResult(self.config, self.image, handoff, regs, {k: bytes(v) for k, v in self.serial.items()},
                           vtl_image.read_shim_log(self.mem, self.image), counters, dict(self.timings),
                           list(self.hv.hypercall_log), self.kernel, self.initrd, self.shim_path, self.host_dt)

@@ -9,7 +9,7 @@ from hclsim.cpu import engine as eng
 from hclsim.cpu.cpuid import build_cpuid_table
 from hclsim.cpu.hypervisor import Hypervisor
 from hclsim.cpu.memory import GuestMemory
-from hclsim.cpu.msr_sites import find_msr_sites
+from hclsim.cpu.exit_sites import find_msr_sites
 
 from .asmutil import assemble
 

@@ -94,3 +94,44 @@ def test_synthetic_msrs(hv):
     assert hv.mem.read(0x5026, 11) == bytes.fromhex("4889c8b912000000 0f01c1".replace(" ", ""))
     hv.wrmsr(e, 0, 0x40000001, 0)                  # disabled: the RAM underneath shows again
     assert hv.mem.read(0x5000, 16) == original
+
+
+def _vp_input(vp_index, vtl=2, partition=SELF):
+    return struct.pack("<QIB3x", partition, vp_index, vtl) + bytes(0xE0)
+
+
+@pytest.mark.parametrize("code", [0x0F, 0x99])
+def test_enable_vtl_and_start_vp_errors(hv, code):
+    assert call(hv, code, _vp_input(9))[0] == hc.HV_STATUS_INVALID_VP_INDEX
+    assert call(hv, code, _vp_input(0))[0] == hc.HV_STATUS_INVALID_PARAMETER      # the caller itself
+    assert call(hv, code, _vp_input(1, partition=7))[0] == hc.HV_STATUS_INVALID_PARAMETER
+
+
+def test_enable_vtl_then_start(hv):
+    assert call(hv, 0x99, _vp_input(1))[0] == hc.HV_STATUS_INVALID_VP_STATE      # VTL2 not enabled yet
+    assert call(hv, 0x0F, _vp_input(1, vtl=1))[0] == hc.HV_STATUS_INVALID_PARAMETER
+    assert call(hv, 0x0F, _vp_input(1))[0] == hc.HV_STATUS_SUCCESS
+    assert call(hv, 0x0F, _vp_input(1))[0] == hc.HV_STATUS_VTL_ALREADY_ENABLED
+    assert call(hv, 0x99, _vp_input(1, vtl=3))[0] == hc.HV_STATUS_ACCESS_DENIED
+    assert call(hv, 0x99, _vp_input(1))[0] == hc.HV_STATUS_SUCCESS
+    assert hv.vps[1].start_context is not None and hv.vps[1].started
+    assert call(hv, 0x99, _vp_input(1))[0] == hc.HV_STATUS_INVALID_VP_STATE      # already started
+
+
+def test_x2apic_msrs_and_ipis(hv):
+    e = hv.engine
+    with pytest.raises(GeneralProtection):
+        hv.rdmsr(e, 1, 0x802)                       # x2APIC mode off
+    hv.wrmsr(e, 1, 0x1B, 0xFEE00000 | (1 << 10) | (1 << 11))
+    assert hv.rdmsr(e, 1, 0x802) == 2               # APIC id of VP 1
+    hv.wrmsr(e, 1, 0x80F, 0x1FF)
+    hv.wrmsr(e, 0, 0x1B, 0xFEE00000 | (1 << 10) | (1 << 11))
+    hv.wrmsr(e, 0, 0x830, 0x41 | (2 << 32))         # fixed IPI, vector 0x41, to APIC id 2 (VP 1)
+    assert hv.vps[1].deliverable() == 0x41
+    hv.vps[1].accept(0x41)
+    hv.wrmsr(e, 1, 0x80B, 0)
+    assert hv.vps[1].isr == []
+    hv.wrmsr(e, 0, 0x830, 0x42 | (3 << 18))         # all but self
+    assert [0x42 in v.irr for v in hv.vps] == [False, True, True, True]
+    with pytest.raises(GeneralProtection):
+        hv.wrmsr(e, 0, 0x830, 0x42 | (5 << 8))      # INIT: no INIT-SIPI in this platform

@@ -270,3 +270,165 @@ struct hv_register_assoc {
 #define COM3_PORT 0x3E8u
 
 #endif /* HCLSIM_ABI_H */
+
+/* ======================================================================
+ * Sidecar (reference section 2): shared by the boot shim, the sidecar
+ * kernel and the simulator (hclsim/sidecar/layout.py mirrors it).
+ * ====================================================================== */
+#ifndef HCLSIM_SIDECAR_ABI
+#define HCLSIM_SIDECAR_ABI
+
+#define SIDECAR_MAX_NODES        128u
+#define SIDECAR_MAX_NODE_CPUS    32u
+#define SIDECAR_PRIVATE_PAGES_PER_VP 11u  /* PML4, PDPT, PD, PT, 3 stack, globals, VP assist, hc in, hc out */
+#define SIDECAR_SHMEM_PAGES_PER_VP   2u   /* command page, register page */
+#define SIDECAR_NODE_PAGES(n) (1u + 13u * (n))
+#define SIDECAR_IMAGE_VA         0xffffff8000000000ull  /* PML4 slot 511 */
+#define SIDECAR_DEFAULT_REQUEST_VECTOR 0x20u
+
+/* CpuStatus (control page cpu_status[]) */
+#define SIDECAR_CPU_REMOVED 0u
+#define SIDECAR_CPU_IDLE    1u
+#define SIDECAR_CPU_RUN     2u
+#define SIDECAR_CPU_STOP    3u
+#define SIDECAR_CPU_REMOVE  4u
+
+/* SidecarCommand (command page .command) */
+#define SIDECAR_COMMAND_NONE              0u
+#define SIDECAR_COMMAND_RUN_VP            1u
+#define SIDECAR_COMMAND_GET_VP_REGISTERS  2u
+#define SIDECAR_COMMAND_SET_VP_REGISTERS  3u
+#define SIDECAR_COMMAND_TRANSLATE_GVA     4u
+#define SIDECAR_MAX_REGISTERS_PER_COMMAND 31u
+
+struct sidecar_node_params {
+    uint64_t memory_base;   /* GPA of the node's (1 + 13 n) pages */
+    uint64_t memory_size;
+    uint32_t base_vp;       /* booted by Linux; the node's other VPs by the sidecar */
+    uint32_t vp_count;      /* including base_vp */
+};
+
+struct sidecar_params {
+    uint64_t hypercall_page;        /* GPA of the shim's (enabled) hypercall page */
+    uint8_t  enable_logging;
+    uint8_t  reserved[3];
+    uint32_t node_count;
+    struct sidecar_node_params nodes[SIDECAR_MAX_NODES];
+};
+
+struct sidecar_node_output {
+    uint64_t control_page;          /* GPA */
+    uint64_t shmem_pages_base;      /* GPA of the command/register pages */
+    uint64_t shmem_pages_size;
+};
+
+struct sidecar_output {
+    uint8_t  error_len;
+    uint8_t  error_buf[255];
+    struct sidecar_node_output nodes[SIDECAR_MAX_NODES];
+};
+
+/* One per node, first page of the node's memory. */
+struct sidecar_control_page {
+    uint32_t index;
+    uint32_t base_cpu;
+    uint32_t cpu_count;
+    uint32_t request_vector;
+    uint32_t response_cpu;      /* APIC id that gets the response IPI */
+    uint32_t response_vector;   /* 0: no IPI */
+    uint32_t needs_attention;
+    uint8_t  reserved[36];
+    uint8_t  cpu_status[4032];  /* indexed by cpu - base_cpu */
+};
+
+struct sidecar_cpu_context {
+    uint64_t gps[16];           /* rax rcx rdx rbx cr2(in rsp's slot) rbp rsi rdi r8..r15 */
+    uint8_t  fx_state[1024 - 0x80];  /* fxsave area at +0x80 */
+};
+
+struct sidecar_error {
+    uint8_t len;
+    uint8_t buf[255];
+};
+
+struct sidecar_command_page {
+    uint32_t command;
+    uint8_t  has_error;
+    uint8_t  padding[11];
+    struct sidecar_cpu_context cpu_context;  /* 0x010 */
+    uint8_t  intercept_message[256];         /* 0x410: HvMessage */
+    struct sidecar_error error;              /* 0x510 */
+    uint8_t  request_data[1024];             /* 0x610 */
+    uint8_t  reserved[4096 - 0xa10];         /* 0xa10 */
+};
+
+/* request_data of GET/SET_VP_REGISTERS, followed by count hv_register_assoc */
+struct sidecar_get_set_vp_registers_request {
+    uint16_t count;
+    uint8_t  target_vtl;
+    uint8_t  rsvd;
+    uint16_t status;            /* HV status of the failing hypercall, if any */
+    uint8_t  rsvd2[10];
+};
+
+/* request_data of TRANSLATE_GVA */
+struct sidecar_translate_gva_request {
+    uint64_t gvn;
+    uint64_t control_flags;
+};
+struct sidecar_translate_gva_response {
+    uint16_t status;
+    uint8_t  rsvd[6];
+    uint64_t result;            /* translation result code | cache type << 32 | overlay << 40 */
+    uint64_t gpa_page;
+};
+
+/* request_data of RUN_VP on completion */
+struct sidecar_run_vp_response {
+    uint8_t intercept;          /* 1: intercept_message holds the intercept */
+};
+
+/* HV initial VP context (HvCallEnableVpVtl / HvCallStartVirtualProcessor) */
+struct hv_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint16_t attributes;
+};
+struct hv_table {
+    uint8_t  pad[6];
+    uint16_t limit;
+    uint64_t base;
+};
+struct hv_initial_vp_context {
+    uint64_t rip, rsp, rflags;
+    struct hv_segment cs, ds, es, fs, gs, ss, tr, ldtr;
+    struct hv_table idtr, gdtr;
+    uint64_t efer, cr0, cr3, cr4, msr_cr_pat;
+};
+struct hv_enable_vp_vtl_input {          /* also HvCallStartVirtualProcessor */
+    uint64_t partition_id;
+    uint32_t vp_index;
+    uint8_t  target_vtl;
+    uint8_t  reserved[3];
+    struct hv_initial_vp_context context;
+};
+
+/* HvVpAssistPage fields the sidecar uses */
+#define HV_VP_ASSIST_ENTRY_REASON_OFFSET   0x008u
+#define HV_VP_ASSIST_VTL0_RAX_OFFSET       0x010u
+#define HV_VP_ASSIST_VTL0_RCX_OFFSET       0x018u
+#define HV_VP_ASSIST_INTERCEPT_MSG_OFFSET  0x070u
+#define HV_VTL_ENTRY_REASON_VTL_CALL   1u
+#define HV_VTL_ENTRY_REASON_INTERRUPT  2u
+#define HV_VTL_ENTRY_REASON_INTERCEPT  3u
+
+/* x2APIC MSRs */
+#define X2APIC_MSR_ID   0x802u
+#define X2APIC_MSR_EOI  0x80Bu
+#define X2APIC_MSR_SVR  0x80Fu
+#define X2APIC_MSR_ICR  0x830u
+#define APIC_BASE_X2APIC_ENABLE (1ull << 10)
+#define APIC_BASE_ENABLE        (1ull << 11)
+
+#endif /* HCLSIM_SIDECAR_ABI */

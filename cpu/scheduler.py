@@ -1,0 +1,153 @@
+"""Deterministic scheduling of many VPs on one engine.
+
+VPs run one at a time in VP-index order, round robin. A VP keeps the engine until it halts, or
+executes PAUSE (a spin-wait: like VMX pause-loop exiting, it yields to the others), or reaches a
+stop address. Interrupts (IPIs) are delivered through the guest IDT when a VP is loaded with
+RFLAGS.IF set; a halted VP with a deliverable interrupt becomes runnable again. The order of
+everything depends only on the guest's instructions, so runs repeat exactly.
+"""
+import time
+from dataclasses import dataclass
+
+from hclsim.cpu import engine as eng
+from hclsim.cpu import interrupts
+from hclsim.cpu.hypervisor import GeneralProtection
+from hclsim.cpu.vp import EXTERNAL, HALTED, NOT_STARTED, RUNNABLE
+
+# Why run() returned.
+STOP_ADDRESS = "stop-address"   # a VP reached one of the stop addresses (e.g. the kernel entry)
+STOP_IDLE = "idle"              # nothing can run: every VP halted with nothing to deliver
+STOP_FAULT = "fault"
+STOP_CRASH = "crash"
+STOP_TIMEOUT = "timeout"
+STOP_CONDITION = "condition"    # the caller's until() became true
+
+
+@dataclass
+class SchedulerStop:
+    reason: str
+    vp: object = None
+    exit: object = None
+    detail: str = ""
+
+
+class Scheduler:
+    def __init__(self, engine, hv, vps, msr_sites: dict, pause_sites: set, stop_addresses: set):
+        self.engine, self.hv, self.vps = engine, hv, vps
+        self.msr_sites, self.pause_sites = msr_sites, pause_sites
+        self.stop_addresses = set(stop_addresses)
+        self.loaded = None          # the VP whose registers are in the engine
+        self.next_index = 0
+        self.switches = 0
+        self.msr_exits = 0
+        engine.set_exits(set(msr_sites) | set(pause_sites) | self.stop_addresses)
+
+    # ---- VP selection ----------------------------------------------------------------------
+    def _takes_interrupt(self, vp) -> bool:
+        return self.hv.vps[vp.index].deliverable() is not None
+
+    def _runnable(self, vp) -> bool:
+        state = self.hv.vps[vp.index]
+        if vp.state == NOT_STARTED and state.start_context is not None:
+            return True
+        if vp.state == RUNNABLE:
+            return True
+        return vp.state == HALTED and self._takes_interrupt(vp) and vp.halted_with_interrupts
+
+    def _pick(self):
+        n = len(self.vps)
+        for k in range(n):
+            vp = self.vps[(self.next_index + k) % n]
+            if self._runnable(vp):
+                self.next_index = (vp.index + 1) % n
+                return vp
+        return None
+
+    # ---- loading ---------------------------------------------------------------------------
+    def _load(self, vp) -> None:
+        if self.loaded is vp:
+            return
+        if self.loaded is not None:
+            self.loaded.save(self.engine)
+        state = self.hv.vps[vp.index]
+        if vp.state == NOT_STARTED:
+            vp.set_long_mode(self.engine, state.start_context)
+            state.start_context = None
+            vp.state = RUNNABLE
+        vp.load(self.engine)
+        self.loaded = vp
+        self.switches += 1
+
+    def unload(self) -> None:
+        """Save the loaded VP (before the host reads or changes VP state)."""
+        if self.loaded is not None:
+            self.loaded.save(self.engine)
+            self.loaded = None
+
+    def _inject(self, vp) -> None:
+        state = self.hv.vps[vp.index]
+        vector = state.deliverable()
+        if vector is not None and interrupts.interrupts_enabled(self.engine):
+            interrupts.deliver(self.engine, vector)
+            state.accept(vector)
+            vp.state = RUNNABLE
+
+    # ---- running ---------------------------------------------------------------------------
+    def run(self, until=None, timeout: float = 60.0) -> SchedulerStop:
+        deadline = time.monotonic() + timeout
+        engine = self.engine
+        while True:
+            if until is not None and until():
+                return SchedulerStop(STOP_CONDITION)
+            vp = self._pick()
+            if vp is None:
+                return SchedulerStop(STOP_IDLE)
+            self._load(vp)
+            try:
+                self._inject(vp)
+            except interrupts.DeliveryError as exc:
+                return SchedulerStop(STOP_FAULT, vp, eng.VpExit(eng.EXIT_FAULT, engine.reg("rip"), message=str(exc)))
+            while True:  # run this VP until it gives the engine up
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return SchedulerStop(STOP_TIMEOUT, vp, eng.VpExit(eng.EXIT_STOP, engine.reg("rip")))
+                exit = engine.run(timeout_us=int(left * 1e6))
+                if exit.kind == eng.EXIT_HLT:
+                    vp.state = HALTED
+                    vp.halted_with_interrupts = interrupts.interrupts_enabled(engine)
+                    if self._takes_interrupt(vp) and vp.halted_with_interrupts:
+                        self._inject(vp)  # an interrupt was already waiting: no need to sleep
+                        continue
+                    break
+                if exit.kind == eng.EXIT_ADDRESS:
+                    rip = exit.rip
+                    if rip in self.stop_addresses:
+                        return SchedulerStop(STOP_ADDRESS, vp, exit)
+                    if rip in self.msr_sites:
+                        self.msr_exits += 1
+                        try:
+                            self.hv.msr_exit(engine, vp.index, engine.read_virtual(rip, 2))
+                        except GeneralProtection as gp:
+                            exit.vector = 13
+                            return SchedulerStop(STOP_FAULT, vp, exit, str(gp))
+                        if self.hv.crash is not None:
+                            exit.message = self.hv.crash.summary()
+                            return SchedulerStop(STOP_CRASH, vp, exit)
+                        if self._takes_interrupt(vp) and interrupts.interrupts_enabled(engine):
+                            self._inject(vp)  # e.g. a self-IPI, or the EOI unmasked a lower vector
+                        continue
+                    if rip in self.pause_sites:
+                        engine.set_reg("rip", rip + 2)  # F3 90: the pause is done
+                        break
+                    return SchedulerStop(STOP_FAULT, vp, exit, "stopped at an exit address with no handler")
+                if exit.kind == eng.EXIT_FAULT:
+                    return SchedulerStop(STOP_FAULT, vp, exit)
+                if exit.stop_reason == "timeout":
+                    return SchedulerStop(STOP_TIMEOUT, vp, exit)
+                return SchedulerStop(STOP_FAULT, vp, exit, str(exit.stop_reason))
+
+    def mark_external(self, vp) -> None:
+        """vp is now run by the Linux stand-in (the BSP after the handoff, onlined CPUs)."""
+        if self.loaded is vp:
+            self.unload()
+        vp.state = EXTERNAL
