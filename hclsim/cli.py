@@ -22,6 +22,8 @@ def _add_boot_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--initrd", metavar="PATH", help="cpio newc initrd, compressed or not (default: the shipped initrd)")
     p.add_argument("--no-initrd", action="store_true", help="boot without an initrd")
     p.add_argument("--shim", metavar="PATH", help="your own boot-shim ELF (default: built from boot/firmware/shim)")
+    p.add_argument("--sidecar", metavar="PATH", help="your own sidecar kernel ELF (default: built from sidecar/firmware)")
+    p.add_argument("--no-sidecar", action="store_true", help="ship no sidecar image (every CPU boots as a Linux CPU)")
     p.add_argument("--isolation", choices=["none", "vbs", "snp", "tdx"], default=d.isolation,
                    help="isolation type the VM claims (trust decisions only; default %(default)s)")
     p.add_argument("--static-cmdline", default=d.static_cmdline, metavar="STR",
@@ -38,6 +40,7 @@ def _add_boot_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> BootConfig:
     return BootConfig(cpus=args.cpus, numa_nodes=args.numa_nodes, memory=args.memory, vtl2_size=args.vtl2_size,
                       kernel=args.kernel, initrd=args.initrd, no_initrd=args.no_initrd, shim=args.shim,
+                      sidecar=args.sidecar, no_sidecar=args.no_sidecar,
                       isolation=args.isolation, static_cmdline=args.static_cmdline,
                       cmdline_policy=args.cmdline_policy, host_bootargs=args.host_bootargs,
                       com3=not args.no_com3, timeout=args.timeout)
@@ -87,6 +90,17 @@ def _print_summary(result, report, out) -> None:
     print(f"  cmdline:  {h.cmdline}")
     print(f"  CPUs:     {len(report['cpus'])} on {len({c['numa_node'] for c in report['cpus']})} NUMA node(s)")
     print(f"  VTL2:     {report['vtl2']['base']} + {report['vtl2']['size']}")
+    sc = report.get("sidecar")
+    if sc:
+        print(f"  sidecar:  {len(sc['nodes'])} node(s), {sc['idle_cpus']} CPUs IDLE, Linux CPUs {sc['linux_cpus']}, "
+              f"bring-up {sc['bring_up_reftime_100ns'] / 10_000:.3f} ms guest time "
+              f"({sc['bring_up_reftime_100ns']} x 100 ns)")
+        for n in sc["nodes"]:
+            states = ", ".join(f"{s} {n['cpu_status'].count(s)}" for s in dict.fromkeys(n["cpu_status"]))
+            print(f"    node {n['index']}: CPUs {n['base_cpu']}-{n['base_cpu'] + n['cpu_count'] - 1}, "
+                  f"control page {n['control_page']}: {states}")
+    else:
+        print("  sidecar:  not running")
     print("  e820:")
     for e in h.e820:
         print(f"    [{e.addr:#012x}, {e.addr + e.size:#012x}) {'RAM' if e.type == 1 else 'reserved'}")

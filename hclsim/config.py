@@ -34,7 +34,7 @@ class BootConfig:
     no_initrd: bool = False
     shim: str | None = None           # None: the shipped boot shim (built from boot/firmware/shim)
     sidecar: str | None = None        # None: the shipped sidecar kernel (built from sidecar/firmware)
-    no_sidecar: bool = True           # leave the image's sidecar slot empty (until the sidecar ships)
+    no_sidecar: bool = False          # leave the image's sidecar slot empty
     isolation: str = "none"
     static_cmdline: str = ""
     cmdline_policy: str = "append-chosen"

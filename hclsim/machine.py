@@ -23,6 +23,8 @@ from hclsim.cpu.vp import RUNNABLE, Vp
 from hclsim.devices.uart16550 import UART_NAMES
 from hclsim.kernel_stub import images as default_images
 from hclsim.kernel_stub.handoff import HandoffRegs, check_handoff
+from hclsim.kernel_stub.kernel import Kernel
+from hclsim.sidecar import layout as sl
 from hclsim.sidecar.partition import node_memory_bytes, partition
 
 SERIAL_TAIL_LINES = 20
@@ -43,6 +45,8 @@ class BootResult:
     initrd: object
     shim_path: str
     host_dt: bytes
+    linux: object = None             # kernel_stub.kernel.Kernel: CPUs and the sidecar driver
+    sidecar_summary: dict | None = None
 
 
 @dataclass
@@ -89,7 +93,8 @@ class Machine:
         self.symbolize = Symbolizer()
         images = [("shim", self.image.shim_base, self.shim)]
         if self.sidecar is not None:
-            images.append(("sidecar", self.layout.region("sidecar").start, self.sidecar))
+            # The sidecar runs from its high alias (PML4 slot 511) once it has switched page tables.
+            images.append(("sidecar", sl.IMAGE_VA, self.sidecar))
         msr_sites, pause_sites, digest = {}, set(), hashlib.sha256()
         for name, base, img in images:
             self.symbolize.add(name, base, img)
@@ -164,17 +169,39 @@ class Machine:
                                 vtl2_base=lay.vtl2_base, vtl2_size=lay.vtl2_size,
                                 initrd=self.initrd.data if self.initrd else None)
         self.timings["handoff_check_ms"] = (time.perf_counter() - t1) * 1e3
+        self.linux = Kernel(self, handoff)
         counters = self.engine.counters()
         counters.update(msr_exits=self.scheduler.msr_exits, hypercalls=len(self.hv.hypercall_log),
                         vp_switches=self.scheduler.switches, ipis=self.hv.ipis_sent)
         return BootResult(self.config, self.image, handoff, regs, {k: bytes(v) for k, v in self.serial.items()},
                           vtl_image.read_shim_log(self.mem, self.image), counters, dict(self.timings),
-                          list(self.hv.hypercall_log), self.kernel, self.initrd, self.shim_path, self.host_dt)
+                          list(self.hv.hypercall_log), self.kernel, self.initrd, self.shim_path, self.host_dt,
+                          self.linux, sidecar_summary(self.linux, handoff))
+
+    def run_sidecar(self, until=None, timeout: float = 30.0):
+        """Run the sidecar CPUs (after the handoff) until until() holds or nothing can run."""
+        return self.scheduler.run(until=until, timeout=timeout)
 
     def close(self) -> None:
         if self.engine is not None:
             pool.release(self.mem, self.engine)
             self.engine = None
+
+
+def sidecar_summary(linux, handoff) -> dict | None:
+    """Nodes, per-CPU status and bring-up time of the sidecar, as the report shows them."""
+    if linux.sidecar is None:
+        return None
+    t = handoff.dt.get("reftimes", {})
+    start, end = t.get("reftime_sidecar_start", 0), t.get("reftime_sidecar_end", 0)
+    nodes = []
+    for node in linux.sidecar.nodes:
+        nodes.append({"index": node.index, "control_page": node.control_gpa, "base_cpu": node.base_cpu,
+                      "cpu_count": node.cpu_count, "shmem_base": node.shmem_base, "shmem_size": node.shmem_size,
+                      "cpu_status": [sl.CPU_STATUS_NAMES.get(int(s), str(int(s))) for s in node.status]})
+    return {"nodes": nodes, "bring_up_reftime_100ns": end - start,
+            "idle_cpus": sum(st == "IDLE" for n in nodes for st in n["cpu_status"]),
+            "linux_cpus": sorted(linux.cpus.online)}
 
 
 def boot(config: BootConfig, on_serial=None) -> BootResult:

@@ -45,7 +45,16 @@ def boot_report(result) -> dict:
         "counters": result.counters,
         "hypercalls": [{"vp": vp, "code": _hex(code), "status": _hex(status)} for vp, code, status in result.hypercalls],
         "serial_lines": {name: len(data.splitlines()) for name, data in result.serial.items()},
+        "sidecar": _sidecar(result.sidecar_summary),
     }
+
+
+def _sidecar(summary):
+    if summary is None:
+        return None
+    nodes = [dict(n, control_page=_hex(n["control_page"]), shmem_base=_hex(n["shmem_base"]),
+                  shmem_size=_hex(n["shmem_size"])) for n in summary["nodes"]]
+    return dict(summary, nodes=nodes)
 
 
 def _jsonable(value):

@@ -122,6 +122,8 @@ uint32_t build_kernel_cmdline(char *buf, uint32_t cap, const struct kcmd_inputs 
 
     if (in->isolated)
         append_line(&c, "OPENHCL_CONFIDENTIAL=1", 0xffffffffu);
+    if (in->boot_cpus)
+        append_line(&c, in->boot_cpus, 0xffffffffu);
 
     append_line(&c, in->static_line, in->static_len);
     if (in->host_line)

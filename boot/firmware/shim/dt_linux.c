@@ -66,7 +66,7 @@ static uint32_t collect_ranges(const struct host_info *host, const struct vtl2_m
 }
 
 uint32_t write_linux_dt(void *buf, uint32_t cap, const struct host_info *host, const struct vtl2_map *m,
-                        uint32_t isolation, const struct boot_times *t)
+                        uint32_t isolation, const struct boot_times *t, const struct sidecar_state *sc)
 {
     struct fdtw *w = &writer;
     struct fdt_rsv rsv[MAX_VTL2_REGIONS];
@@ -128,6 +128,22 @@ uint32_t write_linux_dt(void *buf, uint32_t cap, const struct host_info *host, c
         fdtw_prop_u32(w, "microsoft,message-connection-id", host->vmbus_conn_id);
     fdtw_prop_empty(w, "ranges");
     fdtw_node_end(w);
+    /* One node per sidecar node: its control page and command/register pages. */
+    for (uint32_t i = 0; sc && sc->running && i < sc->params.node_count; i++) {
+        static const char reg_names[] = "ctrl\0shmem";
+        const struct sidecar_node_output *o = &sc->output.nodes[i];
+        uint8_t reg[32];
+        be64_store(reg, o->control_page);
+        be64_store(reg + 8, HCL_PAGE_SIZE);
+        be64_store(reg + 16, o->shmem_pages_base);
+        be64_store(reg + 24, o->shmem_pages_size);
+        fmt(name, sizeof(name), "sidecar@%llx", (unsigned long long)o->control_page);
+        fdtw_node_begin(w, name);
+        fdtw_prop_str(w, "compatible", "microsoft,openhcl-sidecar");
+        fdtw_prop(w, "reg", reg, sizeof(reg));
+        fdtw_prop(w, "reg-names", reg_names, sizeof(reg_names));
+        fdtw_node_end(w);
+    }
     fdtw_node_end(w);
 
     fdtw_node_begin(w, "openhcl");

@@ -26,6 +26,7 @@ static struct {
     struct boot_e820_entry entries[E820_EXT_MAX];
 } e820_ext __attribute__((aligned(8)));
 static char kernel_cmdline[KERNEL_CMDLINE_SIZE] __attribute__((aligned(16)));
+static char boot_cpus[16 + 6 * SIDECAR_MAX_NODES];
 static struct host_info host;
 static struct vtl2_map vtl2;
 static struct fdt_view host_view;
@@ -146,12 +147,6 @@ void shim_main(const struct shim_params_raw *p, uint64_t base)
                  MEMORY_VTL_TYPE_BOOTSHIM_LOG_BUFFER, "log buffer");
     vtl2_map_add(&vtl2, base + (uint64_t)p->sidecar_offset, p->sidecar_size, MEMORY_VTL_TYPE_SIDECAR_IMAGE,
                  "sidecar");
-    vtl2_map_finish(&vtl2, &host);
-    log_info("vtl2 memory: [0x%llx, 0x%llx) numa %u, %u reserved regions", (unsigned long long)vtl2.start,
-             (unsigned long long)vtl2.end, vtl2.numa, vtl2.nreserved);
-    for (uint32_t i = 0; i < vtl2.npieces; i++)
-        log_info("  [0x%llx, 0x%llx) type %u", (unsigned long long)vtl2.pieces[i].start,
-                 (unsigned long long)vtl2.pieces[i].end, vtl2.pieces[i].type);
 
     /* ---- VP index check ---- */
     if (hw_isolated)
@@ -161,13 +156,31 @@ void shim_main(const struct shim_params_raw *p, uint64_t base)
     else
         hv_check_vp_indexes(&host);
 
-    /* ---- sidecar ---- */
+    /* ---- sidecar plan: node memory joins the VTL2 map before it is final ---- */
+    struct sidecar_plan_inputs sin = {
+        .image_size = p->sidecar_size,
+        .entry = base + (uint64_t)p->sidecar_entry_offset,
+        .isolated = iso != ISOLATION_NONE,
+        .disabled_by_cmdline = cmdline_has_token(static_line, static_len, "OPENHCL_SIDECAR=off") ||
+                               (host_line && cmdline_has_token(host_line, (uint32_t)strlen(host_line),
+                                                               "OPENHCL_SIDECAR=off")),
+        .vtl2 = hypercalls && vtl == 2,
+        .free_start = base + (uint64_t)p->used_end,
+    };
+    sidecar_plan(&vtl2, &host, &sin);
+
+    vtl2_map_finish(&vtl2, &host);
+    log_info("vtl2 memory: [0x%llx, 0x%llx) numa %u, %u reserved regions", (unsigned long long)vtl2.start,
+             (unsigned long long)vtl2.end, vtl2.numa, vtl2.nreserved);
+    for (uint32_t i = 0; i < vtl2.npieces; i++)
+        log_info("  [0x%llx, 0x%llx) type %u", (unsigned long long)vtl2.pieces[i].start,
+                 (unsigned long long)vtl2.pieces[i].end, vtl2.pieces[i].type);
+
+    /* ---- sidecar start ---- */
     times.sidecar_start = hv_reftime();
-    if (p->sidecar_size == 0)
-        log_info("sidecar: not present");
-    else
-        log_warn("sidecar: image present but not started (not implemented); Linux boots every CPU");
+    sidecar_start(log_serial_enabled());
     times.sidecar_end = hv_reftime();
+    sidecar_boot_cpus(boot_cpus, sizeof(boot_cpus));
 
     /* ---- kernel command line ---- */
     struct kcmd_inputs kin = {
@@ -177,6 +190,7 @@ void shim_main(const struct shim_params_raw *p, uint64_t base)
         .static_line = static_line,
         .static_len = static_len,
         .host_line = host_line,
+        .boot_cpus = boot_cpus[0] ? boot_cpus : NULL,
     };
     uint32_t cmdline_len = build_kernel_cmdline(kernel_cmdline, sizeof(kernel_cmdline), &kin);
     log_info("kernel command line: %u bytes", cmdline_len);
@@ -206,7 +220,7 @@ void shim_main(const struct shim_params_raw *p, uint64_t base)
 
     /* The end time goes into the tree, so it is taken just before writing it. */
     times.boot_end = hv_reftime();
-    uint32_t dtb_size = write_linux_dt(dtb_sd + 1, FDT_AREA_SIZE - sizeof(*dtb_sd), &host, &vtl2, iso, &times);
+    uint32_t dtb_size = write_linux_dt(dtb_sd + 1, FDT_AREA_SIZE - sizeof(*dtb_sd), &host, &vtl2, iso, &times, &sidecar);
     dtb_sd->len = dtb_size;
 
     /* ---- hand-off ---- */

@@ -83,17 +83,44 @@ struct kcmd_inputs {
     const char *static_line;
     uint32_t static_len;
     const char *host_line;           /* NULL unless appended */
+    const char *boot_cpus;           /* "boot_cpus=..." when the sidecar runs, else NULL */
 };
 /* Builds the kernel command line; returns its length (no NUL). */
 uint32_t build_kernel_cmdline(char *buf, uint32_t cap, const struct kcmd_inputs *in);
+
+/* sidecar.c */
+struct sidecar_state {
+    int running;                     /* sidecar_plan said yes */
+    uint64_t entry;                  /* sidecar_entry's address */
+    struct sidecar_params params;
+    struct sidecar_output output;
+};
+extern struct sidecar_state sidecar;
+struct sidecar_plan_inputs {
+    uint64_t image_size;             /* ShimParamsRaw.sidecar_size (0: no image) */
+    uint64_t entry;
+    int isolated;
+    int disabled_by_cmdline;         /* OPENHCL_SIDECAR=off */
+    int vtl2;                        /* running in VTL2 with hypercalls */
+    uint64_t free_start;             /* VTL2 RAM above it is free (used_end) */
+};
+/* Decides whether the sidecar runs; if so partitions the CPUs, places the
+ * node memory at the top of VTL2 RAM and marks it in the map (before
+ * vtl2_map_finish). Returns sidecar.running. */
+int sidecar_plan(struct vtl2_map *m, const struct host_info *host, const struct sidecar_plan_inputs *in);
+/* Calls sidecar_entry (panics on failure); no-op when not running. */
+void sidecar_start(int enable_logging);
+/* "boot_cpus=<base VPs>" or "" when not running. */
+void sidecar_boot_cpus(char *buf, uint32_t cap);
 
 /* dt_linux.c */
 struct boot_times {
     uint64_t boot_start, boot_end, sidecar_start, sidecar_end;
 };
 /* Writes the tree for Linux; returns the blob size (panics on failure). */
+/* sidecar: NULL when the sidecar does not run (then no /bus/sidecar@ nodes). */
 uint32_t write_linux_dt(void *buf, uint32_t cap, const struct host_info *host, const struct vtl2_map *map,
-                        uint32_t isolation, const struct boot_times *times);
+                        uint32_t isolation, const struct boot_times *times, const struct sidecar_state *sidecar);
 
 /* bootparams.c */
 struct boot_params;
