@@ -38,6 +38,10 @@ GPR_REGISTERS = {0x20000 + i: name for i, name in enumerate(
 CONTROL_REGISTERS = {0x40000: "cr0", 0x40001: "cr2", 0x40002: "cr3", 0x40003: "cr4"}
 
 VTL2 = 2
+# Registers a VTL0 context has (GPRs, RIP/RFLAGS, control registers, EFER): Get/SetVpRegisters
+# on the lower VTL reach them.
+VTL0_REGISTER_NAMES = frozenset(list(range(0x20000, 0x20012)) + [0x40000, 0x40001, 0x40002, 0x40003, 0x40004,
+                                                                   0x80001, 0x80004])
 VSM_VP_STATUS_VTL2 = VTL2 | (1 << 16) | (1 << 18)   # active VTL 2; VTL0 and VTL2 enabled
 VSM_CAPABILITIES = 0x18000000
 
@@ -90,13 +94,25 @@ def _register_value(hv, engine, vp: int, name: int) -> int | None:
     return None
 
 
+def _target_vtl(header: bytes) -> int:
+    """The VTL an HvInputVtl byte names (its own when 'use target VTL' is clear)."""
+    return header[12] & 0xF if header[12] & 0x10 else VTL2
+
+
+def _lower_vtl_value(hv, vp: int, name: int) -> int | None:
+    regs = hv.vps[vp].vtl0_registers
+    return regs.get(name) if name in VTL0_REGISTER_NAMES else None
+
+
 def get_vp_registers(hv, engine, vp, header, elements, rep_count):
     status = _check_self(header, vp)
     if status is not None:
         return status, 0, b""
+    lower = _target_vtl(header) == 0
     out = bytearray()
     for i in range(rep_count):
-        value = _register_value(hv, engine, vp, _u32(elements, 4 * i))
+        name = _u32(elements, 4 * i)
+        value = _lower_vtl_value(hv, vp, name) if lower else _register_value(hv, engine, vp, name)
         if value is None:
             return HV_STATUS_INVALID_PARAMETER, i, bytes(out)
         out += struct.pack("<QQ", value & (2**64 - 1), 0)
@@ -107,9 +123,14 @@ def set_vp_registers(hv, engine, vp, header, elements, rep_count):
     status = _check_self(header, vp)
     if status is not None:
         return status, 0, b""
+    lower = _target_vtl(header) == 0
     for i in range(rep_count):
         name, value = _u32(elements, 32 * i), _u64(elements, 32 * i + 16)
-        if name in GPR_REGISTERS:
+        if lower:
+            if name not in VTL0_REGISTER_NAMES:
+                return HV_STATUS_INVALID_PARAMETER, i, b""
+            hv.vps[vp].vtl0_registers[name] = value
+        elif name in GPR_REGISTERS:
             engine.set_reg(GPR_REGISTERS[name], value)
         elif name == REG_GUEST_OS_ID:
             hv.guest_os_id = value
@@ -180,7 +201,56 @@ def start_virtual_processor(hv, engine, vp, header, elements, rep_count):
     return HV_STATUS_SUCCESS, 0, b""
 
 
+TRANSLATE_SUCCESS, TRANSLATE_PAGE_NOT_PRESENT, TRANSLATE_PRIVILEGE_VIOLATION = 0, 1, 2
+TRANSLATE_GPA_UNMAPPED = 4
+FLAG_VALIDATE_WRITE, FLAG_VALIDATE_EXECUTE, FLAG_PRIVILEGE_EXEMPT, FLAG_USER = 1 << 1, 1 << 2, 1 << 3, 1 << 7
+
+
+def translate_virtual_address_ex(hv, engine, vp, header, elements, rep_count):
+    """Walk the target VTL's page tables for one GVA page (virt_whp semantics: a failed walk is
+    status SUCCESS with a result code)."""
+    if _u64(header, 0) != HV_PARTITION_ID_SELF or _u32(header, 8) not in (HV_VP_INDEX_SELF, vp):
+        return HV_STATUS_INVALID_PARAMETER, 0, b""
+    flags, gvn = _u64(header, 0x10), _u64(header, 0x18)
+    input_vtl = flags >> 56
+    if input_vtl & 0xE0:
+        return HV_STATUS_INVALID_PARAMETER, 0, b""
+    vtl = input_vtl & 0xF if input_vtl & 0x10 else VTL2
+    if vtl == 0:
+        regs = hv.vps[vp].vtl0_registers
+        cr0, cr3 = regs.get(0x40000, 0), regs.get(0x40002, 0)
+    else:
+        cr0, cr3 = engine.reg("cr0"), engine.reg("cr3")
+    code, gpa_page = _translate(hv.mem, cr0, cr3, gvn << 12, flags)
+    return HV_STATUS_SUCCESS, 0, struct.pack("<I4x8x32xQQ", code, gpa_page, 0)
+
+
+def _translate(mem, cr0: int, cr3: int, gva: int, flags: int) -> tuple[int, int]:
+    from hclsim.cpu.pagetable import PTE_NX, PTE_P, PTE_PS, PTE_RW, PTE_US, walk_steps
+    if not cr0 & 0x80000000:  # paging off: GVA = GPA
+        return (TRANSLATE_SUCCESS, gva >> 12) if mem.contains(gva) else (TRANSLATE_GPA_UNMAPPED, 0)
+    steps = walk_steps(mem.array(), cr3, gva)
+    writable = user = executable = True
+    for name, _gpa, entry in steps:
+        if entry < 0 or not entry & PTE_P:
+            return TRANSLATE_PAGE_NOT_PRESENT, 0
+        writable &= bool(entry & PTE_RW)
+        user &= bool(entry & PTE_US)
+        executable &= not entry & PTE_NX
+    name, _gpa, leaf = steps[-1]
+    if not flags & FLAG_PRIVILEGE_EXEMPT and ((flags & FLAG_VALIDATE_WRITE and not writable)
+                                             or (flags & FLAG_VALIDATE_EXECUTE and not executable)
+                                             or (flags & FLAG_USER and not user)):
+        return TRANSLATE_PRIVILEGE_VIOLATION, 0
+    size = {"PDPTE": 1 << 30, "PDE": 1 << 21}.get(name, 1 << 12) if leaf & PTE_PS or name == "PTE" else 1 << 12
+    gpa = (leaf & 0x000FFFFFFFFFF000 & ~(size - 1)) | (gva & (size - 1))
+    if not mem.contains(gpa):
+        return TRANSLATE_GPA_UNMAPPED, 0
+    return TRANSLATE_SUCCESS, gpa >> 12
+
+
 CALLS = {
+    0x00AC: CallSpec("HvCallTranslateVirtualAddressEx", False, 0x20, 0, 0x40, translate_virtual_address_ex),
     0x000F: CallSpec("HvCallEnableVpVtl", False, 0xF0, 0, 0, enable_vp_vtl),
     0x0099: CallSpec("HvCallStartVirtualProcessor", False, 0xF0, 0, 0, start_virtual_processor),
     0x0050: CallSpec("HvCallGetVpRegisters", True, 0x10, 4, 16, get_vp_registers),

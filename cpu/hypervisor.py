@@ -86,6 +86,7 @@ class VpState:
     apic_base: int = APIC_BASE_DEFAULT | APIC_BASE_ENABLE
     svr: int = 0xFF
     tpr: int = 0
+    vtl0_registers: dict = field(default_factory=lambda: {0x20010: 0xFFF0, 0x20011: 0x2, 0x40000: 0x60000010})
     irr: set = field(default_factory=set)    # requested vectors
     isr: list = field(default_factory=list)  # in service, innermost last
 

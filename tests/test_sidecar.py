@@ -1,0 +1,148 @@
+"""The sidecar kernel on the simulated platform: node partitioning, fan-out AP start to IDLE,
+the dispatch loop's commands, and conversion of sidecar CPUs into Linux CPUs."""
+import random
+import struct
+
+import numpy as np
+import pytest
+
+from hclsim.config import BootConfig
+from hclsim.kernel_stub.cpus import CpuOnlineError
+from hclsim.machine import Machine, boot
+from hclsim.sidecar import layout as sl
+from hclsim.sidecar.client import SidecarError
+from hclsim.sidecar.partition import partition
+
+REG_RIP, REG_RAX, REG_CR0, REG_CR3 = 0x20010, 0x20000, 0x40000, 0x40002
+
+
+@pytest.fixture
+def machine():
+    m = Machine(BootConfig(cpus=12))
+    result = m.run_to_handoff()
+    yield m, result
+    m.close()
+
+
+@pytest.mark.parametrize("cpus,numa", [(8, 1), (33, 1), (64, 2), (97, 1), (40, 3)])
+def test_nodes_match_the_partition_and_every_ap_is_idle(cpus, numa):
+    r = boot(BootConfig(cpus=cpus, numa_nodes=numa))
+    sc = r.linux.sidecar
+    expected = partition([i * numa // cpus for i in range(cpus)])
+    assert [(n.base_cpu, n.cpu_count) for n in sc.nodes] == [(e.base_vp, e.vp_count) for e in expected]
+    for node in sc.nodes:
+        status = list(node.status)
+        assert status[0] == sl.CPU_REMOVED and status[1:] == [sl.CPU_IDLE] * (node.cpu_count - 1)
+        assert node.control["request_vector"] == sl.DEFAULT_REQUEST_VECTOR
+    base_vps = [e.base_vp for e in expected]
+    assert f"boot_cpus={','.join(map(str, base_vps))}" in r.handoff.cmdline.split()
+    assert sorted(r.linux.cpus.online) == base_vps
+    assert r.sidecar_summary["idle_cpus"] == cpus - len(expected)
+    t = r.handoff.dt["reftimes"]
+    assert t["reftime_sidecar_start"] < t["reftime_sidecar_end"]
+
+
+def test_node_memory_is_reserved_from_linux(machine):
+    m, r = machine
+    reserved = [(e.addr, e.addr + e.size) for e in r.handoff.e820 if e.type == 2]
+    for node in r.linux.sidecar.nodes:
+        assert any(a <= node.control_gpa and node.shmem_base + node.shmem_size <= b for a, b in reserved)
+        assert node.shmem_size == node.cpu_count * 2 * 4096
+
+
+@pytest.mark.parametrize("config,reason", [
+    (dict(isolation="snp"), "isolated"), (dict(isolation="vbs"), "isolated"),
+    (dict(static_cmdline="OPENHCL_SIDECAR=off"), "command line"),
+    (dict(host_bootargs="OPENHCL_SIDECAR=off"), "command line"),
+    (dict(cpus=2, numa_nodes=2), "one CPU"), (dict(no_sidecar=True), "no image"),
+])
+def test_sidecar_off(config, reason):
+    r = boot(BootConfig(**config))
+    assert r.linux.sidecar is None and r.sidecar_summary is None
+    assert not any(w.startswith("boot_cpus=") for w in r.handoff.cmdline.split())
+    assert sorted(r.linux.cpus.online) == list(range(r.config.cpus))
+
+
+def test_boot_with_sidecar_is_deterministic():
+    a, b = boot(BootConfig(cpus=48, numa_nodes=2)), boot(BootConfig(cpus=48, numa_nodes=2))
+    assert a.serial == b.serial and a.counters["instructions"] == b.counters["instructions"]
+    assert a.handoff.dtb == b.handoff.dtb
+
+
+def _registers_request(names, vtl=0, values=None):
+    head = struct.pack("<HBBH10x", len(names), vtl, 0, 0)
+    assocs = b"".join(struct.pack("<I12xQQ", n, (values or {}).get(n, 0), 0) for n in names)
+    return head + assocs
+
+
+def _assocs(page, count):
+    raw = bytes(np.asarray(page["request_data"]))
+    return [struct.unpack_from("<I12xQQ", raw, 16 + 32 * i) for i in range(count)]
+
+
+def test_get_and_set_vp_registers(machine):
+    m, r = machine
+    sc = r.linux.sidecar
+    page = sc.run(3, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RIP, REG_CR0]))
+    assert not page["has_error"]
+    assert [(n, v) for n, v, _ in _assocs(page, 2)] == [(REG_RIP, 0xFFF0), (REG_CR0, 0x60000010)]
+    page = sc.run(3, sl.COMMAND_SET_VP_REGISTERS, _registers_request([REG_RAX, REG_RIP], values={REG_RAX: 0x1234, REG_RIP: 0x5000}))
+    assert not page["has_error"]
+    page = sc.run(3, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RAX, REG_RIP]))
+    assert [v for _, v, _ in _assocs(page, 2)] == [0x1234, 0x5000]
+    assert m.hv.vps[3].vtl0_registers[REG_RAX] == 0x1234
+    assert 3 in sc.read_stopped(0) and sc.read_stopped(0) == []
+    assert sc.node_of(3).cpu_status(3) == sl.CPU_IDLE
+
+
+def test_register_command_errors(machine):
+    m, r = machine
+    sc = r.linux.sidecar
+    page = sc.run(4, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RIP, 0x7777777]))
+    assert page["has_error"] and sc.error_text(page)
+    status = struct.unpack_from("<H", bytes(np.asarray(page["request_data"])), 4)[0]
+    assert status == 0x0005  # HV_STATUS_INVALID_PARAMETER
+    too_many = _registers_request([REG_RIP] * 32)
+    page = sc.run(4, sl.COMMAND_GET_VP_REGISTERS, too_many[:16] + too_many[16:16 + 31 * 32])
+    assert page["has_error"]
+    assert sc.node_of(4).cpu_status(4) == sl.CPU_IDLE  # the CPU survives bad requests
+
+
+def test_translate_gva(machine):
+    m, r = machine
+    sc = r.linux.sidecar
+    request = struct.pack("<QQ", 0x1234, (0x10 << 56))  # VTL0, paging off: GVA = GPA
+    page = sc.run(5, sl.COMMAND_TRANSLATE_GVA, request)
+    assert not page["has_error"]
+    status, result, gpa_page = struct.unpack_from("<H6xQQ", bytes(np.asarray(page["request_data"])))
+    assert (status, result & 0xFFFFFFFF, gpa_page) == (0, 0, 0x1234)
+    # VTL0 with paging on and an empty PML4: page not present
+    m.hv.vps[5].vtl0_registers.update({REG_CR0: 0x80000011, REG_CR3: 0x100000})
+    page = sc.run(5, sl.COMMAND_TRANSLATE_GVA, request)
+    status, result, _ = struct.unpack_from("<H6xQQ", bytes(np.asarray(page["request_data"])))
+    assert status == 0 and result & 0xFFFFFFFF == 1
+
+
+def test_removed_cpu_rejects_commands(machine):
+    m, r = machine
+    with pytest.raises(SidecarError, match="REMOVED"):
+        r.linux.sidecar.start(0, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RIP]))
+
+
+def test_online_sidecar_cpus_in_random_order(machine):
+    m, r = machine
+    linux, sc = r.linux, r.linux.sidecar
+    cpus = [c for c in range(1, 12)]
+    random.Random(7).shuffle(cpus)
+    for cpu in cpus:
+        ms = linux.cpus.online_cpu(cpu)
+        assert ms > 0 and cpu in linux.cpus.online
+        assert sc.node_of(cpu).cpu_status(cpu) == sl.CPU_REMOVED
+        assert m.hv.vps[cpu].svr == 0xFF  # the sidecar software-disabled its APIC
+    assert sorted(linux.cpus.online) == list(range(12))
+    with pytest.raises(CpuOnlineError, match="already online"):
+        linux.cpus.online_cpu(5)
+    with pytest.raises(SidecarError, match="REMOVED"):
+        sc.start(5, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RIP]))
+    with pytest.raises(CpuOnlineError, match="does not exist"):
+        linux.cpus.online_cpu(99)
