@@ -8,6 +8,8 @@ Exits come from three places (see shared/design/architecture.md, "Measured facts
 - HLT (emu_start returns after it), vmcall (the invalid-instruction hook) and faults.
 """
 import ctypes
+import threading
+import time
 from dataclasses import dataclass, field
 
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
@@ -72,6 +74,43 @@ class SlowIoDispatch:
 
 
 SLOW_IO = SlowIoDispatch()
+
+
+class Watchdog:
+    """Stops engines that run past their deadline. Unicorn's own emu_start timeout starts and
+    joins a thread on every call (~100 us each, more than most VP exits cost), so one shared
+    thread checks instead, a few times a second."""
+    PERIOD = 0.05
+
+    def __init__(self):
+        self.deadlines: dict[int, tuple] = {}
+        self.lock = threading.Lock()
+        self.thread = None
+
+    def arm(self, engine, seconds: float) -> None:
+        with self.lock:
+            self.deadlines[id(engine)] = (engine, time.monotonic() + seconds)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._watch, name="hclsim-watchdog", daemon=True)
+                self.thread.start()
+
+    def disarm(self, engine) -> None:
+        with self.lock:
+            self.deadlines.pop(id(engine), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.PERIOD)
+            now = time.monotonic()
+            with self.lock:
+                late = [e for e, deadline in self.deadlines.values() if deadline <= now]
+                for e in late:
+                    del self.deadlines[id(e)]
+            for e in late:
+                e.request_stop("timeout")
+
+
+WATCHDOG = Watchdog()
 
 
 @dataclass
@@ -249,11 +288,16 @@ class Engine:
         self._stop_reason = None
         self._fault = None
         rip = self.reg("rip")
+        if timeout_us:
+            WATCHDOG.arm(self, timeout_us / 1e6)
         try:
-            self.uc.emu_start(rip, 0, timeout=timeout_us)
+            self.uc.emu_start(rip, 0)
             error = None
         except UcError as exc:
             error = exc
+        finally:
+            if timeout_us:
+                WATCHDOG.disarm(self)
         self.drain_uarts()
         rip = self.reg("rip")
         if self._fault is not None:
@@ -275,7 +319,7 @@ class Engine:
             self.hypercall_handler(self)
             self.vmcall_stops += 1
             return None
-        return VpExit(EXIT_STOP, rip, stop_reason="timeout" if timeout_us else "stopped")
+        return VpExit(EXIT_STOP, rip, stop_reason="stopped")
 
     def counters(self) -> dict:
         return self.state.counters()

@@ -35,12 +35,16 @@ class Scheduler:
     def __init__(self, engine, hv, vps, msr_sites: dict, pause_sites: set, stop_addresses: set):
         self.engine, self.hv, self.vps = engine, hv, vps
         self.msr_sites, self.pause_sites = msr_sites, pause_sites
-        self.stop_addresses = set(stop_addresses)
         self.loaded = None          # the VP whose registers are in the engine
         self.next_index = 0
         self.switches = 0
         self.msr_exits = 0
-        engine.set_exits(set(msr_sites) | set(pause_sites) | self.stop_addresses)
+        self.set_stop_addresses(stop_addresses)
+
+    def set_stop_addresses(self, addresses) -> None:
+        """Where run() returns STOP_ADDRESS (kernel entry, breakpoints)."""
+        self.stop_addresses = set(addresses)
+        self.engine.set_exits(set(self.msr_sites) | set(self.pause_sites) | self.stop_addresses)
 
     # ---- VP selection ----------------------------------------------------------------------
     def _takes_interrupt(self, vp) -> bool:

@@ -178,6 +178,20 @@ class Machine:
                           list(self.hv.hypercall_log), self.kernel, self.initrd, self.shim_path, self.host_dt,
                           self.linux, sidecar_summary(self.linux, handoff))
 
+    def run_to(self, address: int, timeout: float = 60.0):
+        """Run until some VP is about to execute address (a breakpoint); the scheduler's stop."""
+        before = set(self.scheduler.stop_addresses)
+        self.scheduler.set_stop_addresses(before | {address})
+        try:
+            return self.scheduler.run(timeout=timeout)
+        finally:
+            self.scheduler.set_stop_addresses(before)
+
+    @property
+    def sidecar_entry(self) -> int | None:
+        """Where the shim calls the sidecar (its identity-mapped entry), if one is loaded."""
+        return None if self.sidecar is None else self.layout.region("sidecar").start + self.sidecar.entry
+
     def run_sidecar(self, until=None, timeout: float = 30.0):
         """Run the sidecar CPUs (after the handoff) until until() holds or nothing can run."""
         return self.scheduler.run(until=until, timeout=timeout)

@@ -1,0 +1,52 @@
+"""Sidecar figures (issue 3):
+- AP bring-up: sidecar_entry -> every AP IDLE (the call returns), for 8 .. 1024 vCPUs
+  (2048 with --hclsim-all); goal at 1024: <= 50 ms median.
+- one sidecar -> Linux CPU conversion; goal <= 1 ms median.
+    .venv/bin/pytest benches/bench_sidecar.py --benchmark-only --benchmark-json=sidecar.json
+"""
+import pytest
+
+from hclsim.config import BootConfig
+from hclsim.machine import Machine
+from hclsim.sidecar import layout as sl
+
+SIZES = [8, 64, 256, 1024]
+
+
+def _at_sidecar_entry(cpus: int) -> Machine:
+    m = Machine(BootConfig(cpus=cpus, numa_nodes=max(1, cpus // 512)))
+    stop = m.run_to(m.sidecar_entry)
+    assert stop.vp is m.bsp, stop
+    return m
+
+
+@pytest.mark.parametrize("cpus", SIZES)
+def test_ap_bring_up(benchmark, cpus):
+    machines = []
+
+    def setup():
+        while machines:
+            machines.pop().close()
+        m = _at_sidecar_entry(cpus)
+        machines.append(m)
+        return_address = m.mem.read_u64(m.engine.translate(m.engine.reg("rsp")))
+        return (m, return_address), {}
+
+    def bring_up(m, return_address):
+        stop = m.run_to(return_address)
+        assert stop.vp is m.bsp and m.engine.reg("rax") & 0xFF == 1  # sidecar_entry returned true
+
+    benchmark.pedantic(bring_up, setup=setup, rounds=5 if cpus <= 256 else 3, warmup_rounds=0)
+    m = machines[0]
+    benchmark.extra_info.update(cpus=cpus, vp_switches=m.scheduler.switches, msr_exits=m.scheduler.msr_exits)
+    for m in machines:
+        m.close()
+
+
+def test_sidecar_to_linux_conversion(benchmark):
+    m = Machine(BootConfig(cpus=64))
+    r = m.run_to_handoff()
+    cpus = iter([c for c in range(64) if c not in r.linux.cpus.online])
+    benchmark.pedantic(lambda: r.linux.cpus.online_cpu(next(cpus)), rounds=40, warmup_rounds=2)
+    assert all(r.linux.sidecar.node_of(c).cpu_status(c) == sl.CPU_REMOVED for c in r.linux.cpus.online if c % 32)
+    m.close()
