@@ -54,6 +54,7 @@ class FirmwareSpec:
 
 SHIM = FirmwareSpec("shim", BOOT_DIR / "firmware" / "shim")
 SIDECAR = FirmwareSpec("sidecar", BOOT_DIR.parent / "sidecar" / "firmware")
+VTL0_GUEST = FirmwareSpec("vtl0", BOOT_DIR / "firmware" / "vtl0")
 
 
 def cache_dir() -> Path:

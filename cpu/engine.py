@@ -41,6 +41,11 @@ REG_IDS["fs_base"] = x86.UC_X86_REG_FS_BASE
 REG_IDS["gs_base"] = x86.UC_X86_REG_GS_BASE
 
 
+class GuestException(Exception):
+    """A handler decided the guest's instruction raises a CPU exception (vector)."""
+    vector = 13
+
+
 @dataclass
 class VpExit:
     kind: str
@@ -49,6 +54,7 @@ class VpExit:
     fault_address: int | None = None  # faults: the unmapped/denied address, if known
     message: str = ""
     stop_reason: object = None       # EXIT_STOP: what the handler passed to request_stop
+    unmapped_write: bool | None = None  # faults on a GPA outside RAM: was it a write
 
 
 class SlowIoDispatch:
@@ -251,10 +257,18 @@ class Engine:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         insn = self.read_virtual(rip, 3)
         if insn in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):  # vmcall / vmmcall
-            self.hypercall_handler(self)
-            return True
+            return self._hypercall(rip)
         self._fault = VpExit(EXIT_FAULT, rip, vector=6, message=f"invalid opcode {insn.hex()}")
         return False
+
+    def _hypercall(self, rip: int) -> bool:
+        try:
+            self.hypercall_handler(self)
+            return True
+        except GuestException as exc:
+            self._fault = VpExit(EXIT_FAULT, rip, vector=exc.vector, message=str(exc))
+            self.uc.emu_stop()
+            return True
 
     def _on_interrupt(self, uc, intno, user_data):
         # No IDT delivery in Unicorn: any exception ends the run (the shim has no IDT either,
@@ -274,7 +288,8 @@ class Engine:
                 ucc.UC_MEM_FETCH_UNMAPPED: "instruction fetch"}.get(access, "access")
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         self._fault = VpExit(EXIT_FAULT, rip, vector=14, fault_address=address,
-                             message=f"{kind} of unmapped address {address:#x}")
+                             message=f"{kind} of unmapped address {address:#x}",
+                             unmapped_write=access == ucc.UC_MEM_WRITE_UNMAPPED)
         return False
 
     def run(self, timeout_us: int = 0) -> VpExit:
@@ -316,8 +331,12 @@ class Engine:
             # Unicorn 2.1.4 sometimes ends emu_start on a vmcall without calling the
             # invalid-instruction hook (seen with exit addresses outside the guest's mappings):
             # emulate it here, as the hook would have.
-            self.hypercall_handler(self)
             self.vmcall_stops += 1
+            self._hypercall(rip)
+            if self._fault is not None:
+                return self._fault
+            if self._stop_reason is not None:
+                return VpExit(EXIT_STOP, self.reg("rip"), stop_reason=self._stop_reason)
             return None
         return VpExit(EXIT_STOP, rip, stop_reason="stopped")
 

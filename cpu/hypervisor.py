@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from hclsim.boot.layout import ISOLATION_NONE, ISOLATION_SNP, ISOLATION_TDX
 from hclsim.cpu import hypercalls
+from hclsim.cpu.engine import GuestException
 
 HV_X64_MSR_GUEST_OS_ID = 0x40000000
 HV_X64_MSR_HYPERCALL = 0x40000001
@@ -34,8 +35,23 @@ TSC_FREQUENCY = 1_000_000_000   # the simulated TSC ticks once per instruction
 APIC_FREQUENCY = 200_000_000
 
 
-class GeneralProtection(Exception):
+class GeneralProtection(GuestException):
     """The access raises #GP in the guest."""
+    vector = 13
+
+
+class InvalidOpcode(GuestException):
+    """The instruction raises #UD in the guest (e.g. a VTL return from VTL0)."""
+    vector = 6
+
+
+HVCALL_VTL_CALL, HVCALL_VTL_RETURN = 0x0011, 0x0012
+
+
+@dataclass(frozen=True)
+class VtlReturn:
+    """Stop reason: the VP asked to return to VTL0."""
+    fast: bool
 
 
 @dataclass
@@ -87,6 +103,7 @@ class VpState:
     svr: int = 0xFF
     tpr: int = 0
     vtl0_registers: dict = field(default_factory=lambda: {0x20010: 0xFFF0, 0x20011: 0x2, 0x40000: 0x60000010})
+    vtl: int = 2                             # the VTL the VP runs in now
     irr: set = field(default_factory=set)    # requested vectors
     isr: list = field(default_factory=list)  # in service, innermost last
 
@@ -283,10 +300,25 @@ class Hypervisor:
     def hypercall(self, engine, vp: int) -> None:
         """Emulate the vmcall at RIP: ABI in RCX/RDX/R8, result in RAX, RIP += 3."""
         control = engine.reg("rcx")
+        if control & 0xFFFF in (HVCALL_VTL_CALL, HVCALL_VTL_RETURN):
+            self._vtl_switch(engine, vp, control)
+            return
         result = hypercalls.dispatch(self, engine, vp, control, engine.reg("rdx"), engine.reg("r8"))
         self.hypercall_log.append((vp, control & 0xFFFF, result & 0xFFFF))
         engine.set_reg("rax", result)
         engine.set_reg("rip", engine.reg("rip") + 3)
+
+    def _vtl_switch(self, engine, vp: int, control: int) -> None:
+        """HvCallVtlReturn from VTL2: the scheduler switches the VP to VTL0 at the stub's `ret`.
+        Nothing is written to RAX (its input is RAX: bit 0 = fast)."""
+        state = self.vps[vp]
+        code = control & 0xFFFF
+        if code == HVCALL_VTL_CALL or control != code or state.vtl != 2 or engine.reg("rax") & ~1:
+            raise InvalidOpcode(f"invalid VTL {'call' if code == HVCALL_VTL_CALL else 'return'} "
+                                    f"(control {control:#x}, VTL {state.vtl})")  # #UD on hardware
+        self.hypercall_log.append((vp, code, 0))
+        engine.set_reg("rip", engine.reg("rip") + 3)
+        engine.request_stop(VtlReturn(fast=bool(engine.reg("rax") & 1)))
 
     def msr_exit(self, engine, vp: int, insn: bytes) -> None:
         """Emulate the RDMSR/WRMSR at RIP (engine stopped on it)."""

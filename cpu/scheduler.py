@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 
 from hclsim.cpu import engine as eng
-from hclsim.cpu import interrupts
-from hclsim.cpu.hypervisor import GeneralProtection
+from hclsim.cpu import intercepts, interrupts, vtl
+from hclsim.cpu.cpuid import cpuid_lookup
+from hclsim.cpu.hypervisor import GeneralProtection, VtlReturn
 from hclsim.cpu.vp import EXTERNAL, HALTED, NOT_STARTED, RUNNABLE
 
 # Why run() returned.
@@ -32,9 +33,12 @@ class SchedulerStop:
 
 
 class Scheduler:
-    def __init__(self, engine, hv, vps, msr_sites: dict, pause_sites: set, stop_addresses: set):
+    def __init__(self, engine, hv, vps, msr_sites: dict, pause_sites: dict, stop_addresses: set,
+                 vtl0_sites: dict | None = None):
         self.engine, self.hv, self.vps = engine, hv, vps
         self.msr_sites, self.pause_sites = msr_sites, pause_sites
+        self.vtl0_sites = vtl0_sites or {}   # VTL0 code: intercepted instructions (and PAUSE)
+        self.vtl_returns = self.intercepts = 0
         self.loaded = None          # the VP whose registers are in the engine
         self.next_index = 0
         self.switches = 0
@@ -44,7 +48,8 @@ class Scheduler:
     def set_stop_addresses(self, addresses) -> None:
         """Where run() returns STOP_ADDRESS (kernel entry, breakpoints)."""
         self.stop_addresses = set(addresses)
-        self.engine.set_exits(set(self.msr_sites) | set(self.pause_sites) | self.stop_addresses)
+        self.engine.set_exits(set(self.msr_sites) | set(self.pause_sites) | set(self.vtl0_sites)
+                              | self.stop_addresses)
 
     # ---- VP selection ----------------------------------------------------------------------
     def _takes_interrupt(self, vp) -> bool:
@@ -56,7 +61,9 @@ class Scheduler:
             return True
         if vp.state == RUNNABLE:
             return True
-        return vp.state == HALTED and self._takes_interrupt(vp) and vp.halted_with_interrupts
+        if vp.state != HALTED or not self._takes_interrupt(vp):
+            return False
+        return vp.halted_with_interrupts or state.vtl == 0  # VTL2 interrupts preempt VTL0 regardless of IF
 
     def _pick(self):
         n = len(self.vps)
@@ -68,28 +75,81 @@ class Scheduler:
         return None
 
     # ---- loading ---------------------------------------------------------------------------
+    def _save(self, vp) -> None:
+        state = self.hv.vps[vp.index]
+        if state.vtl == 0:
+            vtl.capture_vtl0(self.engine, state.vtl0_registers)  # the VP's context keeps VTL2's state
+        else:
+            vp.save(self.engine)
+
     def _load(self, vp) -> None:
         if self.loaded is vp:
             return
         if self.loaded is not None:
-            self.loaded.save(self.engine)
+            self._save(self.loaded)
         state = self.hv.vps[vp.index]
         if vp.state == NOT_STARTED:
             vp.set_long_mode(self.engine, state.start_context)
             state.start_context = None
             vp.state = RUNNABLE
         vp.load(self.engine)
+        if state.vtl == 0:
+            vtl.apply_vtl0(self.engine, state.vtl0_registers)
         self.loaded = vp
         self.switches += 1
 
     def unload(self) -> None:
         """Save the loaded VP (before the host reads or changes VP state)."""
         if self.loaded is not None:
-            self.loaded.save(self.engine)
+            self._save(self.loaded)
             self.loaded = None
+
+    # ---- VTL switches -------------------------------------------------------------------------
+    def _assist_page(self, state) -> int:
+        return state.vp_assist_page & ~0xFFF if state.vp_assist_page & 1 else 0
+
+    def _vtl_return(self, vp, fast: bool) -> None:
+        """VTL2 -> VTL0 on HvCallVtlReturn (the engine stopped at the stub's `ret`)."""
+        state = self.hv.vps[vp.index]
+        shared = vtl.shared_registers(self.engine)
+        assist = self._assist_page(state)
+        if not fast and assist:
+            shared["rax"], shared["rcx"] = vtl.vtl0_rax_rcx(self.engine.mem, assist)
+        vp.save(self.engine)
+        state.vtl = 0
+        vtl.apply_vtl0(self.engine, state.vtl0_registers)
+        vtl.set_shared_registers(self.engine, shared)
+        self.vtl_returns += 1
+
+    def _vtl_entry(self, vp, reason: int, message: bytes = b"") -> None:
+        """VTL0 -> VTL2 (intercept or interrupt): VTL0 stays on the intercepted instruction."""
+        state = self.hv.vps[vp.index]
+        vtl.capture_vtl0(self.engine, state.vtl0_registers)
+        shared = vtl.shared_registers(self.engine)
+        state.vtl = 2
+        vp.load(self.engine)
+        vtl.set_shared_registers(self.engine, shared)
+        assist = self._assist_page(state)
+        if assist:
+            vtl.write_entry(self.engine.mem, assist, reason, message)
+        vp.state = RUNNABLE
+        self.intercepts += reason == vtl.ENTRY_REASON_INTERCEPT
+
+    def _intercept_message(self, vp, kind: str) -> bytes:
+        e = self.engine
+        if kind in ("in", "out"):
+            return intercepts.io_port(e, vp.index)
+        if kind == "cpuid":
+            defaults = cpuid_lookup(e.state.cpuid_table, e.reg("rax") & 0xFFFFFFFF, e.reg("rcx") & 0xFFFFFFFF, vp.apic_id)
+            return intercepts.cpuid(e, vp.index, tuple(int(v) for v in defaults))
+        return intercepts.msr(e, vp.index, write=kind == "wrmsr")
 
     def _inject(self, vp) -> None:
         state = self.hv.vps[vp.index]
+        if state.vtl == 0:
+            if state.deliverable() is not None:
+                self._vtl_entry(vp, vtl.ENTRY_REASON_INTERRUPT)  # VTL2's interrupt preempts VTL0
+            return
         vector = state.deliverable()
         if vector is not None and interrupts.interrupts_enabled(self.engine):
             interrupts.deliver(self.engine, vector)
@@ -116,6 +176,17 @@ class Scheduler:
                 if left <= 0:
                     return SchedulerStop(STOP_TIMEOUT, vp, eng.VpExit(eng.EXIT_STOP, engine.reg("rip")))
                 exit = engine.run(timeout_us=int(left * 1e6))
+                in_vtl0 = self.hv.vps[vp.index].vtl == 0
+                if isinstance(exit.stop_reason, VtlReturn):
+                    self._vtl_return(vp, exit.stop_reason.fast)
+                    continue
+                if in_vtl0 and exit.kind == eng.EXIT_ADDRESS and self.vtl0_sites.get(exit.rip, "pause") != "pause":
+                    self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, self._intercept_message(vp, self.vtl0_sites[exit.rip]))
+                    continue
+                if in_vtl0 and exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None:
+                    message = intercepts.memory(engine, vp.index, exit.fault_address, exit.unmapped_write)
+                    self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
+                    continue
                 if exit.kind == eng.EXIT_HLT:
                     vp.state = HALTED
                     vp.halted_with_interrupts = interrupts.interrupts_enabled(engine)
@@ -140,7 +211,14 @@ class Scheduler:
                         if self._takes_interrupt(vp) and interrupts.interrupts_enabled(engine):
                             self._inject(vp)  # e.g. a self-IPI, or the EOI unmasked a lower vector
                         continue
-                    if rip in self.pause_sites:
+                    kind = self.pause_sites.get(rip)
+                    if kind == "irq-window":  # the NOP after an STI: a pending interrupt is taken here
+                        if self._takes_interrupt(vp) and interrupts.interrupts_enabled(engine):
+                            self._inject(vp)  # returns to this NOP, which is skipped then
+                        else:
+                            engine.set_reg("rip", rip + 1)
+                        continue
+                    if kind == "pause" or self.vtl0_sites.get(rip) == "pause":
                         engine.set_reg("rip", rip + 2)  # F3 90: the pause is done
                         break
                     return SchedulerStop(STOP_FAULT, vp, exit, "stopped at an exit address with no handler")

@@ -35,6 +35,7 @@ class BootConfig:
     shim: str | None = None           # None: the shipped boot shim (built from boot/firmware/shim)
     sidecar: str | None = None        # None: the shipped sidecar kernel (built from sidecar/firmware)
     no_sidecar: bool = False          # leave the image's sidecar slot empty
+    vtl0_guest: bool = True           # load the VTL0 test guest (boot/firmware/vtl0) on every VP
     isolation: str = "none"
     static_cmdline: str = ""
     cmdline_policy: str = "append-chosen"

@@ -17,7 +17,8 @@ from hclsim.cpu.cpuid import build_cpuid_table
 from hclsim.cpu.fault import GuestFaultError, Symbolizer, fault_report
 from hclsim.cpu.hypervisor import Hypervisor
 from hclsim.cpu import pool
-from hclsim.cpu.exit_sites import find_exit_sites
+from hclsim.cpu.exit_sites import VTL0_SITE_KINDS, find_exit_sites
+from hclsim.boot.vtl0_guest import IMAGE_GPA, initial_state, load_vtl0_guest
 from hclsim.cpu.scheduler import STOP_ADDRESS, STOP_CRASH, STOP_IDLE, STOP_TIMEOUT, Scheduler
 from hclsim.cpu.vp import RUNNABLE, Vp
 from hclsim.devices.uart16550 import UART_NAMES
@@ -95,23 +96,36 @@ class Machine:
         if self.sidecar is not None:
             # The sidecar runs from its high alias (PML4 slot 511) once it has switched page tables.
             images.append(("sidecar", sl.IMAGE_VA, self.sidecar))
-        msr_sites, pause_sites, digest = {}, set(), hashlib.sha256()
+        msr_sites, pause_sites, digest = {}, {}, hashlib.sha256()
         for name, base, img in images:
             self.symbolize.add(name, base, img)
             for seg in img.segments:
                 digest.update(base.to_bytes(8, "little") + seg.vaddr.to_bytes(8, "little") + seg.data)
                 if seg.executable:
                     for addr, kind in find_exit_sites(seg.data, base + seg.vaddr).items():
-                        if kind == "pause":
-                            pause_sites.add(addr)
+                        if kind in ("pause", "irq-window"):
+                            pause_sites[addr] = kind
                         else:
                             msr_sites[addr] = kind
+        vtl0_sites = {}
+        self.vtl0_guest = None
+        if cfg.vtl0_guest:
+            vtl0_image = load_firmware_image(firmware.build(firmware.VTL0_GUEST), "VTL0 test guest")
+            self.vtl0_guest = load_vtl0_guest(self.mem, vtl0_image, cfg.cpus, self.layout.vtl2_base)
+            self.symbolize.add("vtl0", IMAGE_GPA, vtl0_image)
+            for seg in vtl0_image.segments:
+                digest.update(b"vtl0" + seg.vaddr.to_bytes(8, "little") + seg.data)
+                if seg.executable:
+                    vtl0_sites.update(find_exit_sites(seg.data, IMAGE_GPA + seg.vaddr, VTL0_SITE_KINDS))
+            for i, state in enumerate(self.hv.vps):
+                state.vtl0_registers = initial_state(self.vtl0_guest, i)
         self.engine.load_code(digest.hexdigest())
         self.vps = [Vp(i, apic) for i, apic in enumerate(self.hv.apic_ids)]
         self.bsp = self.vps[0]
         self.bsp.set_long_mode(self.engine, self.image.bsp_context())
         self.bsp.state = RUNNABLE
-        self.scheduler = Scheduler(self.engine, self.hv, self.vps, msr_sites, pause_sites, {self.image.kernel_entry})
+        self.scheduler = Scheduler(self.engine, self.hv, self.vps, msr_sites, pause_sites, {self.image.kernel_entry},
+                                   vtl0_sites)
         self.unknown_ports = {}
         self.timings["build_image_ms"] = (time.perf_counter() - t1) * 1e3
 

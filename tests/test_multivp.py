@@ -133,7 +133,7 @@ def _run():
         vps[0].set_long_mode(engine, bsp_ctx)
         vps[0].state = RUNNABLE
         sched = Scheduler(engine, hv, vps, {a: k for a, k in sites.items() if k != "pause"},
-                          {a for a, k in sites.items() if k == "pause"}, set())
+                          {a: k for a, k in sites.items() if k == "pause"}, set())
         stop = sched.run(timeout=20)
         sched.unload()
         vps[0].load(engine)

@@ -85,7 +85,7 @@ def test_get_and_set_vp_registers(machine):
     sc = r.linux.sidecar
     page = sc.run(3, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RIP, REG_CR0]))
     assert not page["has_error"]
-    assert [(n, v) for n, v, _ in _assocs(page, 2)] == [(REG_RIP, 0xFFF0), (REG_CR0, 0x60000010)]
+    assert [(n, v) for n, v, _ in _assocs(page, 2)] == [(REG_RIP, m.vtl0_guest.entry), (REG_CR0, 0x80000031)]
     page = sc.run(3, sl.COMMAND_SET_VP_REGISTERS, _registers_request([REG_RAX, REG_RIP], values={REG_RAX: 0x1234, REG_RIP: 0x5000}))
     assert not page["has_error"]
     page = sc.run(3, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RAX, REG_RIP]))
@@ -111,7 +111,7 @@ def test_register_command_errors(machine):
 def test_translate_gva(machine):
     m, r = machine
     sc = r.linux.sidecar
-    request = struct.pack("<QQ", 0x1234, (0x10 << 56))  # VTL0, paging off: GVA = GPA
+    request = struct.pack("<QQ", 0x1234, (0x10 << 56))  # VTL0 with the test guest's identity map
     page = sc.run(5, sl.COMMAND_TRANSLATE_GVA, request)
     assert not page["has_error"]
     status, result, gpa_page = struct.unpack_from("<H6xQQ", bytes(np.asarray(page["request_data"])))
@@ -121,6 +121,7 @@ def test_translate_gva(machine):
     page = sc.run(5, sl.COMMAND_TRANSLATE_GVA, request)
     status, result, _ = struct.unpack_from("<H6xQQ", bytes(np.asarray(page["request_data"])))
     assert status == 0 and result & 0xFFFFFFFF == 1
+    # VTL0 paging off again: identity
 
 
 def test_removed_cpu_rejects_commands(machine):
@@ -146,3 +147,38 @@ def test_online_sidecar_cpus_in_random_order(machine):
         sc.start(5, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RIP]))
     with pytest.raises(CpuOnlineError, match="does not exist"):
         linux.cpus.online_cpu(99)
+
+
+def test_run_vp_runs_vtl0_through_its_intercepts(machine):
+    from hclsim.cpu import intercepts as ic
+    from hclsim.sidecar.vp_loop import TEST_PORT_VALUE, TestDevices, VpRunner
+    m, r = machine
+    cpu = 6
+    results = m.vtl0_guest.results(m.mem)
+    runner = VpRunner(m, r.linux.sidecar, cpu, TestDevices())
+    seen = runner.run_until_halted(lambda: results[cpu]["done"] == 1)
+    assert [msg["type"] for msg in seen] == [ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT,
+                                             ic.MSG_UNMAPPED_GPA, ic.MSG_UNMAPPED_GPA, ic.MSG_MSR]
+    assert all(msg["vp"] == cpu for msg in seen)
+    rec = results[cpu]
+    assert rec["magic"] == 0x564F544C and rec["vp_index"] == cpu and rec["done"] == 1
+    vendor = struct.pack("<3I", rec["cpuid_ebx"], rec["cpuid_ecx"], rec["cpuid_edx"])
+    assert vendor == b"Microsoft Hv"
+    assert rec["in_value"] == TEST_PORT_VALUE
+    assert rec["mmio_value"] == 0xF00D0000 | (8 * cpu)
+    assert runner.devices.port_writes == [(0x440, 0xC0DE0000 | cpu)]
+    assert runner.devices.mmio_writes == [(0xFED00004 + 8 * cpu, 0xA5A50000 | cpu)]
+    assert r.linux.sidecar.node_of(cpu).cpu_status(cpu) == sl.CPU_IDLE
+
+
+def test_online_a_cpu_that_is_running_vtl0(machine):
+    m, r = machine
+    sc = r.linux.sidecar
+    results = m.vtl0_guest.results(m.mem)
+    from hclsim.sidecar.vp_loop import TestDevices, VpRunner
+    VpRunner(m, sc, 7, TestDevices()).run_until_halted(lambda: results[7]["done"] == 1)
+    sc.start(7, sl.COMMAND_RUN_VP)       # VTL0 is halted: this RUN_VP only ends with STOP
+    m.run_sidecar(until=lambda: False, timeout=5)
+    assert sc.node_of(7).cpu_status(7) == sl.CPU_RUN
+    r.linux.cpus.online_cpu(7)           # stops it first, then converts it
+    assert 7 in r.linux.cpus.online and sc.node_of(7).cpu_status(7) == sl.CPU_REMOVED

@@ -1,0 +1,58 @@
+"""Loads the VTL0 test guest (boot/firmware/vtl0) into VTL0 RAM and gives every VP its VTL0
+starting state, as VTL0 firmware would: identity page tables for the first 4 GiB (1 GiB pages),
+a GDT, a results page and a 16 KiB stack per VP (docs/contracts.md, "VTL0 test guest")."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from hclsim.cpu import vtl
+
+IMAGE_GPA = 0x200000
+PML4_GPA, PDPT_GPA, GDT_GPA = 0x1000, 0x2000, 0x3000
+RESULTS_GPA = 0x10000
+STACKS_GPA, STACK_SIZE = 0x400000, 16 * 1024
+MMIO_TEST_BASE = 0xFED00000
+TEST_PORT = 0x440
+RESULT_MAGIC = 0x564F544C
+
+result_dtype = np.dtype([("magic", "<u4"), ("vp_index", "<u4"), ("cpuid_ebx", "<u4"), ("cpuid_ecx", "<u4"),
+                         ("cpuid_edx", "<u4"), ("in_value", "<u4"), ("mmio_value", "<u4"), ("pad", "<u4"),
+                         ("msr_value", "<u8"), ("done", "<u4"), ("reserved", "u1", 20)])
+assert result_dtype.itemsize == 64
+
+
+@dataclass(frozen=True)
+class Vtl0Guest:
+    image: object          # elfimage.FirmwareImage
+    vp_count: int
+
+    @property
+    def entry(self) -> int:
+        return IMAGE_GPA + self.image.entry
+
+    def results(self, mem) -> np.ndarray:
+        return mem.array(RESULTS_GPA, 64 * self.vp_count).view(result_dtype)
+
+
+def load_vtl0_guest(mem, image, vp_count: int, vtl2_base: int) -> Vtl0Guest:
+    """Write the guest, its page tables and GDT; returns the handle for its results."""
+    top = STACKS_GPA + vp_count * STACK_SIZE
+    if top > vtl2_base or IMAGE_GPA + image.span > STACKS_GPA:
+        raise ValueError(f"VTL0 test guest for {vp_count} VPs needs VTL0 RAM up to {top:#x} (VTL2 starts at {vtl2_base:#x})")
+    for seg in image.segments:
+        mem.write(IMAGE_GPA + seg.vaddr, seg.data)
+    mem.fill(PML4_GPA, 0x3000)
+    mem.write_u64(PML4_GPA, PDPT_GPA | 0x23)
+    for gig in range(4):
+        mem.write_u64(PDPT_GPA + 8 * gig, (gig << 30) | 0xE3)  # P RW A D PS
+    for i, entry in enumerate((0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)):
+        mem.write_u64(GDT_GPA + 8 * i, entry)
+    mem.fill(RESULTS_GPA, 64 * vp_count)
+    return Vtl0Guest(image, vp_count)
+
+
+def initial_state(guest: Vtl0Guest, vp: int) -> dict:
+    """VTL0 registers of vp at the guest's entry (RDI = VP index, RSI = count, RDX = results)."""
+    return vtl.vtl0_long_mode_state(
+        rip=guest.entry, rsp=STACKS_GPA + (vp + 1) * STACK_SIZE, cr3=PML4_GPA, gdt=GDT_GPA,
+        gprs={0x20007: vp, 0x20006: guest.vp_count, 0x20002: RESULTS_GPA})

@@ -1,0 +1,139 @@
+"""Running a VP's VTL0 on a sidecar CPU from the host, the way the VM worker's VP loop does it
+through the sidecar (reference section 5): RUN_VP until an intercept, emulate the intercepted
+instruction, write the VP's registers back, RUN_VP again.
+
+The devices here are the VTL0 test guest's: COM1 output, the test port (0x440) and the MMIO test
+range at 0xFED00000. Shared registers travel in the command page's cpu_context; RIP is private to
+VTL0 and is set with SET_VP_REGISTERS.
+"""
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hclsim.cpu import intercepts
+from hclsim.cpu.cpuid import cpuid_lookup
+from hclsim.sidecar import layout as sl
+
+REG_RIP = 0x20010
+GPS = ("rax", "rcx", "rdx", "rbx", "cr2", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+TEST_PORT, MMIO_BASE = 0x440, 0xFED00000
+TEST_PORT_VALUE = 0x1234ABCD
+
+
+@dataclass
+class TestDevices:
+    """What the VTL0 test guest talks to; records every access."""
+    com1: bytearray = field(default_factory=bytearray)
+    port_writes: list = field(default_factory=list)
+    mmio_writes: list = field(default_factory=list)
+
+    def port_in(self, port: int, size: int) -> int:
+        return TEST_PORT_VALUE if port == TEST_PORT else (1 << (8 * size)) - 1
+
+    def port_out(self, port: int, size: int, value: int) -> None:
+        if port == 0x3F8:
+            self.com1.append(value & 0xFF)
+        else:
+            self.port_writes.append((port, value))
+
+    def mmio_read(self, gpa: int, size: int) -> int:
+        return (0xF00D0000 | (gpa - MMIO_BASE)) if MMIO_BASE <= gpa < MMIO_BASE + 0x1000 else 0xFFFFFFFF
+
+    def mmio_write(self, gpa: int, size: int, value: int) -> None:
+        self.mmio_writes.append((gpa, value))
+
+
+class VpRunner:
+    """Runs VTL0 of one sidecar CPU until it halts (its last intercept is handled)."""
+
+    def __init__(self, machine, sidecar, cpu: int, devices: TestDevices):
+        self.machine, self.sidecar, self.cpu, self.devices = machine, sidecar, cpu, devices
+        self.intercepts: list[dict] = []
+        # GPRs are shared between the VTLs: the sidecar loads VTL0's from the command page on
+        # every VTL return, so the VP's initial values start there (as the VMM sets a VP's
+        # registers before its first run).
+        initial = machine.hv.vps[cpu].vtl0_registers
+        names = {"rax": 0x20000, "rcx": 0x20001, "rdx": 0x20002, "rbx": 0x20003, "rbp": 0x20005, "rsi": 0x20006,
+                 "rdi": 0x20007, **{f"r{i}": 0x20000 + i for i in range(8, 16)}}
+        self._set_gps(sidecar.node_of(cpu).command_page(cpu), {n: initial.get(hv, 0) for n, hv in names.items()})
+
+    def _gps(self, page) -> dict:
+        return dict(zip(GPS, (int(v) for v in np.asarray(page["cpu_context"]["gps"]))))
+
+    def _set_gps(self, page, values: dict) -> None:
+        gps = np.asarray(page["cpu_context"]["gps"])
+        for name, value in values.items():
+            gps[GPS.index(name)] = value & 0xFFFFFFFFFFFFFFFF
+
+    def _set_rip(self, rip: int) -> None:
+        request = struct.pack("<HBBH10x", 1, 0, 0, 0) + struct.pack("<I12xQQ", REG_RIP, rip, 0)
+        page = self.sidecar.run(self.cpu, sl.COMMAND_SET_VP_REGISTERS, request)
+        if page["has_error"]:
+            raise RuntimeError(f"SET_VP_REGISTERS on CPU {self.cpu}: {self.sidecar.error_text(page)}")
+
+    def step(self, done=None) -> dict | None:
+        """One RUN_VP; handles its intercept. Returns the parsed intercept, or None if RUN_VP ended
+        without one: done() became true while VTL0 ran (it then halts), so the host STOPped it."""
+        sc = self.sidecar
+        sc.start(self.cpu, sl.COMMAND_RUN_VP)
+        finished = done or (lambda: False)
+
+        def returned():
+            sc._poll()
+            return self.cpu in sc.completed or finished()
+        self.machine.run_sidecar(until=returned)
+        if self.cpu not in sc.completed:
+            sc.stop(self.cpu)  # VTL0 is done (halted): preempt it with the request IPI
+        sc.wait(self.cpu)
+        page = sc.node_of(self.cpu).command_page(self.cpu)
+        if page["has_error"]:
+            raise RuntimeError(f"RUN_VP on CPU {self.cpu}: {self.sidecar.error_text(page)}")
+        if not np.asarray(page["request_data"])[0]:
+            return None
+        msg = intercepts.parse(bytes(np.asarray(page["intercept_message"])))
+        self.intercepts.append(msg)
+        regs = self._gps(page)
+        updates = self._emulate(msg, regs)
+        self._set_gps(page, updates)
+        self._set_rip(msg["rip"] + msg["instruction_length"])
+        return msg
+
+    def _emulate(self, msg: dict, regs: dict) -> dict:
+        kind = msg["type"]
+        if kind == intercepts.MSG_CPUID:
+            table = self.machine.engine.state.cpuid_table
+            a, b, c, d = cpuid_lookup(table, regs["rax"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF,
+                                      self.machine.vps[self.cpu].apic_id)
+            return {"rax": int(a), "rbx": int(b), "rcx": int(c), "rdx": int(d)}
+        if kind == intercepts.MSG_IO_PORT:
+            size = msg["size"]
+            if msg["access"] == intercepts.ACCESS_READ:
+                mask = (1 << (8 * size)) - 1
+                return {"rax": (regs["rax"] & ~mask) | (self.devices.port_in(msg["port"], size) & mask)}
+            self.devices.port_out(msg["port"], size, regs["rax"] & ((1 << (8 * size)) - 1))
+            return {}
+        if kind == intercepts.MSG_MSR:
+            value = self.machine.hv.rdmsr(self.machine.engine, self.cpu, msg["msr"])
+            return {"rax": value & 0xFFFFFFFF, "rdx": value >> 32}
+        if kind == intercepts.MSG_UNMAPPED_GPA:
+            return self._emulate_mmio(msg, regs)
+        raise RuntimeError(f"unhandled intercept {kind:#x} on CPU {self.cpu}")
+
+    def _emulate_mmio(self, msg: dict, regs: dict) -> dict:
+        # The test guest's MMIO instructions: `mov eax, [rax]` and `mov [rax], edi`.
+        if msg["access"] == intercepts.ACCESS_READ:
+            return {"rax": self.devices.mmio_read(msg["gpa"], 4)}
+        self.devices.mmio_write(msg["gpa"], 4, regs["rdi"] & 0xFFFFFFFF)
+        return {}
+
+    def run_until_halted(self, done, limit: int = 100) -> list[dict]:
+        """step() until done() (the guest finished its work), then STOP the halted VTL0."""
+        for _ in range(limit):
+            if done():
+                break
+            if self.step(done) is None:
+                break
+        else:
+            raise RuntimeError(f"CPU {self.cpu}: VTL0 not finished after {limit} intercepts")
+        return self.intercepts
