@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not echo the guest's serial output")
     p.set_defaults(func=cmd_boot)
 
+    from hclsim import sidecar_cli
+    sidecar_cli.add_parser(sub, _add_boot_options)
+    sub.choices["sidecar"].set_defaults(func=lambda args: sidecar_cli.cmd_sidecar(args, config_from_args))
+
     fw = sub.add_parser("firmware", help="firmware tools")
     fw_sub = fw.add_subparsers(dest="firmware_command", required=True)
     b = fw_sub.add_parser("build", help="build the boot shim (cached by a hash of its sources) and print its path")

@@ -93,3 +93,20 @@ def test_missing_compiler_is_a_clear_error(tmp_path):
     env = dict(os.environ, PATH=str(tmp_path), HCLSIM_CACHE=str(tmp_path / "cache"))
     line = _one_error_line(hclsim("firmware", "build", env=env))
     assert "gcc not found" in line
+
+
+def test_sidecar_commands():
+    info = json.loads(hclsim("sidecar", "--cpus", "8", "--json", "info").stdout)
+    assert info["idle_cpus"] == 7 and info["nodes"][0]["cpu_status"][0] == "REMOVED"
+    regs = json.loads(hclsim("sidecar", "--cpus", "8", "--json", "get-regs", "3", "rip", "rdi").stdout)
+    assert regs["registers"] == {"rip": "0x200000", "rdi": "0x3"}
+    run = json.loads(hclsim("sidecar", "--cpus", "8", "--json", "run-vp", "2").stdout)
+    assert run["done"] and [i["type"] for i in run["intercepts"]][0] == "cpuid"
+    online = json.loads(hclsim("sidecar", "--cpus", "8", "--json", "online", "5", "2").stdout)
+    assert online["linux_cpus"] == [0, 2, 5]
+
+
+def test_sidecar_command_errors():
+    assert "already online" in _one_error_line(hclsim("sidecar", "--cpus", "8", "online", "0"))
+    assert "not a sidecar CPU" in _one_error_line(hclsim("sidecar", "--cpus", "8", "get-regs", "42", "rip"))
+    assert "not running" in _one_error_line(hclsim("sidecar", "--cpus", "8", "--isolation", "snp", "run-vp", "3"))
