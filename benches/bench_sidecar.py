@@ -50,3 +50,25 @@ def test_sidecar_to_linux_conversion(benchmark):
     benchmark.pedantic(lambda: r.linux.cpus.online_cpu(next(cpus)), rounds=40, warmup_rounds=2)
     assert all(r.linux.sidecar.node_of(c).cpu_status(c) == sl.CPU_REMOVED for c in r.linux.cpus.online if c % 32)
     m.close()
+
+
+def test_run_vp_round_trip_with_intercept(benchmark):
+    """RUN_VP command -> VTL return -> VTL0 CPUID -> intercept -> VTL2 -> IDLE + attention."""
+    import numpy as np
+
+    from hclsim.cpu import intercepts
+    from hclsim.sidecar.vp_loop import TestDevices, VpRunner
+    m = Machine(BootConfig(cpus=8))
+    r = m.run_to_handoff()
+    sc, cpu = r.linux.sidecar, 3
+    VpRunner(m, sc, cpu, TestDevices())  # primes VTL0's shared registers
+    gps = np.asarray(sc.node_of(cpu).command_page(cpu)["cpu_context"]["gps"])
+    gps[0] = 0x40000000                  # EAX for the guest's CPUID; VTL0 RIP stays on it
+
+    def round_trip():
+        page = sc.run(cpu, sl.COMMAND_RUN_VP)
+        return intercepts.parse(bytes(np.asarray(page["intercept_message"])))
+
+    msg = benchmark.pedantic(round_trip, rounds=50, warmup_rounds=2)
+    assert msg["type"] == intercepts.MSG_CPUID
+    m.close()

@@ -162,6 +162,8 @@ def test_2048_vcpus_64_numa_nodes():
     cpus = r.handoff.dt["cpus"]
     assert len(cpus) == 2048 and len({n for _, n in cpus}) == 64
     assert "vp index check: 2048 cpus match" in r.serial["COM3"].decode()
+    assert r.sidecar_summary["idle_cpus"] == 2048 - 64  # one base CPU per 32-CPU node is Linux's
+    assert len(r.sidecar_summary["nodes"]) == 64
 
 
 def test_too_many_cpus_in_host_device_tree_panics():
