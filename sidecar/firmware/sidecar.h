@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "hclsim_abi.h"
+#include "x86_insn.h"
 
 /* Everything is local to the image: direct RIP-relative references, no GOT
  * (code that runs before the switch to the high alias depends on it). */
@@ -102,35 +103,6 @@ struct node_state {
     uint32_t pad;
 };
 
-/* ---- x86 helpers (inline so rdmsr/wrmsr are plain instructions) ---- */
-static inline uint64_t rdmsr(uint32_t msr)
-{
-    uint32_t lo, hi;
-    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-    return ((uint64_t)hi << 32) | lo;
-}
-
-static inline void wrmsr(uint32_t msr, uint64_t v)
-{
-    __asm__ volatile("wrmsr" : : "c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)) : "memory");
-}
-
-static inline void outb(uint16_t port, uint8_t v)
-{
-    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
-
-/* Every spin-wait iteration must run this: PAUSE is the simulator's yield. */
-static inline void cpu_relax(void)
-{
-    __asm__ volatile("pause" ::: "memory");
-}
-
-static inline __attribute__((noreturn)) void halt_forever(void)
-{
-    for (;;)
-        __asm__ volatile("cli; hlt");
-}
 
 static inline uint8_t status_load(volatile uint8_t *p)
 {

@@ -2,38 +2,9 @@
  * emulated by VTL2 (see docs/contracts.md, "VTL0 test guest").  Every step
  * has its own noinline function so it shows up as a symbol when stepping. */
 #include "vtl0_guest.h"
+#include "x86_insn.h"
 
 void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa);
-
-static inline void outb(uint16_t port, uint8_t v)
-{
-    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline void outl(uint16_t port, uint32_t v)
-{
-    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline uint32_t inl(uint16_t port)
-{
-    uint32_t v;
-    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-
-static inline void cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *a, uint32_t *b,
-                         uint32_t *c, uint32_t *d)
-{
-    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(subleaf));
-}
-
-static inline uint64_t rdmsr(uint32_t msr)
-{
-    uint32_t lo, hi;
-    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-    return ((uint64_t)hi << 32) | lo;
-}
 
 /* Step 1 (VP 0): one OUT per character; the simulated UART never backs up,
  * so there is no LSR polling (that would add an IN intercept per character). */
@@ -46,11 +17,10 @@ static __attribute__((noinline)) void step_com1_hello(void)
 /* Step 2: the hypervisor vendor leaf. */
 static __attribute__((noinline)) void step_cpuid(volatile struct vtl0_result *r)
 {
-    uint32_t a, b, c, d;
-    cpuid(VTL0_CPUID_LEAF, 0, &a, &b, &c, &d);
-    r->cpuid_ebx = b;
-    r->cpuid_ecx = c;
-    r->cpuid_edx = d;
+    struct cpuid_regs v = cpuid(VTL0_CPUID_LEAF, 0);
+    r->cpuid_ebx = v.ebx;
+    r->cpuid_ecx = v.ecx;
+    r->cpuid_edx = v.edx;
 }
 
 /* Step 3: 32-bit port write, tagged with the VP so the host can tell VPs apart. */
