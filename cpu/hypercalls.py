@@ -7,7 +7,6 @@ then calls the handler for the code. Handlers get the input bytes and return
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 
 HV_STATUS_SUCCESS = 0x0000
 HV_STATUS_INVALID_HYPERCALL_CODE = 0x0002
@@ -151,16 +150,20 @@ def get_vp_index_from_apic_id(hv, engine, vp, header, elements, rep_count):
     return HV_STATUS_SUCCESS, rep_count, bytes(out)
 
 
+_SEGMENT_OFFSETS = {"cs": 0x18, "ds": 0x28, "es": 0x38, "fs": 0x48, "gs": 0x58, "ss": 0x68}
+
+
 def parse_vp_context(raw: bytes) -> dict:
-    """An HvInitialVpContext as the register dict Vp.set_long_mode takes."""
-    from hclsim.sidecar.layout import hv_initial_vp_context
-    c = np.frombuffer(raw, hv_initial_vp_context, count=1)[0]
-    ctx = {name: int(c[name]) for name in ("rip", "rsp", "rflags", "efer", "cr0", "cr3", "cr4")}
-    for seg in ("cs", "ds", "es", "fs", "gs", "ss"):
-        ctx[seg] = int(c[seg]["selector"])
-    for table in ("gdtr", "idtr"):
-        ctx[table] = (0, int(c[table]["base"]), int(c[table]["limit"]), 0)
-    ctx["pat"] = int(c["msr_cr_pat"])
+    """An HvInitialVpContext (hclsim_abi.h hv_initial_vp_context, sidecar/layout.py) as the
+    register dict Vp.set_long_mode takes. Plain struct offsets: this runs once per started VP."""
+    rip, rsp, rflags = struct.unpack_from("<3Q", raw, 0)
+    ctx = {"rip": rip, "rsp": rsp, "rflags": rflags}
+    for seg, off in _SEGMENT_OFFSETS.items():
+        ctx[seg] = struct.unpack_from("<H", raw, off + 0xC)[0]   # the selector of the 16-byte segment
+    for table, off in (("idtr", 0x98), ("gdtr", 0xA8)):
+        limit, base = struct.unpack_from("<HQ", raw, off + 6)
+        ctx[table] = (0, base, limit, 0)
+    ctx["efer"], ctx["cr0"], ctx["cr3"], ctx["cr4"], ctx["pat"] = struct.unpack_from("<5Q", raw, 0xB8)
     return ctx
 
 
@@ -182,7 +185,7 @@ def enable_vp_vtl(hv, engine, vp, header, elements, rep_count):
     if target.vtl2_enabled:
         return HV_STATUS_VTL_ALREADY_ENABLED, 0, b""
     target.vtl2_enabled = True
-    target.vtl2_context = parse_vp_context(header[16:16 + 0xE0])
+    target.vtl2_context = bytes(header[16:16 + 0xE0])  # parsed only if ever used
     return HV_STATUS_SUCCESS, 0, b""
 
 

@@ -320,10 +320,10 @@ class Hypervisor:
         engine.set_reg("rip", engine.reg("rip") + 3)
         engine.request_stop(VtlReturn(fast=bool(engine.reg("rax") & 1)))
 
-    def msr_exit(self, engine, vp: int, insn: bytes) -> None:
-        """Emulate the RDMSR/WRMSR at RIP (engine stopped on it)."""
+    def msr_exit(self, engine, vp: int, kind: str) -> None:
+        """Emulate the 'rdmsr' or 'wrmsr' at RIP (engine stopped on it)."""
         index = engine.reg("rcx") & 0xFFFFFFFF
-        if insn == b"\x0f\x32":
+        if kind == "rdmsr":
             value = self.rdmsr(engine, vp, index)
             engine.set_reg("rax", value & 0xFFFFFFFF)
             engine.set_reg("rdx", (value >> 32) & 0xFFFFFFFF)

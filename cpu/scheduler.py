@@ -201,7 +201,7 @@ class Scheduler:
                     if rip in self.msr_sites:
                         self.msr_exits += 1
                         try:
-                            self.hv.msr_exit(engine, vp.index, engine.read_virtual(rip, 2))
+                            self.hv.msr_exit(engine, vp.index, self.msr_sites[rip])
                         except GeneralProtection as gp:
                             exit.vector = 13
                             return SchedulerStop(STOP_FAULT, vp, exit, str(gp))

@@ -110,7 +110,7 @@ def test_cpuid_msr_exit_and_hypercall(machine):
     e.set_exits(set(sites))
     exit = e.run()
     assert exit.kind == eng.EXIT_ADDRESS and exit.rip in sites
-    hv.msr_exit(e, 0, e.read_virtual(exit.rip, 2))
+    hv.msr_exit(e, 0, sites[exit.rip])
     assert hv.hypercall_msr == page | 1
     assert mem.read(page, 4) == b"\x0f\x01\xc1\xc3"
     exit = e.run()

@@ -11,6 +11,14 @@ void *memset(void *dst, int c, size_t n)
 {
     uint8_t *d = dst;
     uint64_t pattern = (uint8_t)c * 0x0101010101010101ull;
+    /* 64 bytes a loop iteration: the simulator pays per translated block, not per store. */
+    while (n >= 64 && !((uintptr_t)d & 7)) {
+        volatile uint64_t *q = (volatile uint64_t *)d;
+        q[0] = pattern; q[1] = pattern; q[2] = pattern; q[3] = pattern;
+        q[4] = pattern; q[5] = pattern; q[6] = pattern; q[7] = pattern;
+        d += 64;
+        n -= 64;
+    }
     while (n >= 8 && !((uintptr_t)d & 7)) {
         *(volatile uint64_t *)d = pattern;
         d += 8;
@@ -37,18 +45,17 @@ void *memcpy(void *dst, const void *src, size_t n)
 }
 
 /* One page, 8 quadword stores per step. */
+#define STORE8(p, i) (p)[(i) + 0] = 0, (p)[(i) + 1] = 0, (p)[(i) + 2] = 0, (p)[(i) + 3] = 0, \
+                     (p)[(i) + 4] = 0, (p)[(i) + 5] = 0, (p)[(i) + 6] = 0, (p)[(i) + 7] = 0
+
+/* 512 bytes a loop iteration (8 per page): the simulator pays per translated block, and a
+ * REP STOS would be one block per element. */
 void zero_page(void *page)
 {
     volatile uint64_t *p = page;
-    for (uint32_t i = 0; i < PAGE / 8; i += 8) {
-        p[i + 0] = 0;
-        p[i + 1] = 0;
-        p[i + 2] = 0;
-        p[i + 3] = 0;
-        p[i + 4] = 0;
-        p[i + 5] = 0;
-        p[i + 6] = 0;
-        p[i + 7] = 0;
+    for (uint32_t i = 0; i < PAGE / 8; i += 64) {
+        STORE8(p, i); STORE8(p, i + 8); STORE8(p, i + 16); STORE8(p, i + 24);
+        STORE8(p, i + 32); STORE8(p, i + 40); STORE8(p, i + 48); STORE8(p, i + 56);
     }
 }
 
