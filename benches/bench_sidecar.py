@@ -72,3 +72,37 @@ def test_run_vp_round_trip_with_intercept(benchmark):
     msg = benchmark.pedantic(round_trip, rounds=50, warmup_rounds=2)
     assert msg["type"] == intercepts.MSG_CPUID
     m.close()
+
+
+@pytest.mark.parametrize("cpus", [64, 256, 1024])
+def test_ap_bring_up_baseline_engine_per_vcpu(benchmark, cpus):
+    """The same bring-up with a new Unicorn instance for every vCPU (the design the engine pool
+    replaces): each VP pays for an engine and translates every block it runs itself.
+    Compare with test_ap_bring_up[cpus] of the same run (goal: pooled >= 100x faster)."""
+    from hclsim.cpu.engine import Engine
+    machines = []
+
+    def setup():
+        while machines:
+            machines.pop().close()
+        m = _at_sidecar_entry(cpus)
+        machines.append(m)
+        main = m.engine
+        m.scheduler.engine_factory = lambda: Engine(m.mem, main.cpuid_table, io_handler=main.io_handler,
+                                                    hypercall_handler=main.hypercall_handler,
+                                                    uart_sink=main.uart_sink)
+        m.scheduler.vp_engines[0] = main
+        return (m, m.mem.read_u64(main.translate(main.reg("rsp")))), {}
+
+    def bring_up(m, return_address):
+        stop = m.run_to(return_address)
+        assert stop.vp is m.bsp and m.engine.reg("rax") & 0xFF == 1
+        for engine in m.scheduler.vp_engines.values():
+            if engine is not m.engine:
+                engine.close()
+        m.scheduler.vp_engines.clear()
+
+    benchmark.pedantic(bring_up, setup=setup, rounds=1 if cpus >= 1024 else 2, warmup_rounds=0)
+    benchmark.extra_info.update(cpus=cpus)
+    for m in machines:
+        m.close()

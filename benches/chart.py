@@ -8,11 +8,11 @@ import json
 import sys
 
 
-def bring_up_points(report: dict) -> list[tuple[int, float, float, float]]:
-    """(vCPUs, median ms, min ms, max ms) of every test_ap_bring_up run, by vCPU count."""
+def bring_up_points(report: dict, prefix: str = "test_ap_bring_up[") -> list[tuple[int, float, float, float]]:
+    """(vCPUs, median ms, min ms, max ms) of every run whose name starts with prefix, by vCPU count."""
     points = []
     for bench in report.get("benchmarks", []):
-        if bench["name"].startswith("test_ap_bring_up["):
+        if bench["name"].startswith(prefix):
             cpus = bench.get("extra_info", {}).get("cpus") or int(bench["param"])
             s = bench["stats"]
             points.append((cpus, s["median"] * 1e3, s["min"] * 1e3, s["max"] * 1e3))
@@ -32,7 +32,8 @@ def main(argv=None) -> int:
         print("chart: matplotlib is needed: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
         return 1
     with open(args.json) as f:
-        points = bring_up_points(json.load(f))
+        report = json.load(f)
+    points = bring_up_points(report)
     if not points:
         print(f"chart: {args.json} has no test_ap_bring_up results", file=sys.stderr)
         return 1
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.errorbar(cpus, median, yerr=[[m - l for m, l in zip(median, low)], [h - m for m, h in zip(median, high)]],
                 marker="o", capsize=3, label="sidecar_entry → all APs IDLE (median, min–max)")
+    baseline = bring_up_points(report, "test_ap_bring_up_baseline_engine_per_vcpu[")
+    if baseline:
+        b_cpus, b_median, _, _ = zip(*baseline)
+        ax.plot(b_cpus, b_median, marker="s", linestyle=":", label="baseline: one Unicorn instance per vCPU")
     ax.axhline(50, color="tab:red", linestyle="--", linewidth=1, label="goal at 1024 vCPUs: 50 ms")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

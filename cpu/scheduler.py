@@ -40,6 +40,10 @@ class Scheduler:
         self.vtl0_sites = vtl0_sites or {}   # VTL0 code: intercepted instructions (and PAUSE)
         self.vtl_returns = self.intercepts = 0
         self.loaded = None          # the VP whose registers are in the engine
+        # Baseline mode for benchmarks: a function making one engine per VP (no pooling, no
+        # shared translations), the design the engine pool is measured against.
+        self.engine_factory = None
+        self.vp_engines = {}
         self.next_index = 0
         self.switches = 0
         self.msr_exits = 0
@@ -87,6 +91,11 @@ class Scheduler:
             return
         if self.loaded is not None:
             self._save(self.loaded)
+        if self.engine_factory is not None:
+            if vp.index not in self.vp_engines:
+                self.vp_engines[vp.index] = self.engine_factory()
+                self.vp_engines[vp.index].set_exits(self.engine.exits)
+            self.engine = self.vp_engines[vp.index]
         state = self.hv.vps[vp.index]
         if vp.state == NOT_STARTED:
             vp.set_long_mode(self.engine, state.start_context)
@@ -167,6 +176,7 @@ class Scheduler:
             if vp is None:
                 return SchedulerStop(STOP_IDLE)
             self._load(vp)
+            engine = self.engine  # another engine in baseline mode
             try:
                 self._inject(vp)
             except interrupts.DeliveryError as exc:

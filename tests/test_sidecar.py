@@ -182,3 +182,23 @@ def test_online_a_cpu_that_is_running_vtl0(machine):
     assert sc.node_of(7).cpu_status(7) == sl.CPU_RUN
     r.linux.cpus.online_cpu(7)           # stops it first, then converts it
     assert 7 in r.linux.cpus.online and sc.node_of(7).cpu_status(7) == sl.CPU_REMOVED
+
+
+def test_baseline_engine_per_vcpu_mode_boots_the_same():
+    """The benchmark baseline (one engine per VP) reaches the same state as the pooled engine."""
+    from hclsim.cpu.engine import Engine
+    m = Machine(BootConfig(cpus=8))
+    try:
+        main = m.engine
+        m.scheduler.engine_factory = lambda: Engine(m.mem, main.cpuid_table, io_handler=main.io_handler,
+                                                    hypercall_handler=main.hypercall_handler,
+                                                    uart_sink=main.uart_sink)
+        m.scheduler.vp_engines[0] = main
+        r = m.run_to_handoff()
+        assert len(m.scheduler.vp_engines) == 8
+        assert r.sidecar_summary["idle_cpus"] == 7
+        for engine in m.scheduler.vp_engines.values():
+            if engine is not main:
+                engine.close()
+    finally:
+        m.close()
