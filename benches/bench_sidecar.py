@@ -20,27 +20,34 @@ def _at_sidecar_entry(cpus: int) -> Machine:
     return m
 
 
-@pytest.mark.parametrize("cpus", SIZES)
-def test_ap_bring_up(benchmark, cpus):
+def _bring_up(benchmark, cpus: int, rounds: int, engine_per_vp: bool = False) -> Machine:
+    """Time sidecar_entry -> its return (every AP IDLE), a new machine each round."""
     machines = []
 
     def setup():
         while machines:
             machines.pop().close()
         m = _at_sidecar_entry(cpus)
+        if engine_per_vp:
+            m.use_engine_per_vp()
         machines.append(m)
-        return_address = m.mem.read_u64(m.engine.translate(m.engine.reg("rsp")))
-        return (m, return_address), {}
+        return (m, m.mem.read_u64(m.engine.translate(m.engine.reg("rsp")))), {}
 
     def bring_up(m, return_address):
         stop = m.run_to(return_address)
         assert stop.vp is m.bsp and m.engine.reg("rax") & 0xFF == 1  # sidecar_entry returned true
+        m.close_vp_engines()
 
-    benchmark.pedantic(bring_up, setup=setup, rounds=5 if cpus <= 256 else 3, warmup_rounds=0)
+    benchmark.pedantic(bring_up, setup=setup, rounds=rounds, warmup_rounds=0)
     m = machines[0]
     benchmark.extra_info.update(cpus=cpus, vp_switches=m.scheduler.switches, msr_exits=m.scheduler.msr_exits)
     for m in machines:
         m.close()
+
+
+@pytest.mark.parametrize("cpus", SIZES)
+def test_ap_bring_up(benchmark, cpus):
+    _bring_up(benchmark, cpus, rounds=5 if cpus <= 256 else 3)
 
 
 def test_sidecar_to_linux_conversion(benchmark):
@@ -79,30 +86,4 @@ def test_ap_bring_up_baseline_engine_per_vcpu(benchmark, cpus):
     """The same bring-up with a new Unicorn instance for every vCPU (the design the engine pool
     replaces): each VP pays for an engine and translates every block it runs itself.
     Compare with test_ap_bring_up[cpus] of the same run (goal: pooled >= 100x faster)."""
-    from hclsim.cpu.engine import Engine
-    machines = []
-
-    def setup():
-        while machines:
-            machines.pop().close()
-        m = _at_sidecar_entry(cpus)
-        machines.append(m)
-        main = m.engine
-        m.scheduler.engine_factory = lambda: Engine(m.mem, main.cpuid_table, io_handler=main.io_handler,
-                                                    hypercall_handler=main.hypercall_handler,
-                                                    uart_sink=main.uart_sink)
-        m.scheduler.vp_engines[0] = main
-        return (m, m.mem.read_u64(main.translate(main.reg("rsp")))), {}
-
-    def bring_up(m, return_address):
-        stop = m.run_to(return_address)
-        assert stop.vp is m.bsp and m.engine.reg("rax") & 0xFF == 1
-        for engine in m.scheduler.vp_engines.values():
-            if engine is not m.engine:
-                engine.close()
-        m.scheduler.vp_engines.clear()
-
-    benchmark.pedantic(bring_up, setup=setup, rounds=1 if cpus >= 1024 else 2, warmup_rounds=0)
-    benchmark.extra_info.update(cpus=cpus)
-    for m in machines:
-        m.close()
+    _bring_up(benchmark, cpus, rounds=1 if cpus >= 1024 else 2, engine_per_vp=True)

@@ -192,6 +192,20 @@ class Machine:
                           list(self.hv.hypercall_log), self.kernel, self.initrd, self.shim_path, self.host_dt,
                           self.linux, sidecar_summary(self.linux, handoff))
 
+    def use_engine_per_vp(self) -> None:
+        """Benchmark baseline: from now on every VP not yet run gets its own new engine."""
+        main = self.engine
+        self.scheduler.engine_factory = lambda: eng.Engine(
+            self.mem, main.cpuid_table, io_handler=main.io_handler, hypercall_handler=main.hypercall_handler,
+            uart_sink=main.uart_sink)
+        self.scheduler.vp_engines[self.bsp.index] = main
+
+    def close_vp_engines(self) -> None:
+        for engine in self.scheduler.vp_engines.values():
+            if engine is not self.engine:
+                engine.close()
+        self.scheduler.vp_engines.clear()
+
     def run_to(self, address: int, timeout: float = 60.0):
         """Run until some VP is about to execute address (a breakpoint); the scheduler's stop."""
         before = set(self.scheduler.stop_addresses)

@@ -186,19 +186,12 @@ def test_online_a_cpu_that_is_running_vtl0(machine):
 
 def test_baseline_engine_per_vcpu_mode_boots_the_same():
     """The benchmark baseline (one engine per VP) reaches the same state as the pooled engine."""
-    from hclsim.cpu.engine import Engine
     m = Machine(BootConfig(cpus=8))
     try:
-        main = m.engine
-        m.scheduler.engine_factory = lambda: Engine(m.mem, main.cpuid_table, io_handler=main.io_handler,
-                                                    hypercall_handler=main.hypercall_handler,
-                                                    uart_sink=main.uart_sink)
-        m.scheduler.vp_engines[0] = main
+        m.use_engine_per_vp()
         r = m.run_to_handoff()
         assert len(m.scheduler.vp_engines) == 8
         assert r.sidecar_summary["idle_cpus"] == 7
-        for engine in m.scheduler.vp_engines.values():
-            if engine is not main:
-                engine.close()
+        m.close_vp_engines()
     finally:
         m.close()
