@@ -195,3 +195,47 @@ def test_baseline_engine_per_vcpu_mode_boots_the_same():
         m.close_vp_engines()
     finally:
         m.close()
+
+
+def test_response_ipi_reaches_the_linux_cpu(machine):
+    m, r = machine
+    sc = r.linux.sidecar
+    node = sc.node_of(2)
+    node.control["response_cpu"], node.control["response_vector"] = 0, 0xF3  # Linux CPU 0 (APIC id 0)
+    sc.run(2, sl.COMMAND_GET_VP_REGISTERS, _registers_request([REG_RIP]))
+    assert 0xF3 in m.hv.vps[0].irr
+
+
+def test_attention_scan_numba_matches_twin():
+    from hclsim.cpu.memory import GuestMemory
+    from hclsim.sidecar.dispatch import AttentionScanner
+    from hclsim.sidecar.client import SidecarNode
+
+    def build():
+        mem = GuestMemory(1 << 20)
+        nodes = []
+        for i, (base, count) in enumerate(((0, 4), (4, 3))):
+            gpa = 0x10000 * (i + 1)
+            cp = sl.view(mem, gpa, sl.control_page)
+            cp["base_cpu"], cp["cpu_count"] = base, count
+            nodes.append(SidecarNode(mem, i, gpa, gpa + 0x1000, count * 2 * 4096))
+        scanner = AttentionScanner(mem, nodes, 7)
+        for cpu in (1, 2, 5, 6):
+            scanner.expect(cpu)
+        nodes[0].status[:] = [sl.CPU_REMOVED, sl.CPU_IDLE, sl.CPU_RUN, sl.CPU_IDLE]
+        nodes[1].status[:] = [sl.CPU_REMOVED, sl.CPU_REMOVED, sl.CPU_IDLE]
+        nodes[0].control["needs_attention"] = 1
+        nodes[1].control["needs_attention"] = 1
+        return scanner, nodes
+    results = []
+    for twin in (False, True):
+        scanner, nodes = build()
+        first = scanner.poll(twin=twin)
+        attention = [int(n.control["needs_attention"]) for n in nodes]
+        second = scanner.poll(twin=twin)  # attention cleared: nothing new
+        nodes[0].status[2] = sl.CPU_IDLE
+        nodes[0].control["needs_attention"] = 1
+        third = scanner.poll(twin=twin)
+        results.append((first, attention, second, third))
+    assert results[0] == results[1]
+    assert results[0] == ([1, 5, 6], [0, 0], [], [2])
