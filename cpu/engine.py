@@ -151,6 +151,7 @@ class Engine:
         self.code_signature = None
         self.current_vp = None
         self.vmcall_stops = 0
+        self.sites, self.site_handler, self._site_hooks = {}, None, []
         self.uc.ctl_exits_enabled(True)
         self.set_exits(self.exits, force=True)
         self.pristine = self.uc.context_save()
@@ -237,6 +238,34 @@ class Engine:
             except BaseException as exc:
                 self.request_stop(exc)
         self.uc.mmio_map(base, size, on_read, None, on_write, None)
+
+    # ---- sites ---------------------------------------------------------------------------
+    def set_sites(self, sites: dict, handler) -> None:
+        """Per-address code hooks: handler(engine, address, kind) runs before the instruction at
+        each site (RDMSR/WRMSR, PAUSE, ...). Writing RIP in the handler skips or redirects the
+        instruction and ends the translated block; request_stop after writing RIP ends the run
+        exactly there. Unlike exit addresses, sites cost nothing on each emu_start (Unicorn
+        re-invalidates every exit address's block whenever emulation starts)."""
+        if sites == self.sites:
+            self.site_handler = handler
+            return
+        for handle in self._site_hooks:
+            self.uc.hook_del(handle)
+        self._site_hooks = [self.uc.hook_add(ucc.UC_HOOK_CODE, self._on_site, kind, addr, addr)
+                            for addr, kind in sorted(sites.items())]
+        self.sites, self.site_handler = dict(sites), handler
+        self.uc.ctl_flush_tb()  # blocks translated before a hook existed would not call it
+
+    def _on_site(self, uc, address, size, kind):
+        try:
+            self.site_handler(self, address, kind)
+        except GuestException as exc:
+            self._fault = VpExit(EXIT_FAULT, address, vector=exc.vector, message=str(exc))
+            self.set_reg("rip", address)
+            uc.emu_stop()
+        except BaseException as exc:  # not through C frames: end the run and raise after it
+            self.set_reg("rip", address)
+            self.request_stop(exc)
 
     # ---- exits ---------------------------------------------------------------------------
     def set_exits(self, addresses, force: bool = False) -> None:

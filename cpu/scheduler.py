@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from hclsim.cpu import engine as eng
 from hclsim.cpu import intercepts, interrupts, vtl
 from hclsim.cpu.cpuid import cpuid_lookup
-from hclsim.cpu.hypervisor import GeneralProtection, VtlReturn
+from hclsim.cpu.hypervisor import VtlReturn
 from hclsim.cpu.vp import EXTERNAL, HALTED, NOT_STARTED, RUNNABLE
 
 # Why run() returned.
@@ -22,6 +22,15 @@ STOP_FAULT = "fault"
 STOP_CRASH = "crash"
 STOP_TIMEOUT = "timeout"
 STOP_CONDITION = "condition"    # the caller's until() became true
+
+
+YIELD = "yield"       # stop reasons the site handler gives the engine
+CRASH = "crash"
+
+
+@dataclass(frozen=True)
+class Intercept:
+    kind: str         # the VTL0 instruction VTL2 must handle: in, out, cpuid, rdmsr, wrmsr
 
 
 @dataclass
@@ -48,12 +57,42 @@ class Scheduler:
         self.switches = 0
         self.msr_exits = 0
         self.set_stop_addresses(stop_addresses)
+        sites = {**self.msr_sites, **self.pause_sites, **{a: "vtl0:" + k for a, k in self.vtl0_sites.items()}}
+        engine.set_sites(sites, self._on_site)
 
     def set_stop_addresses(self, addresses) -> None:
-        """Where run() returns STOP_ADDRESS (kernel entry, breakpoints)."""
+        """Where run() returns STOP_ADDRESS (kernel entry, breakpoints): the engine's exits."""
         self.stop_addresses = set(addresses)
-        self.engine.set_exits(set(self.msr_sites) | set(self.pause_sites) | set(self.vtl0_sites)
-                              | self.stop_addresses)
+        self.engine.set_exits(self.stop_addresses)
+
+    # ---- sites: handled inside the run, from the engine's per-address code hooks -------------
+    def _on_site(self, engine, addr: int, kind: str) -> None:
+        vp = engine.current_vp
+        if kind.startswith("vtl0:"):  # VTL0's instructions that VTL2 intercepts (or PAUSE)
+            kind = kind[5:]
+            if kind == "pause":
+                engine.set_reg("rip", addr + 2)
+                engine.request_stop(YIELD)
+            else:
+                engine.set_reg("rip", addr)  # stop before it: VTL0 stays on the instruction
+                engine.request_stop(Intercept(kind))
+            return
+        if kind in ("rdmsr", "wrmsr"):
+            self.msr_exits += 1
+            self.hv.msr_exit(engine, vp.index, kind)  # #GP raises: the engine ends the run
+            if self.hv.crash is not None:
+                engine.set_reg("rip", addr)
+                engine.request_stop(CRASH)
+            elif self._takes_interrupt(vp) and interrupts.interrupts_enabled(engine):
+                self._inject(vp)  # e.g. a self-IPI, or the EOI unmasked a lower vector
+        elif kind == "pause":  # a spin-wait: let the other VPs run (pause-loop exiting)
+            engine.set_reg("rip", addr + 2)
+            engine.request_stop(YIELD)
+        elif kind == "irq-window":  # the NOP after an STI: a pending interrupt is taken here
+            if self._takes_interrupt(vp) and interrupts.interrupts_enabled(engine):
+                self._inject(vp)  # returns to this NOP, which is skipped then
+            else:
+                engine.set_reg("rip", addr + 1)
 
     # ---- VP selection ----------------------------------------------------------------------
     def _takes_interrupt(self, vp) -> bool:
@@ -93,8 +132,9 @@ class Scheduler:
             self._save(self.loaded)
         if self.engine_factory is not None:
             if vp.index not in self.vp_engines:
-                self.vp_engines[vp.index] = self.engine_factory()
-                self.vp_engines[vp.index].set_exits(self.engine.exits)
+                engine = self.vp_engines[vp.index] = self.engine_factory()
+                engine.set_exits(self.engine.exits)
+                engine.set_sites(self.engine.sites, self._on_site)
             self.engine = self.vp_engines[vp.index]
         state = self.hv.vps[vp.index]
         if vp.state == NOT_STARTED:
@@ -186,14 +226,20 @@ class Scheduler:
                 if left <= 0:
                     return SchedulerStop(STOP_TIMEOUT, vp, eng.VpExit(eng.EXIT_STOP, engine.reg("rip")))
                 exit = engine.run(timeout_us=int(left * 1e6))
-                in_vtl0 = self.hv.vps[vp.index].vtl == 0
-                if isinstance(exit.stop_reason, VtlReturn):
-                    self._vtl_return(vp, exit.stop_reason.fast)
+                reason = exit.stop_reason
+                if isinstance(reason, VtlReturn):
+                    self._vtl_return(vp, reason.fast)
                     continue
-                if in_vtl0 and exit.kind == eng.EXIT_ADDRESS and self.vtl0_sites.get(exit.rip, "pause") != "pause":
-                    self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, self._intercept_message(vp, self.vtl0_sites[exit.rip]))
+                if isinstance(reason, Intercept):
+                    self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, self._intercept_message(vp, reason.kind))
                     continue
-                if in_vtl0 and exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None:
+                if reason is YIELD:
+                    break
+                if reason is CRASH:
+                    exit.message = self.hv.crash.summary()
+                    return SchedulerStop(STOP_CRASH, vp, exit)
+                if exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None \
+                        and self.hv.vps[vp.index].vtl == 0:  # VTL0 touched a GPA outside RAM: MMIO
                     message = intercepts.memory(engine, vp.index, exit.fault_address, exit.unmapped_write)
                     self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
                     continue
@@ -205,38 +251,14 @@ class Scheduler:
                         continue
                     break
                 if exit.kind == eng.EXIT_ADDRESS:
-                    rip = exit.rip
-                    if rip in self.stop_addresses:
+                    if exit.rip in self.stop_addresses:
                         return SchedulerStop(STOP_ADDRESS, vp, exit)
-                    if rip in self.msr_sites:
-                        self.msr_exits += 1
-                        try:
-                            self.hv.msr_exit(engine, vp.index, self.msr_sites[rip])
-                        except GeneralProtection as gp:
-                            exit.vector = 13
-                            return SchedulerStop(STOP_FAULT, vp, exit, str(gp))
-                        if self.hv.crash is not None:
-                            exit.message = self.hv.crash.summary()
-                            return SchedulerStop(STOP_CRASH, vp, exit)
-                        if self._takes_interrupt(vp) and interrupts.interrupts_enabled(engine):
-                            self._inject(vp)  # e.g. a self-IPI, or the EOI unmasked a lower vector
-                        continue
-                    kind = self.pause_sites.get(rip)
-                    if kind == "irq-window":  # the NOP after an STI: a pending interrupt is taken here
-                        if self._takes_interrupt(vp) and interrupts.interrupts_enabled(engine):
-                            self._inject(vp)  # returns to this NOP, which is skipped then
-                        else:
-                            engine.set_reg("rip", rip + 1)
-                        continue
-                    if kind == "pause" or self.vtl0_sites.get(rip) == "pause":
-                        engine.set_reg("rip", rip + 2)  # F3 90: the pause is done
-                        break
                     return SchedulerStop(STOP_FAULT, vp, exit, "stopped at an exit address with no handler")
                 if exit.kind == eng.EXIT_FAULT:
                     return SchedulerStop(STOP_FAULT, vp, exit)
-                if exit.stop_reason == "timeout":
+                if reason == "timeout":
                     return SchedulerStop(STOP_TIMEOUT, vp, exit)
-                return SchedulerStop(STOP_FAULT, vp, exit, str(exit.stop_reason))
+                return SchedulerStop(STOP_FAULT, vp, exit, str(reason))
 
     def mark_external(self, vp) -> None:
         """vp is now run by the Linux stand-in (the BSP after the handoff, onlined CPUs)."""
