@@ -47,6 +47,18 @@ class GuestException(Exception):
     vector = 13
 
 
+class _UcMsr(ctypes.Structure):  # uc_x86_msr: the binding's msr_read/write cost ~10 us a call
+    _fields_ = [("rid", ctypes.c_uint32), ("val", ctypes.c_uint64)]
+
+
+class _UcMmr(ctypes.Structure):  # uc_x86_mmr, for GDTR/IDTR
+    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
+_TABLES = {"gdtr": x86.UC_X86_REG_GDTR, "idtr": x86.UC_X86_REG_IDTR}
+
+
 @dataclass
 class VpExit:
     kind: str
@@ -188,10 +200,23 @@ class Engine:
         uclib.uc_reg_write(self._uch, REG_IDS[name], self._reg_ptr)
 
     def msr(self, index: int) -> int:
-        return self.uc.msr_read(index)
+        msr = _UcMsr(index, 0)
+        uclib.uc_reg_read(self._uch, x86.UC_X86_REG_MSR, ctypes.byref(msr))
+        return msr.val
 
     def set_msr(self, index: int, value: int) -> None:
-        self.uc.msr_write(index, value)
+        msr = _UcMsr(index, value & 0xFFFFFFFFFFFFFFFF)
+        uclib.uc_reg_write(self._uch, x86.UC_X86_REG_MSR, ctypes.byref(msr))
+
+    def table(self, name: str) -> tuple[int, int]:
+        """(base, limit) of "gdtr" or "idtr"."""
+        mmr = _UcMmr()
+        uclib.uc_reg_read(self._uch, _TABLES[name], ctypes.byref(mmr))
+        return mmr.base, mmr.limit
+
+    def set_table(self, name: str, base: int, limit: int) -> None:
+        mmr = _UcMmr(0, base, limit, 0)
+        uclib.uc_reg_write(self._uch, _TABLES[name], ctypes.byref(mmr))
 
     def registers(self) -> dict[str, int]:
         regs = {name: self.reg(name) for name in GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES}
@@ -292,7 +317,7 @@ class Engine:
                 self.on_uart_full(i)
 
     def _on_invalid(self, uc, user_data):
-        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        rip = self.reg("rip")
         insn = self.read_virtual(rip, 3)
         if insn in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):  # vmcall / vmmcall
             return self._hypercall(rip)

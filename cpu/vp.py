@@ -2,8 +2,6 @@
 pool can run it (context_save/restore cost microseconds; an engine costs milliseconds)."""
 from dataclasses import dataclass, field
 
-from unicorn import x86_const as x86
-
 from hclsim.cpu import engine as eng, fastpath
 
 MSR_PAT = 0x277
@@ -27,11 +25,10 @@ class Vp:
     def set_long_mode(self, engine, ctx: dict) -> None:
         """Give the VP a 64-bit starting context (the image's BSP context or a StartVp context)
         through engine, and keep it."""
-        uc = engine.uc
-        uc.context_restore(engine.pristine)
-        uc.reg_write(x86.UC_X86_REG_GDTR, ctx["gdtr"])
+        engine.uc.context_restore(engine.pristine)
+        engine.set_table("gdtr", ctx["gdtr"][1], ctx["gdtr"][2])
         if "idtr" in ctx:
-            uc.reg_write(x86.UC_X86_REG_IDTR, ctx["idtr"])
+            engine.set_table("idtr", ctx["idtr"][1], ctx["idtr"][2])
         for name in ("cr3", "cr4"):
             engine.set_reg(name, ctx[name])
         engine.set_msr(eng.MSR_EFER, ctx["efer"])
