@@ -4,7 +4,6 @@ Goal (issue 2): the native exit is >= 8x cheaper. Both variants run the same gue
 same kind of engine in the same run; the ratio is stored in extra_info.
     .venv/bin/pytest benches/bench_exits.py --benchmark-only
 """
-import ctypes
 
 import numpy as np
 import pytest

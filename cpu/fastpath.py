@@ -6,7 +6,6 @@ the block-count cache and the UART output rings, all in one numpy buffer whose a
 hooks' user_data. Anything the hooks cannot do natively (I/O to other ports, a full UART ring)
 goes through the slow-I/O function pointer into Python.
 """
-import ctypes
 
 import numpy as np
 from numba import carray, cfunc, njit, types

@@ -76,7 +76,9 @@ def _check_self(header: bytes, vp: int) -> int | None:
 # Synthetic registers that are the VP's view of a synthetic MSR.
 MSR_REGISTERS = {REG_GUEST_OS_ID: 0x40000000, REG_HYPERCALL: 0x40000001, REG_VP_INDEX: 0x40000002,
                  REG_TIME_REF_COUNT: 0x40000020, REG_VP_ASSIST_PAGE: 0x40000073}
-VSM_REGISTERS = {REG_VSM_CODE_PAGE_OFFSETS: 0x0F | (0x26 << 12), REG_VSM_VP_STATUS: VSM_VP_STATUS_VTL2,
+# Where the hypercall page (hypervisor.hypercall_page_bytes) has its 64-bit VTL call/return stubs.
+VTL_CALL_OFFSET, VTL_RETURN_OFFSET = 0x0F, 0x26
+VSM_REGISTERS = {REG_VSM_CODE_PAGE_OFFSETS: VTL_CALL_OFFSET | (VTL_RETURN_OFFSET << 12), REG_VSM_VP_STATUS: VSM_VP_STATUS_VTL2,
                  REG_VSM_PARTITION_STATUS: (1 << 0) | (1 << 2) | (VTL2 << 16),
                  REG_VSM_CAPABILITIES: VSM_CAPABILITIES}
 

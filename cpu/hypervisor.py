@@ -71,9 +71,9 @@ def hypercall_page_bytes() -> bytes:
     stubs = {
         0x00: vmcall + b"\xc3",
         0x04: b"\x89\xc1" + b"\xb8\x11\x00\x00\x00" + vmcall + b"\xc3",          # 32-bit VTL call
-        0x0F: b"\x48\x89\xc8" + b"\xb9\x11\x00\x00\x00" + vmcall + b"\xc3",      # 64-bit VTL call
+        hypercalls.VTL_CALL_OFFSET: b"\x48\x89\xc8" + b"\xb9\x11\x00\x00\x00" + vmcall + b"\xc3",
         0x1B: b"\x89\xc1" + b"\xb8\x12\x00\x00\x00" + vmcall + b"\xc3",          # 32-bit VTL return
-        0x26: b"\x48\x89\xc8" + b"\xb9\x12\x00\x00\x00" + vmcall + b"\xc3",      # 64-bit VTL return
+        hypercalls.VTL_RETURN_OFFSET: b"\x48\x89\xc8" + b"\xb9\x12\x00\x00\x00" + vmcall + b"\xc3",
     }
     for offset, code in stubs.items():
         page[offset:offset + len(code)] = code

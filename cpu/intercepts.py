@@ -70,10 +70,6 @@ def memory(engine, vp_index: int, gpa: int, write: bool) -> bytes:
     return _message(MSG_UNMAPPED_GPA, payload)
 
 
-def halt(engine, vp_index: int) -> bytes:
-    return _message(MSG_HALT, _header(engine, vp_index, 1, ACCESS_EXECUTE))
-
-
 def parse(message: bytes) -> dict:
     """The fields tests and the host-side handler need from a message."""
     msg_type, length = struct.unpack_from("<IB", message)

@@ -10,6 +10,7 @@ from hclsim import HclsimError
 from hclsim.cpu import intercepts
 from hclsim.cpu.vtl import CONTROL_NAMES, GPR_NAMES, REG_EFER
 from hclsim.sidecar import layout as sl
+from hclsim.sidecar.client import registers_request, registers_response
 
 REGISTER_NAMES = {name: hv for hv, name in {**GPR_NAMES, **CONTROL_NAMES}.items()}
 REGISTER_NAMES["efer"] = REG_EFER
@@ -39,13 +40,6 @@ def add_parser(sub, add_boot_options) -> None:
     o.add_argument("targets", type=int, nargs="+", metavar="CPU")
 
 
-def _registers_request(pairs) -> bytes:
-    if len(pairs) > sl.MAX_REGISTERS_PER_COMMAND:
-        raise HclsimError(f"at most {sl.MAX_REGISTERS_PER_COMMAND} registers per command")
-    head = struct.pack("<HBBH10x", len(pairs), 0, 0, 0)
-    return head + b"".join(struct.pack("<I12xQQ", name, value, 0) for name, value in pairs)
-
-
 def _check(sc, page, what: str) -> None:
     if page["has_error"]:
         raise HclsimError(f"{what}: {sc.error_text(page)}")
@@ -61,10 +55,9 @@ def run_action(args, machine, result) -> dict:
         return boot_report(result)["sidecar"] or {"nodes": [], "linux_cpus": sorted(linux.cpus.online)}
     if args.action == "get-regs":
         names = [REGISTER_NAMES[r] for r in args.registers]
-        page = sc.run(args.cpu, sl.COMMAND_GET_VP_REGISTERS, _registers_request([(n, 0) for n in names]))
+        page = sc.run(args.cpu, sl.COMMAND_GET_VP_REGISTERS, registers_request([(n, 0) for n in names]))
         _check(sc, page, "GET_VP_REGISTERS")
-        raw = bytes(np.asarray(page["request_data"]))
-        values = [struct.unpack_from("<Q", raw, 16 + 32 * i + 16)[0] for i in range(len(names))]
+        values = registers_response(page, len(names))
         return {"cpu": args.cpu, "registers": {r: f"{v:#x}" for r, v in zip(args.registers, values)}}
     if args.action == "set-regs":
         pairs = []
@@ -73,7 +66,7 @@ def run_action(args, machine, result) -> dict:
             if name not in REGISTER_NAMES or not value:
                 raise HclsimError(f"bad assignment {a!r}: use NAME=VALUE with NAME one of {', '.join(sorted(REGISTER_NAMES))}")
             pairs.append((REGISTER_NAMES[name], int(value, 0)))
-        _check(sc, sc.run(args.cpu, sl.COMMAND_SET_VP_REGISTERS, _registers_request(pairs)), "SET_VP_REGISTERS")
+        _check(sc, sc.run(args.cpu, sl.COMMAND_SET_VP_REGISTERS, registers_request(pairs)), "SET_VP_REGISTERS")
         return {"cpu": args.cpu, "set": args.assignments}
     if args.action == "translate":
         flags = (0x10 << 56) | (1 << 1 if args.write else 1 << 0)

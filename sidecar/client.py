@@ -7,6 +7,7 @@ wait for IDLE), INFO, and read() of the CPUs that stopped. Waiting means running
 sidecar CPUs (the machine's scheduler) until the condition holds, as the real driver sleeps until
 the sidecar's response IPI.
 """
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,21 @@ PAGE = 4096
 
 class SidecarError(HclsimError):
     pass
+
+
+def registers_request(pairs, target_vtl: int = 0) -> bytes:
+    """request_data of GET/SET_VP_REGISTERS: the header, then one HvRegisterAssoc per
+    (name, value) pair (values are ignored by GET)."""
+    if len(pairs) > sl.MAX_REGISTERS_PER_COMMAND:
+        raise SidecarError(f"at most {sl.MAX_REGISTERS_PER_COMMAND} registers per command")
+    head = struct.pack("<HBBH10x", len(pairs), target_vtl, 0, 0)
+    return head + b"".join(struct.pack("<I12xQQ", name, value, 0) for name, value in pairs)
+
+
+def registers_response(page, count: int) -> list[int]:
+    """The values GET_VP_REGISTERS wrote back into request_data."""
+    raw = bytes(np.asarray(page["request_data"]))
+    return [struct.unpack_from("<Q", raw, 16 + 32 * i + 16)[0] for i in range(count)]
 
 
 @dataclass(frozen=True)

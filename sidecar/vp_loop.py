@@ -6,14 +6,15 @@ The devices here are the VTL0 test guest's: COM1 output, the test port (0x440) a
 range at 0xFED00000. Shared registers travel in the command page's cpu_context; RIP is private to
 VTL0 and is set with SET_VP_REGISTERS.
 """
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hclsim.cpu import intercepts
 from hclsim.cpu.cpuid import cpuid_lookup
+from hclsim.cpu.vtl import GPR_NAMES
 from hclsim.sidecar import layout as sl
+from hclsim.sidecar.client import registers_request
 
 REG_RIP = 0x20010
 GPS = ("rax", "rcx", "rdx", "rbx", "cr2", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -54,9 +55,8 @@ class VpRunner:
         # every VTL return, so the VP's initial values start there (as the VMM sets a VP's
         # registers before its first run).
         initial = machine.hv.vps[cpu].vtl0_registers
-        names = {"rax": 0x20000, "rcx": 0x20001, "rdx": 0x20002, "rbx": 0x20003, "rbp": 0x20005, "rsi": 0x20006,
-                 "rdi": 0x20007, **{f"r{i}": 0x20000 + i for i in range(8, 16)}}
-        self._set_gps(sidecar.node_of(cpu).command_page(cpu), {n: initial.get(hv, 0) for n, hv in names.items()})
+        self._set_gps(sidecar.node_of(cpu).command_page(cpu),
+                      {reg: initial.get(name, 0) for name, reg in GPR_NAMES.items() if reg in GPS})
 
     def _gps(self, page) -> dict:
         return dict(zip(GPS, (int(v) for v in np.asarray(page["cpu_context"]["gps"]))))
@@ -67,8 +67,7 @@ class VpRunner:
             gps[GPS.index(name)] = value & 0xFFFFFFFFFFFFFFFF
 
     def _set_rip(self, rip: int) -> None:
-        request = struct.pack("<HBBH10x", 1, 0, 0, 0) + struct.pack("<I12xQQ", REG_RIP, rip, 0)
-        page = self.sidecar.run(self.cpu, sl.COMMAND_SET_VP_REGISTERS, request)
+        page = self.sidecar.run(self.cpu, sl.COMMAND_SET_VP_REGISTERS, registers_request([(REG_RIP, rip)]))
         if page["has_error"]:
             raise RuntimeError(f"SET_VP_REGISTERS on CPU {self.cpu}: {self.sidecar.error_text(page)}")
 
