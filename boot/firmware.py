@@ -4,6 +4,7 @@ with the machine's gcc/binutils, cached by a hash of their sources, compiler and
 Each image is a directory of .c/.S files plus a linker script; the result is a static ELF with
 symbols and DWARF, so gdb, addr2line and `hclsim step` can show source lines.
 """
+import functools
 import hashlib
 import os
 import shutil
@@ -92,11 +93,15 @@ def _link_flags(spec: FirmwareSpec) -> list[str]:
     return flags
 
 
+@functools.lru_cache(maxsize=None)
+def _compiler_version(gcc: str) -> str:
+    """First line of `gcc --version`, once per process: every machine asks for up to four images."""
+    return subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+
+
 def source_hash(spec: FirmwareSpec) -> str:
-    gcc = _tool("gcc")
-    version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     h = hashlib.sha256()
-    h.update(version.encode())
+    h.update(_compiler_version(_tool("gcc")).encode())
     h.update(repr((_cflags(spec), _link_flags(spec))).encode())
     for path in spec.inputs():
         h.update(path.name.encode())
