@@ -56,6 +56,9 @@ class _UcMmr(ctypes.Structure):  # uc_x86_mmr, for GDTR/IDTR
                 ("flags", ctypes.c_uint32)]
 
 
+# uc_ctl_flush_tlb's control word: UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0 arguments).
+_CTL_TLB_FLUSH = (ucc.UC_CTL_IO_WRITE << 30) | ucc.UC_CTL_TLB_FLUSH
+
 _TABLES = {"gdtr": x86.UC_X86_REG_GDTR, "idtr": x86.UC_X86_REG_IDTR}
 
 
@@ -156,7 +159,10 @@ class Engine:
         native.hook_add(self.uc, ucc.UC_HOOK_BLOCK, fastpath.hook_block.address, ud)
         self.uc.hook_add(ucc.UC_HOOK_INSN_INVALID, self._on_invalid)
         self.uc.hook_add(ucc.UC_HOOK_INTR, self._on_interrupt)
-        self.uc.hook_add(ucc.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        # Bounded to the GPAs above RAM: Unicorn keeps every store to a page that any memory
+        # hook covers on its slow path (notdirty_write on each store, never marking the page
+        # dirty), which made the guest's stores the biggest cost of AP bring-up.
+        self.uc.hook_add(ucc.UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, self.mem.size, 0xFFFFFFFFFFFFFFFF)
         SLOW_IO.engines[native.uc_handle(self.uc)] = self
         self._stop_reason = None
         self._fault = None
@@ -174,7 +180,7 @@ class Engine:
         self.uc.context_restore(self.pristine)
         self.state.reset(cpuid_table)
         self.state.buf[fastpath.H_PAGING] = 1
-        self.uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)  # memory contents changed
+        self.flush_tlb()  # memory contents changed
 
     def load_code(self, signature) -> None:
         """Declare what executable images the guest RAM now holds; translated blocks survive
@@ -241,6 +247,12 @@ class Engine:
             chunk = min(length - len(out), 0x1000 - ((va + len(out)) & 0xFFF), self.mem.size - pa)
             out += self.mem.read(pa, chunk)
         return bytes(out)
+
+    def flush_tlb(self) -> None:
+        """Forget cached translations. Needed whenever another VP's context is restored:
+        uc_context_restore copies the CPU state but keeps the TLB, so a VP would otherwise see
+        the previous VP's mappings of the VAs they share (the sidecar's per-CPU window)."""
+        uclib.uc_ctl(self._uch, _CTL_TLB_FLUSH)
 
     def code_changed(self, start: int, end: int) -> None:
         """Guest code in [start, end) (identity-mapped addresses) was rewritten by the host."""

@@ -43,6 +43,7 @@ class Vp:
     def load(self, engine) -> None:
         """Make engine run this VP next."""
         engine.uc.context_restore(self.context)
+        engine.flush_tlb()
         engine.state.buf[fastpath.H_APIC_ID] = self.apic_id
         engine.current_vp = self
 

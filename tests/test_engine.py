@@ -209,3 +209,34 @@ def test_vps_are_contexts_multiplexed_on_one_engine(machine):
     for vp in vps:
         vp.load(e)
         assert e.reg("r13") == 2 and e.reg("r12") == 2 * vp.apic_id  # CPUID 0xB: its own x2APIC id
+
+
+def test_vp_switch_does_not_keep_the_previous_vps_translations(machine):
+    """Two VPs map one VA to different pages (as the sidecar's per-CPU window does): each must
+    read its own page, though Unicorn's context restore keeps the TLB."""
+    from hclsim.cpu.vp import Vp
+    mem, e, hv, ports, out = machine
+    va = 0x7F00000000   # PML4 slot 0, PDPT slot 508: not in the image's tables
+    load(mem, e, f"movabs rax, [{va:#x}]\nhlt")
+    base_cr3 = e.reg("cr3")
+    vps = []
+    for i, (page, value) in enumerate(((0x400000, 0xAAAA), (0x600000, 0xBBBB))):
+        tables = 0x300000 + i * 0x3000   # a PML4 copy whose slot 0 gets its own PDPT/PD
+        mem.write(tables, mem.read(base_cr3 & ~0xFFF, 0x1000))
+        pdpt, pd = tables + 0x1000, tables + 0x2000
+        mem.write(pdpt, mem.read(mem.read_u64(tables) & 0x000FFFFFFFFFF000, 0x1000))
+        mem.write_u64(tables, pdpt | 3)
+        mem.write_u64(pdpt + 508 * 8, pd | 3)
+        mem.write_u64(pd, page | 0x83 | (1 << 63))
+        mem.write_u64(page, value)
+        e.set_reg("cr3", tables)
+        e.set_reg("rip", CODE)
+        assert e.translate(va) == page
+        vp = Vp(i, i)
+        vp.save(e)
+        vps.append((vp, value))
+    for vp, value in vps * 2:
+        vp.load(e)
+        exit = e.run()
+        assert exit.kind == eng.EXIT_HLT, exit
+        assert e.reg("rax") == value

@@ -18,10 +18,15 @@ struct node_state nodes[SIDECAR_MAX_NODES];
 
 static uint8_t enable_log;
 static uint64_t image_pde;
+extern uint8_t __text_end[];
 
-/* Shared identity PDPT (1 GiB pages: the first 512 GiB), BSP tables and the
- * BSP's per-CPU pages. */
+/* Shared identity map (1 GiB pages for the first 512 GiB, 2 MiB pages in the
+ * GiB holding the image; only the image's own 2 MiB is executable, for the
+ * BSP's way in and out), the image's 4 KiB PT (text executable, the rest
+ * not), BSP tables and the BSP's per-CPU pages. */
 static uint64_t ident_pdpt[512] __attribute__((aligned(PAGE)));
+static uint64_t ident_pd[512] __attribute__((aligned(PAGE)));
+static uint64_t image_pt[512] __attribute__((aligned(PAGE)));
 static uint64_t bsp_pml4[512] __attribute__((aligned(PAGE)));
 static uint64_t bsp_pdpt[512] __attribute__((aligned(PAGE)));
 static uint64_t bsp_pd[512] __attribute__((aligned(PAGE)));
@@ -65,17 +70,24 @@ uint64_t build_bsp_page_tables(uint64_t pa);
 uint64_t build_bsp_page_tables(uint64_t pa)
 {
     image_pa = pa;
+    uint64_t image_gib = pa >> 30, image_2m = (pa >> 21) & 511;
+    for (uint64_t i = 0; i < 512; i++) {
+        ident_pdpt[i] = (i << 30) | PTE_LEAF | PTE_PS | PTE_NX;
+        ident_pd[i] = (image_gib << 30) | (i << 21) | PTE_LEAF | PTE_PS | (i == image_2m ? 0 : PTE_NX);
+    }
+    ident_pdpt[image_gib] = (uint64_t)(uintptr_t)ident_pd | PTE_TABLE;
+    uint64_t text_size = (uint64_t)(__text_end - __image_base);
     for (uint64_t i = 0; i < 512; i++)
-        ident_pdpt[i] = (i << 30) | PTE_LEAF | PTE_PS;
-    image_pde = pa | PTE_LEAF | PTE_PS;
+        image_pt[i] = (pa + i * PAGE) | PTE_LEAF | (i * PAGE < text_size ? 0 : PTE_NX);
+    image_pde = (uint64_t)(uintptr_t)image_pt | PTE_TABLE;
     bsp_pml4[0] = (uint64_t)(uintptr_t)ident_pdpt | PTE_TABLE;
     bsp_pml4[511] = (uint64_t)(uintptr_t)bsp_pdpt | PTE_TABLE;
     bsp_pdpt[0] = (uint64_t)(uintptr_t)bsp_pd | PTE_TABLE;
     bsp_pd[0] = image_pde;
     bsp_pd[1] = (uint64_t)(uintptr_t)bsp_pt | PTE_TABLE;
-    bsp_pt[PT_SLOT_GLOBALS] = (uint64_t)(uintptr_t)bsp_globals | PTE_LEAF;
-    bsp_pt[PT_SLOT_HC_IN] = (uint64_t)(uintptr_t)bsp_hc_in | PTE_LEAF;
-    bsp_pt[PT_SLOT_HC_OUT] = (uint64_t)(uintptr_t)bsp_hc_out | PTE_LEAF;
+    bsp_pt[PT_SLOT_GLOBALS] = (uint64_t)(uintptr_t)bsp_globals | PTE_DATA;
+    bsp_pt[PT_SLOT_HC_IN] = (uint64_t)(uintptr_t)bsp_hc_in | PTE_DATA;
+    bsp_pt[PT_SLOT_HC_OUT] = (uint64_t)(uintptr_t)bsp_hc_out | PTE_DATA;
     return (uint64_t)(uintptr_t)bsp_pml4;
 }
 
@@ -168,15 +180,15 @@ static uint64_t prepare_vp(const struct node_state *n, uint32_t node_index, uint
     pdpt[0] = pd_pa | PTE_TABLE;
     pd[0] = image_pde;
     pd[1] = pt_pa | PTE_TABLE;
-    pt[PT_SLOT_GLOBALS] = globals_pa | PTE_LEAF;
-    pt[PT_SLOT_ASSIST] = (priv + PRIV_ASSIST * PAGE) | PTE_LEAF;
-    pt[PT_SLOT_HC_IN] = (priv + PRIV_HC_IN * PAGE) | PTE_LEAF;
-    pt[PT_SLOT_HC_OUT] = (priv + PRIV_HC_OUT * PAGE) | PTE_LEAF;
-    pt[PT_SLOT_COMMAND] = shmem | PTE_LEAF;
-    pt[PT_SLOT_REGISTER] = (shmem + PAGE) | PTE_LEAF;
-    pt[PT_SLOT_CONTROL] = n->control_page | PTE_LEAF;
+    pt[PT_SLOT_GLOBALS] = globals_pa | PTE_DATA;
+    pt[PT_SLOT_ASSIST] = (priv + PRIV_ASSIST * PAGE) | PTE_DATA;
+    pt[PT_SLOT_HC_IN] = (priv + PRIV_HC_IN * PAGE) | PTE_DATA;
+    pt[PT_SLOT_HC_OUT] = (priv + PRIV_HC_OUT * PAGE) | PTE_DATA;
+    pt[PT_SLOT_COMMAND] = shmem | PTE_DATA;
+    pt[PT_SLOT_REGISTER] = (shmem + PAGE) | PTE_DATA;
+    pt[PT_SLOT_CONTROL] = n->control_page | PTE_DATA;
     for (uint32_t i = 0; i < 3; i++)
-        pt[PT_SLOT_STACK + i] = (priv + (PRIV_STACK + i) * PAGE) | PTE_LEAF;
+        pt[PT_SLOT_STACK + i] = (priv + (PRIV_STACK + i) * PAGE) | PTE_DATA;
 
     struct vp_globals *g = pa_ptr(globals_pa);
     g->hc_in = priv + PRIV_HC_IN * PAGE;

@@ -58,7 +58,11 @@
 #define PTE_D   0x040ull
 #define PTE_PS  0x080ull
 #define PTE_TABLE (PTE_P | PTE_RW | PTE_A)
+#define PTE_NX  (1ull << 63)
 #define PTE_LEAF  (PTE_P | PTE_RW | PTE_A | PTE_D)
+/* Data pages are mapped no-execute: besides being right, the simulator's
+ * stores to executable pages all take a slow self-modifying-code check. */
+#define PTE_DATA  (PTE_LEAF | PTE_NX)
 
 #define SIDECAR_IRQ_VECTOR SIDECAR_DEFAULT_REQUEST_VECTOR
 #define IDT_ENTRIES (SIDECAR_IRQ_VECTOR + 1u)
