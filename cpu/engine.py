@@ -17,7 +17,7 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
 from hclsim.cpu import fastpath, native
-from hclsim.cpu.native import uclib
+from hclsim.cpu.native import raw_ctl, raw_reg_read, raw_reg_write
 from hclsim.cpu.memory import GuestMemory
 from hclsim.cpu.pagetable import translate
 
@@ -146,7 +146,7 @@ class Engine:
 
     def __post_init__(self):
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self._uch = self.uc._uch
+        self._uch = ctypes.c_void_p(self.uc._uch.value)
         self._reg_buf = ctypes.c_uint64()
         self._reg_ptr = ctypes.byref(self._reg_buf)
         self.uc.mem_map_ptr(0, self.mem.size, UC_PROT_ALL, self.mem.address)
@@ -173,11 +173,13 @@ class Engine:
         self.uc.ctl_exits_enabled(True)
         self.set_exits(self.exits, force=True)
         self.pristine = self.uc.context_save()
+        self.long_mode_templates = {}   # Vp.set_long_mode: start contexts by all but CR3
 
     def reset(self, cpuid_table) -> None:
         """Make a pooled engine look new to the next machine: registers, counters and devices
         as at creation. Translated code is kept (see load_code)."""
         self.uc.context_restore(self.pristine)
+        self.long_mode_templates.clear()
         self.state.reset(cpuid_table)
         self.state.buf[fastpath.H_PAGING] = 1
         self.flush_tlb()  # memory contents changed
@@ -198,31 +200,31 @@ class Engine:
     # more than a VP exit should.
     def reg(self, name: str) -> int:
         self._reg_buf.value = 0  # segment registers fill only their low bytes
-        uclib.uc_reg_read(self._uch, REG_IDS[name], self._reg_ptr)
+        raw_reg_read(self._uch, REG_IDS[name], self._reg_ptr)
         return self._reg_buf.value
 
     def set_reg(self, name: str, value: int) -> None:
         self._reg_buf.value = value & 0xFFFFFFFFFFFFFFFF
-        uclib.uc_reg_write(self._uch, REG_IDS[name], self._reg_ptr)
+        raw_reg_write(self._uch, REG_IDS[name], self._reg_ptr)
 
     def msr(self, index: int) -> int:
         msr = _UcMsr(index, 0)
-        uclib.uc_reg_read(self._uch, x86.UC_X86_REG_MSR, ctypes.byref(msr))
+        raw_reg_read(self._uch, x86.UC_X86_REG_MSR, ctypes.byref(msr))
         return msr.val
 
     def set_msr(self, index: int, value: int) -> None:
         msr = _UcMsr(index, value & 0xFFFFFFFFFFFFFFFF)
-        uclib.uc_reg_write(self._uch, x86.UC_X86_REG_MSR, ctypes.byref(msr))
+        raw_reg_write(self._uch, x86.UC_X86_REG_MSR, ctypes.byref(msr))
 
     def table(self, name: str) -> tuple[int, int]:
         """(base, limit) of "gdtr" or "idtr"."""
         mmr = _UcMmr()
-        uclib.uc_reg_read(self._uch, _TABLES[name], ctypes.byref(mmr))
+        raw_reg_read(self._uch, _TABLES[name], ctypes.byref(mmr))
         return mmr.base, mmr.limit
 
     def set_table(self, name: str, base: int, limit: int) -> None:
         mmr = _UcMmr(0, base, limit, 0)
-        uclib.uc_reg_write(self._uch, _TABLES[name], ctypes.byref(mmr))
+        raw_reg_write(self._uch, _TABLES[name], ctypes.byref(mmr))
 
     def registers(self) -> dict[str, int]:
         regs = {name: self.reg(name) for name in GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES}
@@ -252,7 +254,7 @@ class Engine:
         """Forget cached translations. Needed whenever another VP's context is restored:
         uc_context_restore copies the CPU state but keeps the TLB, so a VP would otherwise see
         the previous VP's mappings of the VAs they share (the sidecar's per-CPU window)."""
-        uclib.uc_ctl(self._uch, _CTL_TLB_FLUSH)
+        raw_ctl(self._uch, _CTL_TLB_FLUSH)
 
     def code_changed(self, start: int, end: int) -> None:
         """Guest code in [start, end) (identity-mapped addresses) was rewritten by the host."""

@@ -22,13 +22,13 @@ class GuestMemory:
         if size <= 0 or size % 4096:
             raise GuestMemoryError(f"guest memory size {size:#x} must be a positive multiple of 4 KiB")
         self.size = size
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._array = np.frombuffer(self._map, dtype=np.uint8)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
     def reset(self) -> None:
         """All of RAM reads zero again (frees the pages; cheap for untouched memory)."""
-        self._map.madvise(mmap.MADV_REMOVE, 0, self.size)
+        self._map.madvise(mmap.MADV_DONTNEED, 0, self.size)
 
     def _check(self, gpa: int, length: int) -> None:
         if gpa < 0 or length < 0 or gpa + length > self.size:

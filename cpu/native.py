@@ -14,6 +14,13 @@ from numba.extending import intrinsic
 from unicorn import unicorn_const as ucc
 from unicorn.unicorn_py3.unicorn import uclib
 
+# The hot calls without argtypes: ctypes' per-argument conversion doubled their cost
+# (0.36 -> 0.18 us a register). Callers pass a c_void_p handle, plain ints and byref()s.
+_raw = ctypes.CDLL(uclib._name)
+raw_reg_read, raw_reg_write, raw_ctl = _raw.uc_reg_read, _raw.uc_reg_write, _raw.uc_ctl
+for _fn in (raw_reg_read, raw_reg_write, raw_ctl):
+    _fn.restype = ctypes.c_int
+
 UC_REG_READ = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
 UC_REG_WRITE = ctypes.cast(uclib.uc_reg_write, ctypes.c_void_p).value
 UC_EMU_STOP = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value

@@ -21,9 +21,9 @@ static uint64_t image_pde;
 extern uint8_t __text_end[];
 
 /* Shared identity map (1 GiB pages for the first 512 GiB, 2 MiB pages in the
- * GiB holding the image; only the image's own 2 MiB is executable, for the
- * BSP's way in and out), the image's 4 KiB PT (text executable, the rest
- * not), BSP tables and the BSP's per-CPU pages. */
+ * GiB holding the image, 4 KiB pages in the image's 2 MiB: only the sidecar's
+ * text is executable, for the BSP's way in and out), the image's 4 KiB PT
+ * (text executable, the rest not), BSP tables and the BSP's per-CPU pages. */
 static uint64_t ident_pdpt[512] __attribute__((aligned(PAGE)));
 static uint64_t ident_pd[512] __attribute__((aligned(PAGE)));
 static uint64_t image_pt[512] __attribute__((aligned(PAGE)));
@@ -73,13 +73,16 @@ uint64_t build_bsp_page_tables(uint64_t pa)
     uint64_t image_gib = pa >> 30, image_2m = (pa >> 21) & 511;
     for (uint64_t i = 0; i < 512; i++) {
         ident_pdpt[i] = (i << 30) | PTE_LEAF | PTE_PS | PTE_NX;
-        ident_pd[i] = (image_gib << 30) | (i << 21) | PTE_LEAF | PTE_PS | (i == image_2m ? 0 : PTE_NX);
+        ident_pd[i] = (image_gib << 30) | (i << 21) | PTE_LEAF | PTE_PS | PTE_NX;
     }
     ident_pdpt[image_gib] = (uint64_t)(uintptr_t)ident_pd | PTE_TABLE;
     uint64_t text_size = (uint64_t)(__text_end - __image_base);
     for (uint64_t i = 0; i < 512; i++)
         image_pt[i] = (pa + i * PAGE) | PTE_LEAF | (i * PAGE < text_size ? 0 : PTE_NX);
     image_pde = (uint64_t)(uintptr_t)image_pt | PTE_TABLE;
+    /* The identity alias of the image's 2 MiB (the shim's stack and data
+     * live there too) uses the same PT: only the sidecar's text executes. */
+    ident_pd[image_2m] = image_pde;
     bsp_pml4[0] = (uint64_t)(uintptr_t)ident_pdpt | PTE_TABLE;
     bsp_pml4[511] = (uint64_t)(uintptr_t)bsp_pdpt | PTE_TABLE;
     bsp_pdpt[0] = (uint64_t)(uintptr_t)bsp_pd | PTE_TABLE;
