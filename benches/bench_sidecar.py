@@ -40,7 +40,7 @@ def _bring_up(benchmark, cpus: int, rounds: int, engine_per_vp: bool = False) ->
 
     benchmark.pedantic(bring_up, setup=setup, rounds=rounds, warmup_rounds=0)
     m = machines[0]
-    benchmark.extra_info.update(cpus=cpus, vp_switches=m.scheduler.switches, msr_exits=m.scheduler.msr_exits)
+    benchmark.extra_info.update(cpus=cpus, vp_switches=m.scheduler.switches, msr_exits=m.scheduler.msr_exits + m.engine.counters()["msr_fast_exits"])
     for m in machines:
         m.close()
 

@@ -16,7 +16,7 @@ from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
-from hclsim.cpu import fastpath, native
+from hclsim.cpu import fastpath, msr_fastpath, native
 from hclsim.cpu.native import raw_ctl, raw_reg_read, raw_reg_write
 from hclsim.cpu.memory import GuestMemory
 from hclsim.cpu.pagetable import translate
@@ -40,6 +40,9 @@ SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss")
 REG_IDS = {name: getattr(x86, "UC_X86_REG_" + name.upper()) for name in GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES}
 REG_IDS["fs_base"] = x86.UC_X86_REG_FS_BASE
 REG_IDS["gs_base"] = x86.UC_X86_REG_GS_BASE
+
+
+_NATIVE_SITES = {"rdmsr": msr_fastpath.hook_rdmsr, "wrmsr": msr_fastpath.hook_wrmsr}
 
 
 class GuestException(Exception):
@@ -96,6 +99,24 @@ class SlowIoDispatch:
 
 
 SLOW_IO = SlowIoDispatch()
+
+
+class SlowSiteDispatch:
+    """The Python entry point for MSR sites the native hooks (cpu/msr_fastpath.py) pass on."""
+    KINDS = ("rdmsr", "wrmsr")
+
+    def __init__(self):
+        self.engines: dict[int, "Engine"] = {}
+        self.callback = native.SLOW_SITE_PROTO(self._dispatch)
+        self.address = ctypes.cast(self.callback, ctypes.c_void_p).value
+
+    def _dispatch(self, uc_ptr, address, kind):
+        engine = self.engines.get(uc_ptr)
+        if engine is not None:
+            engine._on_site(engine.uc, address, 0, self.KINDS[kind])  # catches everything itself
+
+
+SLOW_SITE = SlowSiteDispatch()
 
 
 class Watchdog:
@@ -164,6 +185,8 @@ class Engine:
         # dirty), which made the guest's stores the biggest cost of AP bring-up.
         self.uc.hook_add(ucc.UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, self.mem.size, 0xFFFFFFFFFFFFFFFF)
         SLOW_IO.engines[native.uc_handle(self.uc)] = self
+        SLOW_SITE.engines[native.uc_handle(self.uc)] = self
+        self.state.buf[fastpath.H_FN_SLOW_SITE] = SLOW_SITE.address
         self._stop_reason = None
         self._fault = None
         self.code_signature = None
@@ -194,6 +217,14 @@ class Engine:
 
     def close(self):
         SLOW_IO.engines.pop(native.uc_handle(self.uc), None)
+        SLOW_SITE.engines.pop(native.uc_handle(self.uc), None)
+
+    def attach_apic(self, table) -> None:
+        """Let the native MSR path use the hypervisor's APIC table (cpu/hypervisor.py); the
+        table must outlive the engine's use of it (the Machine holds both)."""
+        self._apic_table = table
+        self.state.buf[fastpath.H_APIC_TABLE] = table.ctypes.data
+        self.state.buf[fastpath.H_APIC_ROWS] = table.shape[0]
 
     # ---- registers and memory -------------------------------------------------------------
     # Straight to uc_reg_read/uc_reg_write: the binding's generic reg_read costs ~3 us a call,
@@ -288,12 +319,20 @@ class Engine:
         if sites == self.sites:
             self.site_handler = handler
             return
-        for handle in self._site_hooks:
-            self.uc.hook_del(handle)
-        self._site_hooks = [self.uc.hook_add(ucc.UC_HOOK_CODE, self._on_site, kind, addr, addr)
-                            for addr, kind in sorted(sites.items())]
+        for native_hook, handle in self._site_hooks:
+            if native_hook:
+                native.hook_del(self.uc, handle)
+            else:
+                self.uc.hook_del(handle)
+        self._site_hooks = [self._add_site_hook(addr, kind) for addr, kind in sorted(sites.items())]
         self.sites, self.site_handler = dict(sites), handler
         self.uc.ctl_flush_tb()  # blocks translated before a hook existed would not call it
+
+    def _add_site_hook(self, addr: int, kind: str) -> tuple[bool, int]:
+        if kind in _NATIVE_SITES:  # APIC MSRs natively, the rest through SLOW_SITE
+            return True, native.hook_add(self.uc, ucc.UC_HOOK_CODE, _NATIVE_SITES[kind].address,
+                                         self.state.address, begin=addr, end=addr)
+        return False, self.uc.hook_add(ucc.UC_HOOK_CODE, self._on_site, kind, addr, addr)
 
     def _on_site(self, uc, address, size, kind):
         try:

@@ -7,6 +7,8 @@ so the same image gives the same reference times run after run.
 """
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hclsim.boot.layout import ISOLATION_NONE, ISOLATION_SNP, ISOLATION_TDX
 from hclsim.cpu import hypercalls
 from hclsim.cpu.engine import GuestException
@@ -88,6 +90,19 @@ SVR_APIC_ENABLE = 1 << 8
 APIC_VERSION = 0x50014  # version 0x14, max LVT 5
 
 
+# Columns of Hypervisor.apic, one row per VP (the layout cpu/msr_fastpath.py reads).
+APIC_COL_BASE, APIC_COL_SVR, APIC_COL_TPR, APIC_COL_PENDING = range(4)
+APIC_COLUMNS = 4
+
+
+def new_apic_table(vps: int) -> np.ndarray:
+    """Per-VP local APIC registers at reset: xAPIC enabled at the default base, SVR 0xFF."""
+    table = np.zeros((vps, APIC_COLUMNS), np.int64)
+    table[:, APIC_COL_BASE] = APIC_BASE_DEFAULT | APIC_BASE_ENABLE
+    table[:, APIC_COL_SVR] = 0xFF
+    return table
+
+
 @dataclass
 class VpState:
     """Per-VP hypervisor state (the VP's own registers live in its engine context)."""
@@ -99,13 +114,28 @@ class VpState:
     started: bool = False
     vtl2_context: dict | None = None         # from EnableVpVtl
     start_context: dict | None = None        # set by StartVirtualProcessor, taken by the scheduler
-    apic_base: int = APIC_BASE_DEFAULT | APIC_BASE_ENABLE
-    svr: int = 0xFF
-    tpr: int = 0
+    # apic_base, svr, tpr: properties over apic_row, a row of Hypervisor.apic that the native
+    # MSR path (cpu/msr_fastpath.py) reads and writes too.
+    apic_row: np.ndarray = field(default=None, repr=False)
     vtl0_registers: dict = field(default_factory=lambda: {0x20010: 0xFFF0, 0x20011: 0x2, 0x40000: 0x60000010})
     vtl: int = 2                             # the VTL the VP runs in now
     irr: set = field(default_factory=set)    # requested vectors
     isr: list = field(default_factory=list)  # in service, innermost last
+
+    def __post_init__(self):
+        if self.apic_row is None:
+            self.apic_row = new_apic_table(1)[0]
+
+    apic_base = property(lambda self: int(self.apic_row[APIC_COL_BASE]),
+                         lambda self, v: self.apic_row.__setitem__(APIC_COL_BASE, v))
+    svr = property(lambda self: int(self.apic_row[APIC_COL_SVR]),
+                   lambda self, v: self.apic_row.__setitem__(APIC_COL_SVR, v))
+    tpr = property(lambda self: int(self.apic_row[APIC_COL_TPR]),
+                   lambda self, v: self.apic_row.__setitem__(APIC_COL_TPR, v))
+
+    def request(self, vector: int) -> None:
+        self.irr.add(vector)
+        self.apic_row[APIC_COL_PENDING] = len(self.irr)
 
     @property
     def x2apic(self) -> bool:
@@ -122,6 +152,7 @@ class VpState:
 
     def accept(self, vector: int) -> None:
         self.irr.discard(vector)
+        self.apic_row[APIC_COL_PENDING] = len(self.irr)
         self.isr.append(vector)
 
 
@@ -137,7 +168,8 @@ class Hypervisor:
     hypercall_log: list = field(default_factory=list)   # (vp, code, status) for reports/tests
 
     def __post_init__(self):
-        self.vps = [VpState(i, apic) for i, apic in enumerate(self.apic_ids)]
+        self.apic = new_apic_table(len(self.apic_ids))
+        self.vps = [VpState(i, apic, apic_row=self.apic[i]) for i, apic in enumerate(self.apic_ids)]
         bsp = self.vps[0]
         bsp.vtl2_enabled = bsp.started = True
         bsp.apic_base |= APIC_BASE_BSP
@@ -261,7 +293,7 @@ class Hypervisor:
 
     def raise_interrupt(self, vp: int, vector: int) -> None:
         """Request vector on vp (from an IPI or the host); the scheduler delivers it."""
-        self.vps[vp].irr.add(vector)
+        self.vps[vp].request(vector)
         self.ipis_sent += 1
 
     @staticmethod

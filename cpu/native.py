@@ -70,6 +70,22 @@ def call_slow_io(typingctx, fnptr, uc, port, size, value, is_in):
     return sig, codegen
 
 
+# void slow_site(uc_engine*, uint64 address, int32 kind): a site the native hook leaves to Python
+SLOW_SITE_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int32)
+
+
+@intrinsic
+def call_slow_site(typingctx, fnptr, uc, address, kind):
+    sig = types.void(types.int64, types.voidptr, types.uint64, types.int32)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [_i8p, _i64, _i32])
+        fn = builder.inttoptr(args[0], fnty.as_pointer())
+        builder.call(fn, args[1:])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 # void block_miss(uc_engine*, uint64 address, uint32 size)
 BLOCK_MISS_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
 

@@ -54,6 +54,7 @@ class Vp:
         engine.uc.context_restore(self.context)
         engine.flush_tlb()
         engine.state.buf[fastpath.H_APIC_ID] = self.apic_id
+        engine.state.buf[fastpath.H_VP_INDEX] = self.index
         engine.current_vp = self
 
     def save(self, engine) -> None:

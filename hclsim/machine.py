@@ -87,6 +87,7 @@ class Machine:
             memory, build_cpuid_table(cfg.isolation_type, cfg.cpus), io_handler=self._port_io,
             hypercall_handler=lambda e: self.hv.hypercall(e, e.current_vp.index), uart_sink=self._uart_output)
         self.hv.mem = self.mem
+        self.engine.attach_apic(self.hv.apic)
         self.image = vtl_image.write_image(
             self.mem, self.layout, shim=self.shim, kernel=self.kernel, initrd=initrd_bytes,
             host_dt=self.host_dt, isolation=cfg.isolation_type, cmdline_policy=cfg.cmdline_policy_value,
@@ -185,7 +186,7 @@ class Machine:
         self.timings["handoff_check_ms"] = (time.perf_counter() - t1) * 1e3
         self.linux = Kernel(self, handoff)
         counters = self.engine.counters()
-        counters.update(msr_exits=self.scheduler.msr_exits, hypercalls=len(self.hv.hypercall_log),
+        counters.update(msr_exits=self.scheduler.msr_exits + counters["msr_fast_exits"], hypercalls=len(self.hv.hypercall_log),
                         vp_switches=self.scheduler.switches, ipis=self.hv.ipis_sent)
         return BootResult(self.config, self.image, handoff, regs, {k: bytes(v) for k, v in self.serial.items()},
                           vtl_image.read_shim_log(self.mem, self.image), counters, dict(self.timings),
@@ -195,9 +196,12 @@ class Machine:
     def use_engine_per_vp(self) -> None:
         """Benchmark baseline: from now on every VP not yet run gets its own new engine."""
         main = self.engine
-        self.scheduler.engine_factory = lambda: eng.Engine(
-            self.mem, main.cpuid_table, io_handler=main.io_handler, hypercall_handler=main.hypercall_handler,
-            uart_sink=main.uart_sink)
+        def factory():
+            engine = eng.Engine(self.mem, main.cpuid_table, io_handler=main.io_handler,
+                                hypercall_handler=main.hypercall_handler, uart_sink=main.uart_sink)
+            engine.attach_apic(self.hv.apic)
+            return engine
+        self.scheduler.engine_factory = factory
         self.scheduler.vp_engines[self.bsp.index] = main
 
     def close_vp_engines(self) -> None:

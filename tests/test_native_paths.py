@@ -112,3 +112,27 @@ def test_cpuid_table(isolation):
     assert cpuid_lookup(table, 0x4000000C, 0, 0)[1] & 0xF == isolation
     assert cpuid_lookup(table, 0x12345678, 0, 0) == (0, 0, 0, 0)
     assert cpuid_lookup.py_func(table, 0xB, 1, 77) == cpuid_lookup(table, 0xB, 1, 77)
+
+
+def test_native_apic_msr_path_matches_the_python_handler():
+    """The numba APIC_BASE/SVR/TPR sites leave the machine exactly as the Python MSR handler
+    does: same serial output, instruction counts, APIC registers and hypercalls."""
+    from hclsim.config import BootConfig
+    from hclsim.cpu import fastpath
+    from hclsim.machine import Machine
+
+    runs = []
+    for native_path in (True, False):
+        m = Machine(BootConfig(cpus=16, numa_nodes=2))
+        if not native_path:
+            m.engine.state.buf[fastpath.H_APIC_TABLE] = 0   # every MSR site goes to Python
+        r = m.run_to_handoff()
+        runs.append((r, m.hv.apic.copy(), r.counters))
+        m.close()
+    (a, apic_a, ca), (b, apic_b, cb) = runs
+    assert ca["msr_fast_exits"] >= 3 * 14 and cb["msr_fast_exits"] == 0
+    assert ca["msr_exits"] == cb["msr_exits"]
+    assert ca["instructions"] == cb["instructions"] and a.serial == b.serial
+    assert (apic_a == apic_b).all()
+    assert all(row[0] & (1 << 10) and row[1] & 0x100 for row in apic_a[2:8])  # APs: x2APIC, enabled
+    assert a.hypercalls == b.hypercalls
