@@ -16,7 +16,7 @@ from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
-from hclsim.cpu import fastpath, msr_fastpath, native
+from hclsim.cpu import fastpath, hypercall_fastpath, msr_fastpath, native
 from hclsim.cpu.native import raw_ctl, raw_reg_read, raw_reg_write
 from hclsim.cpu.memory import GuestMemory
 from hclsim.cpu.pagetable import translate
@@ -112,8 +112,17 @@ class SlowSiteDispatch:
 
     def _dispatch(self, uc_ptr, address, kind):
         engine = self.engines.get(uc_ptr)
-        if engine is not None:
-            engine._on_site(engine.uc, address, 0, self.KINDS[kind])  # catches everything itself
+        if engine is None:
+            return
+        if kind == hypercall_fastpath.SLOW_INVALID:  # address: where to say whether it was handled
+            try:
+                handled = engine._on_invalid(engine.uc, None)
+            except BaseException as exc:  # not through C frames: end the run and raise after it
+                engine.request_stop(exc)
+                handled = True
+            ctypes.c_int64.from_address(address).value = int(bool(handled))
+            return
+        engine._on_site(engine.uc, address, 0, self.KINDS[kind])  # catches everything itself
 
 
 SLOW_SITE = SlowSiteDispatch()
@@ -178,7 +187,8 @@ class Engine:
         native.hook_add(self.uc, ucc.UC_HOOK_INSN, fastpath.hook_in.address, ud, x86.UC_X86_INS_IN)
         native.hook_add(self.uc, ucc.UC_HOOK_INSN, fastpath.hook_cpuid.address, ud, x86.UC_X86_INS_CPUID)
         native.hook_add(self.uc, ucc.UC_HOOK_BLOCK, fastpath.hook_block.address, ud)
-        self.uc.hook_add(ucc.UC_HOOK_INSN_INVALID, self._on_invalid)
+        # vmcall: EnableVpVtl/StartVp natively when they succeed, the rest via SLOW_SITE.
+        native.hook_add(self.uc, ucc.UC_HOOK_INSN_INVALID, hypercall_fastpath.hook_invalid.address, ud)
         self.uc.hook_add(ucc.UC_HOOK_INTR, self._on_interrupt)
         # Bounded to the GPAs above RAM: Unicorn keeps every store to a page that any memory
         # hook covers on its slow path (notdirty_write on each store, never marking the page
@@ -219,12 +229,13 @@ class Engine:
         SLOW_IO.engines.pop(native.uc_handle(self.uc), None)
         SLOW_SITE.engines.pop(native.uc_handle(self.uc), None)
 
-    def attach_apic(self, table) -> None:
-        """Let the native MSR path use the hypervisor's APIC table (cpu/hypervisor.py); the
-        table must outlive the engine's use of it (the Machine holds both)."""
-        self._apic_table = table
-        self.state.buf[fastpath.H_APIC_TABLE] = table.ctypes.data
-        self.state.buf[fastpath.H_APIC_ROWS] = table.shape[0]
+    def attach_hypervisor(self, hv) -> None:
+        """Let the native MSR and vmcall paths use the hypervisor's APIC table and native area
+        (cpu/hypervisor.py); they must outlive the engine's use of them (the Machine holds both)."""
+        self._hv_tables = (hv.apic, hv.native)
+        self.state.buf[fastpath.H_APIC_TABLE] = hv.apic.ctypes.data
+        self.state.buf[fastpath.H_APIC_ROWS] = hv.apic.shape[0]
+        self.state.buf[fastpath.H_HV_AREA] = hv.native.address
 
     # ---- registers and memory -------------------------------------------------------------
     # Straight to uc_reg_read/uc_reg_write: the binding's generic reg_read costs ~3 us a call,

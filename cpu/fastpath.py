@@ -27,6 +27,9 @@ from hclsim.devices.uart16550 import UART_REGS, new_registers, uart_access
 # The native MSR path (cpu/msr_fastpath.py): the running VP, the hypervisor's APIC table, the
 # count of MSR exits handled natively, and the Python site handler for the others.
 H_VP_INDEX, H_APIC_TABLE, H_APIC_ROWS, H_MSR_FAST, H_FN_SLOW_SITE = range(24, 29)
+# The native vmcall path (cpu/hypercall_fastpath.py): the hypervisor's native area, and the
+# count of hypercalls done there.
+H_HV_AREA, H_HC_FAST = 29, 30
 H_UART_REGS = 32                  # 2 UARTs x UART_REGS slots
 HEADER_SLOTS = H_UART_REGS + 2 * UART_REGS
 N_UARTS = 2
@@ -79,7 +82,7 @@ class FastPathState:
         """Counters, devices and CPUID as new; the block-count cache is kept."""
         h = self.buf
         h[H_ICOUNT:H_CPUID_EXITS + 1] = 0
-        h[H_MSR_FAST] = 0
+        h[H_MSR_FAST] = h[H_HC_FAST] = 0
         h[H_BT_MISSES] = 0
         h[H_LAST_BLOCK] = 0
         h[H_UART_LEN0] = h[H_UART_LEN1] = 0
@@ -119,7 +122,7 @@ class FastPathState:
         return {"instructions": int(h[H_ICOUNT]), "blocks": int(h[H_BLOCKS]),
                 "io_fast_exits": int(h[H_IO_FAST]), "io_slow_exits": int(h[H_IO_SLOW]),
                 "cpuid_exits": int(h[H_CPUID_EXITS]), "block_count_misses": int(h[H_BT_MISSES]),
-                "msr_fast_exits": int(h[H_MSR_FAST])}
+                "msr_fast_exits": int(h[H_MSR_FAST]), "hypercalls_fast": int(h[H_HC_FAST])}
 
 
 # ---- the hooks -----------------------------------------------------------------------------

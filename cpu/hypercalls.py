@@ -187,7 +187,7 @@ def enable_vp_vtl(hv, engine, vp, header, elements, rep_count):
     if target.vtl2_enabled:
         return HV_STATUS_VTL_ALREADY_ENABLED, 0, b""
     target.vtl2_enabled = True
-    target.vtl2_context = bytes(header[16:16 + 0xE0])  # parsed only if ever used
+    target.vtl2_context = bytes(header[16:16 + 0xE0])  # kept raw: parsed only if ever used
     return HV_STATUS_SUCCESS, 0, b""
 
 
@@ -202,7 +202,7 @@ def start_virtual_processor(hv, engine, vp, header, elements, rep_count):
     if header[12] == VTL2 and not target.vtl2_enabled or target.started:
         return HV_STATUS_INVALID_VP_STATE, 0, b""
     target.started = True
-    target.start_context = parse_vp_context(header[16:16 + 0xE0])
+    target.start_context = bytes(header[16:16 + 0xE0])   # parsed when the scheduler starts it
     return HV_STATUS_SUCCESS, 0, b""
 
 

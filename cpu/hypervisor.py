@@ -12,6 +12,7 @@ import numpy as np
 from hclsim.boot.layout import ISOLATION_NONE, ISOLATION_SNP, ISOLATION_TDX
 from hclsim.cpu import hypercalls
 from hclsim.cpu.engine import GuestException
+from hclsim.cpu.hypercall_fastpath import COL_STARTED, COL_START_PENDING, COL_VTL2_ENABLED, CTX_ENABLE, CTX_START, HvNativeArea
 
 HV_X64_MSR_GUEST_OS_ID = 0x40000000
 HV_X64_MSR_HYPERCALL = 0x40000001
@@ -110,13 +111,12 @@ class VpState:
     apic_id: int
     vp_assist_page: int = 0
     mtrrs: dict = field(default_factory=dict)
-    vtl2_enabled: bool = False
-    started: bool = False
-    vtl2_context: dict | None = None         # from EnableVpVtl
-    start_context: dict | None = None        # set by StartVirtualProcessor, taken by the scheduler
     # apic_base, svr, tpr: properties over apic_row, a row of Hypervisor.apic that the native
     # MSR path (cpu/msr_fastpath.py) reads and writes too.
     apic_row: np.ndarray = field(default=None, repr=False)
+    # vtl2_enabled, started, vtl2_context (EnableVpVtl's), start_context (StartVp's, taken by
+    # the scheduler): properties over the hypervisor's native area (cpu/hypercall_fastpath.py).
+    native: HvNativeArea = field(default=None, repr=False)
     vtl0_registers: dict = field(default_factory=lambda: {0x20010: 0xFFF0, 0x20011: 0x2, 0x40000: 0x60000010})
     vtl: int = 2                             # the VTL the VP runs in now
     irr: set = field(default_factory=set)    # requested vectors
@@ -125,6 +125,44 @@ class VpState:
     def __post_init__(self):
         if self.apic_row is None:
             self.apic_row = new_apic_table(1)[0]
+        if self.native is None:
+            self.native, self._row = HvNativeArea(1), 0
+        else:
+            self._row = self.index
+
+    def _flag(column):
+        def get(self):
+            return bool(self.native.vp[self._row, column])
+
+        def set_(self, value):
+            self.native.vp[self._row, column] = int(bool(value))
+        return property(get, set_)
+
+    vtl2_enabled = _flag(COL_VTL2_ENABLED)
+    started = _flag(COL_STARTED)
+    start_pending = _flag(COL_START_PENDING)   # a StartVp context waits for the scheduler
+    del _flag
+
+    @property
+    def vtl2_context(self) -> bytes | None:
+        return self.native.context_bytes(self._row, CTX_ENABLE) if self.vtl2_enabled else None
+
+    @vtl2_context.setter
+    def vtl2_context(self, raw: bytes) -> None:
+        self.native.set_context(self._row, CTX_ENABLE, raw)
+
+    @property
+    def start_context(self) -> dict | None:
+        if not self.start_pending:
+            return None
+        return hypercalls.parse_vp_context(self.native.context_bytes(self._row, CTX_START))
+
+    @start_context.setter
+    def start_context(self, raw: bytes | None) -> None:
+        """The raw HvInitialVpContext of a StartVp, or None once the scheduler took it."""
+        if raw is not None:
+            self.native.set_context(self._row, CTX_START, raw)
+        self.start_pending = raw is not None
 
     apic_base = property(lambda self: int(self.apic_row[APIC_COL_BASE]),
                          lambda self, v: self.apic_row.__setitem__(APIC_COL_BASE, v))
@@ -165,17 +203,23 @@ class Hypervisor:
     hypercall_msr: int = 0
     crash_params: list = field(default_factory=lambda: [0] * 5)
     crash: GuestCrash | None = None
-    hypercall_log: list = field(default_factory=list)   # (vp, code, status) for reports/tests
 
     def __post_init__(self):
         self.apic = new_apic_table(len(self.apic_ids))
-        self.vps = [VpState(i, apic, apic_row=self.apic[i]) for i, apic in enumerate(self.apic_ids)]
+        self.native = HvNativeArea(len(self.apic_ids))
+        self.vps = [VpState(i, apic, apic_row=self.apic[i], native=self.native)
+                    for i, apic in enumerate(self.apic_ids)]
         bsp = self.vps[0]
         bsp.vtl2_enabled = bsp.started = True
         bsp.apic_base |= APIC_BASE_BSP
         self.ipis_sent = 0
         self._saved_page = None
         self.vp_by_apic = {apic: i for i, apic in enumerate(self.apic_ids)}
+
+    @property
+    def hypercall_log(self) -> list[tuple[int, int, int]]:
+        """(vp, call code, status) of every hypercall, in order, native ones included."""
+        return self.native.log_entries()
 
     @property
     def hardware_isolated(self) -> bool:
@@ -336,7 +380,7 @@ class Hypervisor:
             self._vtl_switch(engine, vp, control)
             return
         result = hypercalls.dispatch(self, engine, vp, control, engine.reg("rdx"), engine.reg("r8"))
-        self.hypercall_log.append((vp, control & 0xFFFF, result & 0xFFFF))
+        self.native.append_log(vp, control & 0xFFFF, result & 0xFFFF)
         engine.set_reg("rax", result)
         engine.set_reg("rip", engine.reg("rip") + 3)
 
@@ -348,7 +392,7 @@ class Hypervisor:
         if code == HVCALL_VTL_CALL or control != code or state.vtl != 2 or engine.reg("rax") & ~1:
             raise InvalidOpcode(f"invalid VTL {'call' if code == HVCALL_VTL_CALL else 'return'} "
                                     f"(control {control:#x}, VTL {state.vtl})")  # #UD on hardware
-        self.hypercall_log.append((vp, code, 0))
+        self.native.append_log(vp, code, 0)
         engine.set_reg("rip", engine.reg("rip") + 3)
         engine.request_stop(VtlReturn(fast=bool(engine.reg("rax") & 1)))
 

@@ -102,7 +102,7 @@ class Scheduler:
 
     def _runnable(self, vp) -> bool:
         state = self.hv.vps[vp.index]
-        if vp.state == NOT_STARTED and state.start_context is not None:
+        if vp.state == NOT_STARTED and state.start_pending:
             return True
         if vp.state == RUNNABLE:
             return True

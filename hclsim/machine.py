@@ -87,7 +87,7 @@ class Machine:
             memory, build_cpuid_table(cfg.isolation_type, cfg.cpus), io_handler=self._port_io,
             hypercall_handler=lambda e: self.hv.hypercall(e, e.current_vp.index), uart_sink=self._uart_output)
         self.hv.mem = self.mem
-        self.engine.attach_apic(self.hv.apic)
+        self.engine.attach_hypervisor(self.hv)
         self.image = vtl_image.write_image(
             self.mem, self.layout, shim=self.shim, kernel=self.kernel, initrd=initrd_bytes,
             host_dt=self.host_dt, isolation=cfg.isolation_type, cmdline_policy=cfg.cmdline_policy_value,
@@ -199,7 +199,7 @@ class Machine:
         def factory():
             engine = eng.Engine(self.mem, main.cpuid_table, io_handler=main.io_handler,
                                 hypercall_handler=main.hypercall_handler, uart_sink=main.uart_sink)
-            engine.attach_apic(self.hv.apic)
+            engine.attach_hypervisor(self.hv)
             return engine
         self.scheduler.engine_factory = factory
         self.scheduler.vp_engines[self.bsp.index] = main

@@ -136,3 +136,27 @@ def test_native_apic_msr_path_matches_the_python_handler():
     assert (apic_a == apic_b).all()
     assert all(row[0] & (1 << 10) and row[1] & 0x100 for row in apic_a[2:8])  # APs: x2APIC, enabled
     assert a.hypercalls == b.hypercalls
+
+
+def test_native_vmcall_path_matches_the_python_handler():
+    """EnableVpVtl/StartVp done natively leave the machine as Python's handler does: same
+    serial, instruction counts, hypercall log (in order) and per-VP start state."""
+    from hclsim.config import BootConfig
+    from hclsim.cpu import fastpath
+    from hclsim.machine import Machine
+
+    runs = []
+    for native_path in (True, False):
+        m = Machine(BootConfig(cpus=24, numa_nodes=2))
+        if not native_path:
+            m.engine.state.buf[fastpath.H_HV_AREA] = 0   # every vmcall goes to Python
+        r = m.run_to_handoff()
+        state = [(s.vtl2_enabled, s.started, s.vtl2_context) for s in m.hv.vps]
+        runs.append((r, state, m.hv.native.vp.copy()))
+        m.close()
+    (a, state_a, vp_a), (b, state_b, vp_b) = runs
+    assert a.counters["hypercalls_fast"] == 2 * a.sidecar_summary["idle_cpus"] and b.counters["hypercalls_fast"] == 0
+    assert a.hypercalls == b.hypercalls and len(a.hypercalls) == a.counters["hypercalls"]
+    assert a.counters["instructions"] == b.counters["instructions"] and a.serial == b.serial
+    assert state_a == state_b and (vp_a == vp_b).all()
+    assert all(s[0] and s[1] and len(s[2]) == 0xE0 for s in state_a[2:12])
