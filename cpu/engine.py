@@ -206,7 +206,7 @@ class Engine:
         self.uc.ctl_exits_enabled(True)
         self.set_exits(self.exits, force=True)
         self.pristine = self.uc.context_save()
-        self.long_mode_templates = {}   # Vp.set_long_mode: start contexts by all but CR3
+        self.long_mode_templates = {}   # Vp.start: StartVp contexts by all but CR3
 
     def reset(self, cpuid_table) -> None:
         """Make a pooled engine look new to the next machine: registers, counters and devices

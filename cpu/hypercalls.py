@@ -152,6 +152,8 @@ def get_vp_index_from_apic_id(hv, engine, vp, header, elements, rep_count):
     return HV_STATUS_SUCCESS, rep_count, bytes(out)
 
 
+VP_CONTEXT_CR3 = 0xC8   # HvInitialVpContext: efer, cr0, cr3, cr4, pat from 0xB8
+
 _SEGMENT_OFFSETS = {"cs": 0x18, "ds": 0x28, "es": 0x38, "fs": 0x48, "gs": 0x58, "ss": 0x68}
 
 

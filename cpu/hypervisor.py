@@ -157,6 +157,11 @@ class VpState:
             return None
         return hypercalls.parse_vp_context(self.native.context_bytes(self._row, CTX_START))
 
+    def take_start_context(self) -> bytes:
+        """The raw HvInitialVpContext of the StartVp waiting for the scheduler, now taken."""
+        self.start_pending = False
+        return self.native.context_bytes(self._row, CTX_START)
+
     @start_context.setter
     def start_context(self, raw: bytes | None) -> None:
         """The raw HvInitialVpContext of a StartVp, or None once the scheduler took it."""

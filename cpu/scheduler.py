@@ -140,8 +140,7 @@ class Scheduler:
             self.engine = self.vp_engines[vp.index]
         state = self.hv.vps[vp.index]
         if vp.state == NOT_STARTED:
-            vp.set_long_mode(self.engine, state.start_context)
-            state.start_context = None
+            vp.start(self.engine, state.take_start_context())
             vp.state = RUNNABLE
         vp.load(self.engine)
         if state.vtl == 0:

@@ -2,7 +2,7 @@
 pool can run it (context_save/restore cost microseconds; an engine costs milliseconds)."""
 from dataclasses import dataclass, field
 
-from hclsim.cpu import engine as eng, fastpath
+from hclsim.cpu import engine as eng, fastpath, hypercalls
 
 MSR_PAT = 0x277
 
@@ -22,17 +22,23 @@ class Vp:
     state: str = NOT_STARTED
     halted_with_interrupts: bool = False  # HLT with RFLAGS.IF set: an interrupt wakes it
 
-    def set_long_mode(self, engine, ctx: dict) -> None:
-        """Give the VP a 64-bit starting context (the image's BSP context or a StartVp context)
-        through engine, and keep it. APs started alike differ only in CR3: the rest comes from
-        a template context the engine keeps (one restore instead of ~15 register writes)."""
-        key = tuple(item for item in ctx.items() if item[0] != "cr3")
+    def start(self, engine, raw: bytes) -> None:
+        """Start the VP with a StartVirtualProcessor's HvInitialVpContext. APs started alike
+        differ only in CR3: the rest comes from a template context the engine keeps, keyed by
+        the raw context less CR3 (one restore instead of a parse and ~15 register writes)."""
+        key = raw[:hypercalls.VP_CONTEXT_CR3] + raw[hypercalls.VP_CONTEXT_CR3 + 8:]
         template = engine.long_mode_templates.get(key)
-        if template is not None:
-            engine.uc.context_restore(template)
-            engine.set_reg("cr3", ctx["cr3"])  # also flushes the TLB
-            self.save(engine)
+        if template is None:
+            self.set_long_mode(engine, hypercalls.parse_vp_context(raw))
+            engine.long_mode_templates[key] = engine.uc.context_save()
             return
+        engine.uc.context_restore(template)
+        engine.set_reg("cr3", int.from_bytes(raw[hypercalls.VP_CONTEXT_CR3:][:8], "little"))  # flushes the TLB
+        self.save(engine)
+
+    def set_long_mode(self, engine, ctx: dict) -> None:
+        """Give the VP a 64-bit starting context (the image's BSP context or a parsed StartVp
+        context) through engine, and keep it."""
         engine.uc.context_restore(engine.pristine)
         engine.set_table("gdtr", ctx["gdtr"][1], ctx["gdtr"][2])
         if "idtr" in ctx:
@@ -46,7 +52,6 @@ class Vp:
         for name in ("cs", "ss", "ds", "es", "fs", "gs", "rip", "rsi", "rsp", "rflags"):
             if name in ctx:
                 engine.set_reg(name, ctx[name])
-        engine.long_mode_templates[key] = engine.uc.context_save()
         self.save(engine)
 
     def load(self, engine) -> None:
