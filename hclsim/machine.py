@@ -174,7 +174,11 @@ class Machine:
         if stop.reason != STOP_ADDRESS or stop.vp is not self.bsp:
             raise self._stop_error(stop)
         self.timings["shim_to_handoff_ms"] = (time.perf_counter() - t0) * 1e3
+        return self.take_handoff()
 
+    def take_handoff(self) -> BootResult:
+        """The Linux stand-in takes over from the BSP, which stands at the kernel entry: check the
+        handoff as Linux would (raises on a bad one) and start the stand-in kernel."""
         t1 = time.perf_counter()
         regs = self.engine.registers()
         handoff_regs = HandoffRegs(**{k: regs[k] for k in ("rip", "rdi", "rsi", "rsp", "cr0", "cr3", "cr4",
@@ -232,6 +236,17 @@ class Machine:
         if self.engine is not None:
             pool.release(self.mem, self.engine)
             self.engine = None
+
+    def save_snapshot(self, path) -> dict:
+        """Save the whole machine to path (hclsim.snapshot); returns the snapshot's header."""
+        from hclsim import snapshot
+        return snapshot.save(self, path)
+
+    @classmethod
+    def from_snapshot(cls, path, on_serial=None, **images) -> "Machine":
+        """A new machine that continues where the snapshot at path was taken."""
+        from hclsim import snapshot
+        return snapshot.restore(path, on_serial=on_serial, **images)
 
 
 def sidecar_summary(linux, handoff) -> dict | None:

@@ -1,0 +1,32 @@
+"""The VTL0 test guest run on sidecar CPUs through RUN_VP: every intercept it causes, what VTL2
+emulated for it (its result record), and the test devices it drove."""
+import struct
+
+import pytest
+
+EXPECTED_INTERCEPTS = ["cpuid", "io-port", "io-port", "unmapped-gpa", "unmapped-gpa", "msr"]
+
+
+@pytest.mark.parametrize("cpus,numa", [(4, 1), (12, 2)])
+def test_vtl0_guest_on_every_sidecar_cpu(hclsim_boot, golden, cpus, numa):
+    run = hclsim_boot(cpus=cpus, numa_nodes=numa)
+    sidecar_cpus = [c for c, status in run.cpu_status().items() if status == "IDLE"]
+    outputs = [run.run_vtl0(cpu) for cpu in sidecar_cpus]
+    for out in outputs:
+        cpu, record = out["cpu"], out["record"]
+        assert [i["type"] for i in out["intercepts"]] == EXPECTED_INTERCEPTS
+        assert record["done"] == 1 and record["vp_index"] == cpu
+        assert struct.pack("<3I", record["cpuid_ebx"], record["cpuid_ecx"], record["cpuid_edx"]) == b"Microsoft Hv"
+        assert out["port_writes"] == [["0x440", f"{0xC0DE0000 | cpu:#x}"]]
+        assert out["com1"] == ""  # only VP 0 says hello on COM1, and VP 0 is a Linux CPU
+    assert all(status == "IDLE" for c, status in run.cpu_status().items() if c in sidecar_cpus)
+    golden.check(f"{cpus}cpu-{numa}numa.json", [compact(out) for out in outputs])
+
+
+def compact(out: dict) -> dict:
+    """One line per intercept and per device access, record values in hex."""
+    return {"cpu": out["cpu"],
+            "intercepts": [" ".join(f"{k}={v}" for k, v in i.items()) for i in out["intercepts"]],
+            "record": {k: f"{v:#x}" for k, v in out["record"].items()}, "com1": out["com1"],
+            "port_writes": [" ".join(w) for w in out["port_writes"]],
+            "mmio_writes": [" ".join(w) for w in out["mmio_writes"]]}
