@@ -111,8 +111,10 @@ class FastPathState:
 
     def invalidate_blocks(self, start: int, end: int) -> None:
         """Forget cached instruction counts of blocks starting in [start, end) (code rewritten)."""
-        keys = self.block_table[:, 0]
-        hit = (keys > start) & (keys <= end)
+        # A key is (address + 1) ^ (size << 48): its low 48 bits are the block address's, + 1.
+        mask = (1 << 48) - 1
+        addresses = ((self.block_table[:, 0] & mask) - 1) & mask
+        hit = (addresses >= (start & mask)) & (addresses < (end & mask)) & (self.block_table[:, 0] != 0)
         # Open addressing: removing entries would break probe chains, so mark them stale
         # with a count of -1 (recounted on the next miss of the same key).
         self.block_table[hit, 1] = -1

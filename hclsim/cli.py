@@ -57,6 +57,9 @@ def cmd_boot(args) -> int:
         def live(name, data):
             sys.stdout.write(data.decode("utf-8", "replace"))
             sys.stdout.flush()
+    if args.gdb or args.wait_gdb:
+        from hclsim.debug.gdbserver import serve_boot
+        return serve_boot(config, args.gdb, args.wait_gdb, args.out or args.json, on_serial=live)
     try:
         result = boot(config, on_serial=live)
     except GuestFaultError as exc:
@@ -94,7 +97,7 @@ def _print_summary(result, report, out) -> None:
     if sc:
         print(f"  sidecar:  {len(sc['nodes'])} node(s), {sc['idle_cpus']} CPUs IDLE, Linux CPUs {sc['linux_cpus']}, "
               f"bring-up {sc['bring_up_reftime_100ns'] / 10_000:.3f} ms guest time "
-              f"({sc['bring_up_reftime_100ns']} x 100 ns)")
+              f"({sc['bring_up_reftime_100ns']} x 100 ns, {sc['bring_up_instructions']:,} instructions)")
         for n in sc["nodes"]:
             states = ", ".join(f"{s} {n['cpu_status'].count(s)}" for s in dict.fromkeys(n["cpu_status"]))
             print(f"    node {n['index']}: CPUs {n['base_cpu']}-{n['base_cpu'] + n['cpu_count'] - 1}, "
@@ -125,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="write report.json, serial.log, linux.dtb, boot_params.bin here")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the console")
     p.add_argument("--quiet", action="store_true", help="do not echo the guest's serial output")
+    p.add_argument("--gdb", metavar="HOST:PORT", help="serve gdb's remote protocol here (gdb: target remote HOST:PORT)")
+    p.add_argument("--wait-gdb", action="store_true", help="with --gdb: wait for gdb at the shim's first instruction")
     p.set_defaults(func=cmd_boot)
 
     from hclsim import sidecar_cli
     sidecar_cli.add_parser(sub, _add_boot_options)
     sub.choices["sidecar"].set_defaults(func=lambda args: sidecar_cli.cmd_sidecar(args, config_from_args))
+
+    from hclsim import step_cli
+    step_cli.add_parser(sub, _add_boot_options)
+    sub.choices["step"].set_defaults(func=lambda args: step_cli.cmd_step(args, config_from_args))
 
     fw = sub.add_parser("firmware", help="firmware tools")
     fw_sub = fw.add_subparsers(dest="firmware_command", required=True)

@@ -138,7 +138,6 @@ extern uint8_t __image_base[], __image_end[];
 void *memset(void *dst, int c, size_t n);
 void *memcpy(void *dst, const void *src, size_t n);
 void zero_page(void *page);
-size_t strlen(const char *s);
 
 struct sbuf {
     char *buf;

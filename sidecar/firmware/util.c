@@ -59,14 +59,6 @@ void zero_page(void *page)
     }
 }
 
-size_t strlen(const char *s)
-{
-    size_t n = 0;
-    while (s[n])
-        n++;
-    return n;
-}
-
 static void sb_char(struct sbuf *b, char c)
 {
     if (b->len < b->cap)

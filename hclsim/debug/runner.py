@@ -1,0 +1,223 @@
+"""Running the VPs under the debugger: the scheduler's loop (cpu/scheduler.py, Scheduler._run),
+taken turn by turn so it can stop in the middle of a VP's turn and go on from there exactly as if
+it had not stopped, and report VTL switches and the kernel handoff on the way.
+
+A VP's turn ("slice") lasts until it halts or yields; a debugger stop inside one leaves it
+current, and the next step or continue carries on with it before the scheduler picks another VP
+(no interrupt delivery in between, as in an uninterrupted run). The instruction counter counts a
+translated block's instructions when the block is entered (cpu/fastpath.py), so a stop in the
+middle of a block gives back the count of the instructions it did not run (`_rewind`); the
+resumed run enters a block starting there and counts them then. Stepped and continued runs
+therefore end with the same counters as an uninterrupted one.
+"""
+import gc
+import threading
+import time
+
+import numpy as np
+
+from hclsim import HclsimError
+from hclsim.cpu import engine as eng
+from hclsim.cpu import intercepts, interrupts, vtl
+from hclsim.cpu.fastpath import H_BLOCKS, H_ICOUNT, H_LAST_BLOCK
+from hclsim.cpu.hypervisor import VtlReturn
+from hclsim.cpu.insnlen import count_instructions
+from hclsim.cpu.scheduler import CRASH, STOP_CRASH, STOP_FAULT, YIELD, Intercept, SchedulerStop
+from hclsim.cpu.vp import HALTED
+from hclsim.debug.events import (EVENT, FAULT, HANDOFF, IDLE, INTERRUPTED, STEP, TIMEOUT, StopEvent,
+                                 StopRequest)
+
+INTERRUPT_GRACE = 0.1      # seconds to wait for a natural stop before stopping the engine outright
+MAX_BLOCK_BYTES = 8192
+MASK64 = (1 << 64) - 1
+
+
+class Runner:
+    def __init__(self, machine, stops, watches):
+        self.machine, self.stops, self.watches = machine, stops, watches
+        self.slice = None               # the VP whose turn a debugger stop interrupted
+        self.events: set[str] = set()   # "vtl-switch", "intercept"
+        self.boot_result = None         # machine.take_handoff()'s result once the BSP got there
+        self.last_fault_report = None
+        self.reported = None            # (VP index, RIP) the last stop showed: resuming there passes it
+        self.running = False
+        self._interrupt = threading.Event()
+
+    @property
+    def sched(self):
+        return self.machine.scheduler
+
+    # ---- interrupting ---------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """From any thread. The run loop notices at the next VP exit; if the guest runs on without
+        one, the engine is stopped outright after a short grace period."""
+        self._interrupt.set()
+        threading.Thread(target=self._force_stop, name="hclsim-debug-interrupt", daemon=True).start()
+
+    def _force_stop(self) -> None:
+        time.sleep(INTERRUPT_GRACE)
+        for _ in range(100):
+            if not (self.running and self._interrupt.is_set()):
+                return
+            self.machine.engine.request_stop(StopRequest(INTERRUPTED))
+            time.sleep(0.05)  # again, in case it landed between two runs
+
+    def _interrupted(self, vp) -> StopEvent:
+        self._interrupt.clear()
+        index = vp.index if vp is not None else -1
+        return StopEvent(INTERRUPTED, index, self.machine.engine.reg("rip") if vp is not None else 0)
+
+    # ---- running --------------------------------------------------------------------------
+    def begin(self, vp) -> StopEvent | None:
+        """Give vp its turn, as the scheduler does after picking it."""
+        sched = self.sched
+        sched._load(vp)
+        self.slice = vp
+        try:
+            sched._inject(vp)
+        except interrupts.DeliveryError as exc:
+            return self._fault(vp, eng.VpExit(eng.EXIT_FAULT, sched.engine.reg("rip"), message=str(exc)))
+        return None
+
+    def _running(self):
+        """As Scheduler.run: no garbage collection walks over the VPs while the guest runs."""
+        collecting = gc.isenabled()
+        gc.disable()
+        self.running = True
+        self._interrupt.clear()
+        return collecting
+
+    def _stopped(self, collecting: bool) -> None:
+        self.running = False
+        if collecting:
+            gc.enable()
+
+    def cont(self, deadline: float) -> StopEvent:
+        collecting = self._running()
+        if self.slice is not None and self.sched.loaded is not self.slice:
+            self.slice = None  # something else ran the scheduler meanwhile (the sidecar driver's wait)
+        try:
+            while True:
+                if self.slice is None:
+                    if self._interrupt.is_set():
+                        return self._interrupted(None)
+                    vp = self.sched._pick()
+                    if vp is None:
+                        return StopEvent(IDLE, -1, 0, "no VP can run: every one is halted, external or not started")
+                    stop = self.begin(vp)
+                    if stop is not None:
+                        return stop
+                stop = self.run_slice(deadline)
+                if stop is not None:
+                    return stop
+        finally:
+            self._stopped(collecting)
+
+    def step(self, deadline: float) -> StopEvent:
+        collecting = self._running()
+        try:
+            return self.run_slice(deadline, stepping=True)
+        finally:
+            self._stopped(collecting)
+
+    def run_slice(self, deadline: float, stepping: bool = False) -> StopEvent | None:
+        """Run the current VP's turn until it gives the engine up (None) or something stops it.
+        Mirrors the inner loop of Scheduler._run; stepping ends at any VP exit."""
+        vp, sched, machine = self.slice, self.sched, self.machine
+        engine = sched.engine
+        if self.reported == (vp.index, engine.reg("rip")):
+            self.stops.arm_skip()  # a breakpoint here was reported already: run the instruction
+        self.reported = None
+        while True:
+            if self._interrupt.is_set():
+                return self._interrupted(vp)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return StopEvent(TIMEOUT, vp.index, engine.reg("rip"), "the time limit passed")
+            self.watches.begin_run()
+            exit = engine.run(timeout_us=int(left * 1e6) if left < 1e6 else 0)
+            reason = exit.stop_reason
+            if isinstance(reason, StopRequest) or reason == "timeout":
+                self._rewind(engine)
+                if self.watches.hit is not None:  # a watchpoint was hit just before this stop
+                    reason = self.watches.pending()
+                if reason == "timeout":
+                    return StopEvent(TIMEOUT, vp.index, exit.rip, "the time limit passed")
+                if reason.reason == INTERRUPTED:
+                    self._interrupt.clear()
+                return StopEvent(STEP if reason.temporary is not None else reason.reason, vp.index, exit.rip,
+                                 reason.detail, reason.watch_address, reason.watch_kind)
+            if isinstance(reason, VtlReturn):
+                sched._vtl_return(vp, reason.fast)
+                stop = self._event(vp, "vtl-switch", "VTL return: the VP runs VTL0", stepping)
+            elif isinstance(reason, Intercept) or (exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None
+                                                   and machine.hv.vps[vp.index].vtl == 0):
+                what = reason.kind if isinstance(reason, Intercept) else f"MMIO at {exit.fault_address:#x}"
+                message = sched._intercept_message(vp, reason.kind) if isinstance(reason, Intercept) else \
+                    intercepts.memory(engine, vp.index, exit.fault_address, exit.unmapped_write)
+                sched._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
+                detail = f"VTL entry: {what} intercept in VTL0 at {exit.rip:#x}"
+                stop = self._event(vp, "intercept", detail, stepping) or self._event(vp, "vtl-switch", detail, stepping)
+            elif reason is YIELD:
+                self.slice = None
+                return StopEvent(STEP, vp.index, engine.reg("rip"), "yielded at PAUSE") if stepping else None
+            elif reason is CRASH:
+                exit.message = machine.hv.crash.summary()
+                return self._fault(vp, exit, STOP_CRASH)
+            elif exit.kind == eng.EXIT_HLT:
+                vp.state = HALTED
+                vp.halted_with_interrupts = interrupts.interrupts_enabled(engine)
+                if sched._takes_interrupt(vp) and vp.halted_with_interrupts:
+                    sched._inject(vp)  # an interrupt was already waiting: no need to sleep
+                    stop = self._event(vp, None, "halted; an interrupt was waiting", stepping)
+                else:
+                    self.slice = None
+                    return StopEvent(STEP, vp.index, engine.reg("rip"), "halted") if stepping else None
+            elif exit.kind == eng.EXIT_ADDRESS and exit.rip in sched.stop_addresses:
+                if vp is machine.bsp and exit.rip == machine.image.kernel_entry:
+                    return self._handoff(vp, exit)
+                return self._fault(vp, exit, STOP_FAULT, f"VP {vp.index} jumped to the kernel entry")
+            elif exit.kind in (eng.EXIT_ADDRESS, eng.EXIT_FAULT):
+                return self._fault(vp, exit)
+            else:
+                return self._fault(vp, exit, STOP_FAULT, str(reason))
+            if stop is not None:
+                return stop
+
+    def _event(self, vp, kind, detail: str, stepping: bool) -> StopEvent | None:
+        rip = self.sched.engine.reg("rip")
+        if kind in self.events:
+            return StopEvent(EVENT, vp.index, rip, detail)
+        return StopEvent(STEP, vp.index, rip, detail) if stepping else None
+
+    # ---- outcomes -------------------------------------------------------------------------
+    def _handoff(self, vp, exit) -> StopEvent:
+        try:
+            self.boot_result = self.machine.take_handoff()
+        except HclsimError as exc:  # the stand-in refused the handoff
+            self.last_fault_report = f"kernel handoff rejected: {exc}"
+            return StopEvent(FAULT, vp.index, exit.rip, self.last_fault_report)
+        self.slice = None  # the BSP is the Linux stand-in's now
+        rest = "; the sidecar VPs run on" if self.machine.linux.sidecar is not None else ""
+        return StopEvent(HANDOFF, vp.index, exit.rip, f"kernel entry: handoff checked; the Linux stand-in runs VP 0{rest}")
+
+    def _fault(self, vp, exit, reason: str = STOP_FAULT, detail: str = "") -> StopEvent:
+        err = self.machine._stop_error(SchedulerStop(reason, vp, exit, detail))
+        self.last_fault_report = err.report
+        return StopEvent(FAULT, vp.index, exit.rip, str(err))
+
+    @staticmethod
+    def _rewind(engine) -> None:
+        """The run stopped before RIP, inside the last block it entered (counted whole on entry):
+        give back the count of that block's instructions from RIP on, which have not run. The
+        resumed run enters a block at RIP and counts them then."""
+        h = engine.state.buf
+        end, rip = int(h[H_LAST_BLOCK]) & MASK64, engine.reg("rip")  # the slot holds it as int64
+        if not 0 < end - rip <= MAX_BLOCK_BYTES:
+            return  # stopped at a block boundary: nothing counted ahead
+        code = engine.read_virtual(rip, end - rip)
+        if len(code) != end - rip:
+            return
+        h[H_ICOUNT] -= count_instructions(np.frombuffer(code, np.uint8), 0, len(code))
+        h[H_BLOCKS] -= 1
+        h[H_LAST_BLOCK] = rip - (1 << 64) if rip >> 63 else rip

@@ -1,0 +1,163 @@
+"""`hclsim step`: the gdb-like prompt, scripted (-x, --script) as a user runs it, and its commands
+in process (StepShell over a StringIO)."""
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+
+from hclsim.config import BootConfig
+from hclsim.debug.target import DebugTarget
+from hclsim.machine import Machine
+from hclsim.step_cli import StepShell
+
+
+def hclsim_step(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "hclsim", "step", "--quiet", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def shell():
+    """shell(*commands, cpus=4) -> the output of running them at a fresh prompt."""
+    made = []
+
+    def run(*commands, cpus=4):
+        machine = Machine(BootConfig(cpus=cpus))
+        target = DebugTarget(machine)
+        out = io.StringIO()
+        sh = StepShell(target, out, 30)
+        made.append((target, machine))
+        for command in commands:
+            sh.onecmd(command)
+        sh.output = out.getvalue()
+        return sh
+    yield run
+    for target, machine in made:
+        target.close()
+        machine.close()
+
+
+def test_scripted_session_breaks_at_shim_main():
+    proc = hclsim_step("-x", "break shim_main", "-x", "continue", "-x", "info registers rip cr3 efer", "-x", "quit")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.startswith("VP 0 stopped at 0x") and "<shim:_start> shim/start.S:" in out.splitlines()[0]
+    assert re.search(r"^Breakpoint 1 at 0x[0-9a-f]+ <shim:shim_main> shim/main\.c:\d+$", out, re.M)
+    assert re.search(r"^Breakpoint 1, VP 0 stopped at 0x[0-9a-f]+ <shim:shim_main> shim/main\.c:\d+$", out, re.M)
+    assert re.search(r"^=> 0x[0-9a-f]+ <shim:shim_main>:\t\w+", out, re.M)
+    assert re.search(r"^rip +0x[0-9a-f]+ +<shim:shim_main>$", out, re.M)
+    assert re.search(r"^efer +0xd00$", out, re.M) and re.search(r"^cr3 +0x[0-9a-f]+$", out, re.M)
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_commands_give_one_error_line_and_the_session_goes_on(tmp_path):
+    script = tmp_path / "cmds"
+    script.write_text("# comment\nfrobnicate\nbreak no_such_function\nx/4q 0x1000\nstepi 2\n")
+    proc = hclsim_step("--script", str(script), "-x", "info registers rip")
+    assert proc.returncode == 1  # a command failed
+    lines = proc.stdout.splitlines()
+    errors = [l for l in lines if l.startswith("error: ")]
+    assert errors == ["error: unknown command 'frobnicate' (help lists the commands)",
+                      "error: unknown symbol or address 'no_such_function'",
+                      "error: bad x format /4q: count, then a format (xduotacsi) and a size (bhwg)"]
+    assert any(l.startswith("VP 0 stopped at") and "_start+0x4" in l for l in lines)  # stepi 2 ran
+    assert any(l.startswith("rip ") for l in lines)
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_stepi_nexti_and_the_stop_lines(shell):
+    sh = shell("stepi", "si 3", "break shim_main", "c", "nexti 2")
+    out = sh.output.splitlines()
+    assert out[0].startswith("VP 0 stopped at ") and "<shim:_start+0x1> shim/start.S:" in out[0]
+    assert out[1].startswith("=> ") and out[1].endswith("\tmov r15, rsi")
+    assert any(line.startswith("VP 0 stopped at ") and "<shim:_start+0x12>" in line for line in out)  # si 3
+    assert not sh.failed and sh.target.last_stop.reason == "step"
+
+
+def test_x_formats(shell):
+    sh = shell("break shim_main", "continue", "x/4gx $rsp", "x/8xb $rsp", "x/2dw $rsp", "x/3i $rip",
+               "x/4gx -phys 0x8500000", "x/2a $rsp", "x/2c shim:_start", "x/s shim:line_buf", "x/uh $rsp")
+    assert not sh.failed, sh.output
+    out = sh.output
+    assert re.search(r"^0x[0-9a-f]+ <[^>]+>:\t0x[0-9a-f]{16}\t0x[0-9a-f]{16}$", out, re.M)     # x/4gx: 2 a line
+    assert re.search(r"^0x[0-9a-f]+ <[^>]+>:(\t0x[0-9a-f]{2}){8}$", out, re.M)                 # x/8xb
+    assert re.search(r"^0x[0-9a-f]+ <[^>]+>:\t-?\d+\t-?\d+$", out, re.M)                        # x/2dw
+    assert re.search(r"^=> 0x[0-9a-f]+ <shim:shim_main>:\tpush r15$", out, re.M)                # x/3i
+    assert re.search(r"^   0x[0-9a-f]+ <shim:shim_main\+0x2>:\t", out, re.M)
+    assert re.search(r"^0x8500000 \(phys\):\t0x[0-9a-f]{16}\t0x[0-9a-f]{16}$", out, re.M)       # x/4gx -phys
+    assert re.search(r"^0x[0-9a-f]+ <shim:_start>:\t252 '\\xfc'\t73 'I'$", out, re.M)          # cld; REX.WB
+    assert re.search(r"^0x[0-9a-f]+ <shim:line_buf>:\t'", out, re.M)
+
+
+def test_breakpoints_threads_and_a_sidecar_ap(shell):
+    sh = shell("break sidecar:ap_main", "continue", "info threads", "thread 0", "info breakpoints",
+               "delete 1", "info breakpoints", "thread 2", "stepi", cpus=4)
+    assert not sh.failed, sh.output
+    out = sh.output
+    assert re.search(r"^Breakpoint 1 at 0xffffff8000[0-9a-f]+ <sidecar:ap_main> sidecar/vp\.c:\d+ \(and 1 alias\)$",
+                     out, re.M)
+    assert re.search(r"^Breakpoint 1, VP 1 stopped at 0xffffff8000[0-9a-f]+ <sidecar:ap_main>", out, re.M)
+    assert re.search(r"^\* 1    VP 1 sidecar VTL2 +0xffffff8000[0-9a-f]+ <sidecar:ap_main>", out, re.M)
+    assert re.search(r"^  0    VP 0 boot shim VTL2 +0x[0-9a-f]+ <sidecar:sidecar_main\+0x", out, re.M)
+    assert "[Current thread is VP 0: VP 0 boot shim VTL2]" in out
+    assert re.search(r"^1    breakpoint +0xffffff8000[0-9a-f]+ <sidecar:ap_main>", out, re.M)
+    assert "No breakpoints, watchpoints or catchpoints." in out
+    assert sh.target.current == 2 or "VP 2 is not-started" in out  # VP 2 may not be started yet
+
+
+def test_watchpoints(shell):
+    sh = shell("watch -phys 0x8500000 4", "continue", "delete", "watch sidecar:node_count 4", "continue",
+               "info breakpoints", "rwatch phys 0x8500000", "awatch 0x8500000 2")
+    assert not sh.failed, sh.output
+    out = sh.output
+    assert "Hardware watchpoint 1: phys 0x8500000 len 4" in out
+    assert re.search(r"^Hardware watchpoint 1: watch phys 0x8500000 len 4: write of 4 bytes at 0x8500000: "
+                     r"0x0 -> 0x474f4c53 by the instruction at 0x[0-9a-f]+$", out, re.M)
+    assert re.search(r"^VP 0 stopped at 0x[0-9a-f]+ <shim:log_init\+0x[0-9a-f]+> shim/log\.c:\d+$", out, re.M)
+    assert re.search(r"^Hardware watchpoint 2: watch 0xffffff8000[0-9a-f]+ len 4: write of 4 bytes", out, re.M)
+    assert re.search(r"^2    hw watchpoint   0xffffff8000[0-9a-f]+ len 4$", out, re.M)
+    assert "Hardware read watchpoint 3: phys 0x8500000 len 8" in out
+    assert "Hardware access (read/write) watchpoint 4: 0x8500000 len 2" in out
+
+
+def test_catch_pagewalk_disassemble_and_list(shell):
+    sh = shell("catch exit cpuid", "continue", "info pagewalk $rip", "disassemble", "list",
+               "disassemble shim_main 3", "catch exit bogus")
+    out = sh.output
+    assert re.search(r"^Catchpoint 1 \(catch exit cpuid: leaf 0x40000000\), VP 0 stopped at", out, re.M)
+    assert re.search(r"^  PML4E at 0x[0-9a-f]+ = 0x[0-9a-f]{16} \(present", out, re.M)
+    assert re.search(r"^  -> GPA 0x[0-9a-f]+$", out, re.M)
+    assert re.search(r"^=> 0x[0-9a-f]+ <shim:hv_confirm_isolation\+0xa>:\tcpuid$", out, re.M)
+    assert re.search(r"^   shim/hv\.c:\d+$", out, re.M)                     # source lines in the disassembly
+    assert re.search(r"^\d+ +> ", out, re.M)                               # list marks RIP's line
+    assert re.search(r"^   0x[0-9a-f]+ <shim:shim_main\+0x4>:\tpush r13$", out, re.M)
+    assert out.splitlines()[-1].startswith("error: usage: catch vtl-switch")
+
+
+def test_catch_vtl_switch_with_run_vp(shell):
+    sh = shell("continue", "sidecar run-vp 3", "catch vtl-switch", "continue", "info registers rip cr3",
+               "catch intercept", "continue", cpus=8)
+    assert not sh.failed, sh.output
+    out = sh.output
+    assert "VP 0 reached the kernel entry" in out and "RUN_VP started on CPU 3" in out
+    assert re.search(r"^Catchpoint 1 \(VTL return: the VP runs VTL0\), VP 3 stopped at 0x200000 <vtl0:vtl0_entry>",
+                     out, re.M)
+    assert re.search(r"^cr3 +0x1000$", out, re.M)
+    assert re.search(r"^Catchpoint 1 \(VTL entry: \w+ intercept in VTL0 at 0x[0-9a-f]+\), VP 3 stopped at", out, re.M)
+
+
+def test_a_guest_fault_prints_the_report_and_keeps_the_prompt(shell):
+    sh = shell("set $rip = 0xdead00000000", "stepi", "info registers rip", "set $rip = shim:_start", "stepi")
+    out = sh.output
+    assert re.search(r"^guest fault: #\w+ at RIP 0xdead00000000: ", out, re.M)
+    assert "registers:" in out and "code:" in out
+    assert re.search(r"^VP 0 stopped at 0x[0-9a-f]+ <shim:_start\+0x1>", out, re.M)
+    assert sh.faulted and not sh.failed
+
+
+def test_step_is_a_subcommand_with_the_boot_options():
+    from hclsim.cli import build_parser
+    args = build_parser().parse_args(["step", "--cpus", "8", "--no-sidecar", "-x", "si", "-x", "c"])
+    assert (args.cpus, args.no_sidecar, args.commands, args.script) == (8, True, ["si", "c"], None)
