@@ -1,4 +1,4 @@
-"""Guest physical memory: one anonymous shared mapping, mapped into every engine with mem_map_ptr.
+"""Guest physical memory: one anonymous private mapping, mapped into every engine with mem_map_ptr.
 
 Plain data access only (vm-memory style); no knowledge of what lives where.
 """
@@ -23,6 +23,11 @@ class GuestMemory:
             raise GuestMemoryError(f"guest memory size {size:#x} must be a positive multiple of 4 KiB")
         self.size = size
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # Transparent huge pages where the host allows them: a first touch of fresh guest RAM
+        # (1024 APs set up ~7 pages each) then costs one fault per 2 MiB instead of per 4 KiB,
+        # which was a third of AP bring-up; RSS rounds up to the 2 MiB pages touched.
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         self._array = np.frombuffer(self._map, dtype=np.uint8)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
