@@ -10,6 +10,7 @@ import gc
 import time
 from dataclasses import dataclass
 
+from hclsim import HclsimError
 from hclsim.cpu import engine as eng
 from hclsim.cpu import intercepts, interrupts, vtl
 from hclsim.cpu.cpuid import cpuid_lookup
@@ -27,6 +28,10 @@ STOP_CONDITION = "condition"    # the caller's until() became true
 
 YIELD = "yield"       # stop reasons the site handler gives the engine
 CRASH = "crash"
+
+
+class VpRunError(HclsimError):
+    """Running a VP's VTL0 for the host failed (a fault, a timeout, a VP it cannot run)."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +281,43 @@ class Scheduler:
                 if reason == "timeout":
                     return SchedulerStop(STOP_TIMEOUT, vp, exit)
                 return SchedulerStop(STOP_FAULT, vp, exit, str(reason))
+
+    def run_external_vtl0(self, vp, timeout: float = 30.0):
+        """Run VTL0 of a VP the Linux stand-in owns until it needs the host, as mshv_vtl's
+        RUN_VP does on a Linux CPU: the intercept comes straight back to the caller (VTL2 code
+        is not entered). Returns the intercept's HvMessage bytes, or None if VTL0 halted;
+        VpRunError on a fault or a timeout."""
+        if vp.state != EXTERNAL:
+            raise VpRunError(f"VP {vp.index} is not a Linux CPU")
+        self.unload()
+        state = self.hv.vps[vp.index]
+        engine = self.engine
+        vp.load(engine)                     # its VTL2 context underneath, as on hardware
+        vtl.apply_vtl0(engine, state.vtl0_registers)
+        state.vtl = 0
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise VpRunError(f"VP {vp.index}: VTL0 ran {timeout:g} s without an intercept")
+                exit = engine.run(timeout_us=int(left * 1e6))
+                reason = exit.stop_reason
+                if isinstance(reason, Intercept):
+                    self.intercepts += 1
+                    return self._intercept_message(vp, reason.kind)
+                if reason is YIELD:         # PAUSE in VTL0: nothing else runs on this CPU
+                    continue
+                if exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None:
+                    self.intercepts += 1
+                    return intercepts.memory(engine, vp.index, exit.fault_address, exit.unmapped_write)
+                if exit.kind == eng.EXIT_HLT:
+                    return None
+                raise VpRunError(f"VP {vp.index} VTL0 stopped at {exit.rip:#x}: {exit.kind} {exit.message}".rstrip())
+        finally:
+            vtl.capture_vtl0(engine, state.vtl0_registers)
+            state.vtl = 2
+            engine.current_vp = None
 
     def mark_external(self, vp) -> None:
         """vp is now run by the Linux stand-in (the BSP after the handoff, onlined CPUs)."""

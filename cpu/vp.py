@@ -56,7 +56,8 @@ class Vp:
 
     def load(self, engine) -> None:
         """Make engine run this VP next."""
-        engine.uc.context_restore(self.context)
+        # A Linux boot CPU never ran VTL2 code here: it runs VTL0 over a reset context.
+        engine.uc.context_restore(self.context if self.context is not None else engine.pristine)
         engine.flush_tlb()
         engine.state.buf[fastpath.H_APIC_ID] = self.apic_id
         engine.state.buf[fastpath.H_VP_INDEX] = self.index

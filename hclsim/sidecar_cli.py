@@ -34,7 +34,7 @@ def add_parser(sub, add_boot_options) -> None:
     t.add_argument("cpu", type=int)
     t.add_argument("gva", type=lambda v: int(v, 0))
     t.add_argument("--write", action="store_true", help="validate write access")
-    r = actions.add_parser("run-vp", help="RUN_VP: the VTL0 test guest through all its intercepts")
+    r = actions.add_parser("run-vp", help="run the VTL0 test guest through all its intercepts (RUN_VP on sidecar CPUs, directly on Linux CPUs)")
     r.add_argument("cpu", type=int)
     o = actions.add_parser("online", help="convert sidecar CPUs into Linux CPUs")
     o.add_argument("targets", type=int, nargs="+", metavar="CPU")
@@ -79,11 +79,11 @@ def run_action(args, machine, result) -> dict:
             out["gpa"] = f"{(gpa_page << 12) | (args.gva & 0xFFF):#x}"
         return out
     if args.action == "run-vp":
-        from hclsim.sidecar.vp_loop import TestDevices, VpRunner
+        from hclsim.sidecar.vp_loop import TestDevices, vtl0_runner
         if machine.vtl0_guest is None:
             raise HclsimError("no VTL0 guest is loaded")
         results = machine.vtl0_guest.results(machine.mem)
-        runner = VpRunner(machine, sc, args.cpu, TestDevices())
+        runner = vtl0_runner(machine, args.cpu, TestDevices())
         seen = runner.run_until_halted(lambda: results[args.cpu]["done"] == 1)
         rec = results[args.cpu]
         return {"cpu": args.cpu, "done": bool(rec["done"]),

@@ -212,12 +212,13 @@ class BootRun:
         return dict(sorted(out.items()))
 
     def run_vtl0(self, cpu: int) -> dict:
-        """Run the VTL0 test guest on sidecar CPU cpu to its end (RUN_VP, intercept by intercept):
-        its intercepts, result record, COM1 output and test-device accesses."""
-        from hclsim.sidecar.vp_loop import TestDevices, VpRunner
+        """Run the VTL0 test guest on CPU cpu to its end, intercept by intercept (RUN_VP through
+        the sidecar, or directly on a Linux CPU): its intercepts, result record, COM1 output and
+        test-device accesses."""
+        from hclsim.sidecar.vp_loop import TestDevices, vtl0_runner
         m = self.machine
         results = m.vtl0_guest.results(m.mem)
-        runner = VpRunner(m, m.linux.sidecar, cpu, TestDevices())
+        runner = vtl0_runner(m, cpu, TestDevices())
         seen = runner.run_until_halted(lambda: results[cpu]["done"] == 1)
         record = {name: int(results[cpu][name]) for name in results.dtype.names if name not in ("pad", "reserved")}
         return {"cpu": cpu,

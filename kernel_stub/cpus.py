@@ -9,8 +9,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hclsim import HclsimError
+from hclsim.cpu.vtl import CONTROL_NAMES, GPR_NAMES
 from hclsim.sidecar import layout as sl
+
+# HvRegister names of the cpu_context registers.
+_VTL0_REGISTER = {name: reg for reg, name in {**GPR_NAMES, **CONTROL_NAMES}.items()}
 
 
 class CpuOnlineError(HclsimError):
@@ -51,6 +57,18 @@ class LinuxCpus:
         self.machine.scheduler.mark_external(self.machine.vps[cpu])
         self.online.add(cpu)
 
+    def _restore_vtl0(self, node, cpu: int) -> None:
+        """A CPU that ran VTL0 through the sidecar keeps VTL0's shared registers in its command
+        page's cpu_context; as a Linux CPU it runs VTL0 from the VP's own state, so they move
+        there (its private registers, RIP and the rest, never left the hypervisor)."""
+        if cpu not in self.sidecar.vtl0_in_context:
+            return
+        gps = np.asarray(node.command_page(cpu)["cpu_context"]["gps"])
+        regs = self.machine.hv.vps[cpu].vtl0_registers
+        for name, value in zip(sl.CPU_CONTEXT_GPS, gps):
+            regs[_VTL0_REGISTER[name]] = int(value)
+        self.sidecar.vtl0_in_context.discard(cpu)
+
     def online_cpu(self, cpu: int, timeout: float = 30.0) -> float:
         """`echo 1 > /sys/devices/system/cpu/cpuN/online`; returns the conversion time (ms)."""
         with self._lock:
@@ -73,6 +91,7 @@ class LinuxCpus:
             if node.cpu_status(cpu) != sl.CPU_REMOVED:
                 raise CpuOnlineError(f"CPU {cpu} reported back {sl.CPU_STATUS_NAMES.get(node.cpu_status(cpu), '?')}, "
                                      f"not REMOVED")
+            self._restore_vtl0(node, cpu)
             self._bring_up(cpu)
             elapsed = (time.perf_counter() - t0) * 1e3
             self.conversions_ms.append(elapsed)

@@ -95,6 +95,7 @@ class Sidecar:
         self.stopped: dict[int, list[int]] = {n.index: [] for n in nodes}
         self.scanner = AttentionScanner(machine.mem, nodes, len(machine.vps))
         self.completed: set[int] = set()
+        self.vtl0_in_context: set[int] = set()   # CPUs that ran RUN_VP: see LinuxCpus.online_cpu
 
     @classmethod
     def from_device_tree(cls, machine, dt_sidecars) -> "Sidecar":
@@ -142,6 +143,8 @@ class Sidecar:
             raise SidecarError(f"request for CPU {cpu} is {len(request)} bytes, more than request_data holds")
         page["command"] = command
         page["has_error"] = 0
+        if command == sl.COMMAND_RUN_VP:
+            self.vtl0_in_context.add(cpu)  # the VP's VTL0 GPRs now live in its cpu_context
         np.asarray(page["request_data"])[:len(request)] = np.frombuffer(request, np.uint8)
         if not node.cas_status(cpu, sl.CPU_IDLE, sl.CPU_RUN):
             page["command"] = sl.COMMAND_NONE

@@ -50,6 +50,9 @@ control_page = _struct([
     ("reserved", "u1", 36), ("cpu_status", "u1", 4032)])
 
 cpu_context = _struct([("gps", "<u8", 16), ("fx_state", "u1", 1024 - 0x80)])
+# cpu_context.gps, in order (the sidecar loads them into VTL0 on each RUN_VP and saves them back).
+CPU_CONTEXT_GPS = ("rax", "rcx", "rdx", "rbx", "cr2", "rbp", "rsi", "rdi",
+                   "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 error = _struct([("len", "u1"), ("buf", "u1", 255)])
 

@@ -1,6 +1,8 @@
-"""Running a VP's VTL0 on a sidecar CPU from the host, the way the VM worker's VP loop does it
-through the sidecar (reference section 5): RUN_VP until an intercept, emulate the intercepted
-instruction, write the VP's registers back, RUN_VP again.
+"""Running a VP's VTL0 from the host, the way the VM worker's VP loop does it (reference
+section 5): run until an intercept, emulate the intercepted instruction, write the VP's registers
+back, run again. On a sidecar CPU each run is a RUN_VP command through the sidecar (VpRunner);
+on a Linux CPU (the BSP, onlined CPUs) the host runs VTL0 directly, as mshv_vtl's RUN_VP does
+(LinuxVpRunner). vtl0_runner() picks the right one.
 
 The devices here are the VTL0 test guest's: COM1 output, the test port (0x440) and the MMIO test
 range at 0xFED00000. Shared registers travel in the command page's cpu_context; RIP is private to
@@ -12,12 +14,13 @@ import numpy as np
 
 from hclsim.cpu import intercepts
 from hclsim.cpu.cpuid import cpuid_lookup
+from hclsim.cpu.scheduler import VpRunError
 from hclsim.cpu.vtl import GPR_NAMES
 from hclsim.sidecar import layout as sl
 from hclsim.sidecar.client import registers_request
 
 REG_RIP = 0x20010
-GPS = ("rax", "rcx", "rdx", "rbx", "cr2", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+GPS = sl.CPU_CONTEXT_GPS
 TEST_PORT, MMIO_BASE = 0x440, 0xFED00000
 TEST_PORT_VALUE = 0x1234ABCD
 
@@ -69,7 +72,7 @@ class VpRunner:
     def _set_rip(self, rip: int) -> None:
         page = self.sidecar.run(self.cpu, sl.COMMAND_SET_VP_REGISTERS, registers_request([(REG_RIP, rip)]))
         if page["has_error"]:
-            raise RuntimeError(f"SET_VP_REGISTERS on CPU {self.cpu}: {self.sidecar.error_text(page)}")
+            raise VpRunError(f"SET_VP_REGISTERS on CPU {self.cpu}: {self.sidecar.error_text(page)}")
 
     def step(self, done=None) -> dict | None:
         """One RUN_VP; handles its intercept. Returns the parsed intercept, or None if RUN_VP ended
@@ -87,44 +90,16 @@ class VpRunner:
         sc.wait(self.cpu)
         page = sc.node_of(self.cpu).command_page(self.cpu)
         if page["has_error"]:
-            raise RuntimeError(f"RUN_VP on CPU {self.cpu}: {self.sidecar.error_text(page)}")
+            raise VpRunError(f"RUN_VP on CPU {self.cpu}: {self.sidecar.error_text(page)}")
         if not np.asarray(page["request_data"])[0]:
             return None
         msg = intercepts.parse(bytes(np.asarray(page["intercept_message"])))
         self.intercepts.append(msg)
         regs = self._gps(page)
-        updates = self._emulate(msg, regs)
+        updates = emulate(self.machine, self.cpu, self.devices, msg, regs)
         self._set_gps(page, updates)
         self._set_rip(msg["rip"] + msg["instruction_length"])
         return msg
-
-    def _emulate(self, msg: dict, regs: dict) -> dict:
-        kind = msg["type"]
-        if kind == intercepts.MSG_CPUID:
-            table = self.machine.engine.state.cpuid_table
-            a, b, c, d = cpuid_lookup(table, regs["rax"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF,
-                                      self.machine.vps[self.cpu].apic_id)
-            return {"rax": int(a), "rbx": int(b), "rcx": int(c), "rdx": int(d)}
-        if kind == intercepts.MSG_IO_PORT:
-            size = msg["size"]
-            if msg["access"] == intercepts.ACCESS_READ:
-                mask = (1 << (8 * size)) - 1
-                return {"rax": (regs["rax"] & ~mask) | (self.devices.port_in(msg["port"], size) & mask)}
-            self.devices.port_out(msg["port"], size, regs["rax"] & ((1 << (8 * size)) - 1))
-            return {}
-        if kind == intercepts.MSG_MSR:
-            value = self.machine.hv.rdmsr(self.machine.engine, self.cpu, msg["msr"])
-            return {"rax": value & 0xFFFFFFFF, "rdx": value >> 32}
-        if kind == intercepts.MSG_UNMAPPED_GPA:
-            return self._emulate_mmio(msg, regs)
-        raise RuntimeError(f"unhandled intercept {kind:#x} on CPU {self.cpu}")
-
-    def _emulate_mmio(self, msg: dict, regs: dict) -> dict:
-        # The test guest's MMIO instructions: `mov eax, [rax]` and `mov [rax], edi`.
-        if msg["access"] == intercepts.ACCESS_READ:
-            return {"rax": self.devices.mmio_read(msg["gpa"], 4)}
-        self.devices.mmio_write(msg["gpa"], 4, regs["rdi"] & 0xFFFFFFFF)
-        return {}
 
     def run_until_halted(self, done, limit: int = 100) -> list[dict]:
         """step() until done() (the guest finished its work), then STOP the halted VTL0."""
@@ -134,5 +109,74 @@ class VpRunner:
             if self.step(done) is None:
                 break
         else:
-            raise RuntimeError(f"CPU {self.cpu}: VTL0 not finished after {limit} intercepts")
+            raise VpRunError(f"CPU {self.cpu}: VTL0 not finished after {limit} intercepts")
         return self.intercepts
+
+
+class LinuxVpRunner:
+    """Runs VTL0 of a Linux CPU until it halts: the host enters VTL0 itself and gets each
+    intercept straight back (no sidecar in between); the VP's VTL0 registers are the
+    hypervisor's copy (HvRegister names, as GET/SET_VP_REGISTERS see them)."""
+
+    def __init__(self, machine, cpu: int, devices: TestDevices):
+        self.machine, self.cpu, self.devices = machine, cpu, devices
+        self.intercepts: list[dict] = []
+
+    def step(self, done=None) -> dict | None:
+        """One run of VTL0; handles its intercept. None if VTL0 halted instead."""
+        m = self.machine
+        raw = m.scheduler.run_external_vtl0(m.vps[self.cpu])
+        if raw is None:
+            return None
+        msg = intercepts.parse(raw)
+        self.intercepts.append(msg)
+        regs = m.hv.vps[self.cpu].vtl0_registers
+        values = {name: regs.get(reg, 0) for reg, name in GPR_NAMES.items()}
+        for name, value in emulate(m, self.cpu, self.devices, msg, values).items():
+            regs[_REG_BY_NAME[name]] = value & 0xFFFFFFFFFFFFFFFF
+        regs[REG_RIP] = msg["rip"] + msg["instruction_length"]
+        return msg
+
+    run_until_halted = VpRunner.run_until_halted
+
+
+def vtl0_runner(machine, cpu: int, devices: TestDevices):
+    """The VP loop for cpu: through the sidecar if it is a sidecar CPU, directly on Linux CPUs."""
+    linux = machine.linux
+    if linux is None:
+        raise VpRunError("the kernel has not taken the handoff yet")
+    if cpu in linux.cpus.online:
+        return LinuxVpRunner(machine, cpu, devices)
+    if linux.sidecar is None or not any(n.owns(cpu) for n in linux.sidecar.nodes):
+        raise VpRunError(f"no CPU {cpu}")
+    return VpRunner(machine, linux.sidecar, cpu, devices)
+
+
+def emulate(machine, cpu: int, devices: TestDevices, msg: dict, regs: dict) -> dict:
+    """The register updates that complete the intercepted instruction (regs: GPRs by name)."""
+    kind = msg["type"]
+    if kind == intercepts.MSG_CPUID:
+        table = machine.engine.state.cpuid_table
+        a, b, c, d = cpuid_lookup(table, regs["rax"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF,
+                                  machine.vps[cpu].apic_id)
+        return {"rax": int(a), "rbx": int(b), "rcx": int(c), "rdx": int(d)}
+    if kind == intercepts.MSG_IO_PORT:
+        size = msg["size"]
+        if msg["access"] == intercepts.ACCESS_READ:
+            mask = (1 << (8 * size)) - 1
+            return {"rax": (regs["rax"] & ~mask) | (devices.port_in(msg["port"], size) & mask)}
+        devices.port_out(msg["port"], size, regs["rax"] & ((1 << (8 * size)) - 1))
+        return {}
+    if kind == intercepts.MSG_MSR:
+        value = machine.hv.rdmsr(machine.engine, cpu, msg["msr"])
+        return {"rax": value & 0xFFFFFFFF, "rdx": value >> 32}
+    if kind == intercepts.MSG_UNMAPPED_GPA:
+        # The test guest's MMIO instructions: `mov eax, [rax]` and `mov [rax], edi`.
+        if msg["access"] == intercepts.ACCESS_READ:
+            return {"rax": devices.mmio_read(msg["gpa"], 4)}
+        devices.mmio_write(msg["gpa"], 4, regs["rdi"] & 0xFFFFFFFF)
+        return {}
+    raise VpRunError(f"unhandled intercept {kind:#x} on CPU {cpu}")
+
+
+_REG_BY_NAME = {name: reg for reg, name in GPR_NAMES.items()}

@@ -239,3 +239,46 @@ def test_attention_scan_numba_matches_twin():
         results.append((first, attention, second, third))
     assert results[0] == results[1]
     assert results[0] == ([1, 5, 6], [0, 0], [], [2])
+
+
+def test_vtl0_runs_on_the_bsp_and_prints_on_com1(machine):
+    """Linux CPUs run VTL0 directly (mshv_vtl's RUN_VP): the BSP's test guest says hello on COM1."""
+    from hclsim.cpu import intercepts as ic
+    from hclsim.sidecar.vp_loop import LinuxVpRunner, TestDevices, vtl0_runner
+    m, r = machine
+    results = m.vtl0_guest.results(m.mem)
+    runner = vtl0_runner(m, 0, TestDevices())
+    assert isinstance(runner, LinuxVpRunner)
+    seen = runner.run_until_halted(lambda: results[0]["done"] == 1)
+    assert bytes(runner.devices.com1) == b"hello from VTL0 vp 0\n"
+    assert [msg["type"] for msg in seen[-6:]] == [ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT,
+                                                  ic.MSG_UNMAPPED_GPA, ic.MSG_UNMAPPED_GPA, ic.MSG_MSR]
+    rec = results[0]
+    assert rec["done"] == 1 and rec["vp_index"] == 0 and rec["mmio_value"] == 0xF00D0000
+    assert runner.devices.port_writes == [(0x440, 0xC0DE0000)]
+    assert m.hv.vps[0].vtl == 2 and 0 in r.linux.cpus.online
+
+
+def test_vtl0_state_moves_with_a_cpu_onlined_mid_run(machine):
+    """Three intercepts through the sidecar, then the CPU becomes a Linux CPU and VTL0 goes on
+    there: the IN result the host wrote into the command page's context reaches VTL0."""
+    from hclsim.cpu import intercepts as ic
+    from hclsim.sidecar.vp_loop import TEST_PORT_VALUE, LinuxVpRunner, TestDevices, VpRunner, vtl0_runner
+    m, r = machine
+    cpu = 5
+    results = m.vtl0_guest.results(m.mem)
+    devices = TestDevices()
+    through_sidecar = VpRunner(m, r.linux.sidecar, cpu, devices)
+    first = [through_sidecar.step() for _ in range(3)]   # CPUID, OUT, IN: IN's value is pending
+    assert [msg["type"] for msg in first] == [ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT]
+    assert [msg["access"] for msg in first[1:]] == [ic.ACCESS_WRITE, ic.ACCESS_READ]
+    r.linux.cpus.online_cpu(cpu)
+    on_linux = vtl0_runner(m, cpu, devices)
+    assert isinstance(on_linux, LinuxVpRunner)
+    rest = on_linux.run_until_halted(lambda: results[cpu]["done"] == 1)
+    assert [msg["type"] for msg in rest] == [ic.MSG_UNMAPPED_GPA, ic.MSG_UNMAPPED_GPA, ic.MSG_MSR]
+    rec = results[cpu]
+    assert rec["in_value"] == TEST_PORT_VALUE and rec["vp_index"] == cpu and rec["done"] == 1
+    vendor = struct.pack("<3I", rec["cpuid_ebx"], rec["cpuid_ecx"], rec["cpuid_edx"])
+    assert vendor == b"Microsoft Hv"
+    assert devices.port_writes == [(0x440, 0xC0DE0000 | cpu)]
