@@ -26,8 +26,10 @@ class GuestMemory:
         # Transparent huge pages where the host allows them: a first touch of fresh guest RAM
         # (1024 APs set up ~7 pages each) then costs one fault per 2 MiB instead of per 4 KiB,
         # which was a third of AP bring-up; RSS rounds up to the 2 MiB pages touched.
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
             self._map.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # no THP in this kernel: 4 KiB pages, same behaviour
+            pass
         self._array = np.frombuffer(self._map, dtype=np.uint8)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
