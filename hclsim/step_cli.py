@@ -12,7 +12,7 @@ import threading
 
 from hclsim import HclsimError
 from hclsim.debug import display
-from hclsim.debug.events import BREAKPOINT, EVENT, FAULT, WATCHPOINT, DebugError
+from hclsim.debug.events import BREAKPOINT, EVENT, FAULT, START, WATCHPOINT, DebugError, StopEvent
 from hclsim.debug.images import short_path
 from hclsim.debug.target import EVENTS, REGISTER_NAMES, DebugTarget
 
@@ -28,6 +28,9 @@ def add_parser(sub, add_boot_options) -> None:
     p.add_argument("-x", dest="commands", action="append", default=[], metavar="CMD",
                    help="run CMD (repeatable, after --script), then exit")
     p.add_argument("--quiet", action="store_true", help="do not echo the guest's serial output")
+    p.add_argument("--snapshot", metavar="FILE",
+                   help="go on from a snapshot (the `snapshot FILE` command's) instead of a new boot; "
+                        "the boot options are the snapshot's")
 
 
 class StepShell(cmd.Cmd):
@@ -359,6 +362,15 @@ class StepShell(cmd.Cmd):
         linux.sidecar.start(cpu, sl.COMMAND_RUN_VP)
         self.say(f"RUN_VP started on CPU {cpu}")
 
+    def do_snapshot(self, arg):
+        """snapshot FILE: save the whole machine as it stands (hclsim step --snapshot FILE, or
+        hclsim.snapshot.restore, goes on from here exactly)."""
+        if not arg.strip():
+            raise DebugError("usage: snapshot FILE")
+        from hclsim import snapshot
+        snapshot.save(self.target.machine, arg.strip())
+        self.say(f"saved the machine to {arg.strip()} ({os.path.getsize(arg.strip()):,} bytes)")
+
     def do_quit(self, arg):
         """quit: end the session."""
         return True
@@ -383,8 +395,24 @@ def cmd_step(args, config_from_args) -> int:
             raise HclsimError(f"--script {args.script}: {exc.strerror}") from None
     commands += args.commands
     shell_box = {}
-    machine = Machine(config, on_serial=None if args.quiet else lambda n, d: shell_box["shell"].serial(n, d))
+    on_serial = None if args.quiet else lambda n, d: shell_box["shell"].serial(n, d)
+    if args.snapshot:
+        from hclsim import snapshot
+        machine = snapshot.restore(args.snapshot, on_serial=on_serial)
+        if getattr(machine, "linux", None) is not None:
+            machine.close()
+            raise HclsimError(f"--snapshot {args.snapshot}: taken after the kernel handoff; "
+                              "hclsim step goes on from snapshots of the firmware's run")
+        config = machine.config
+    else:
+        machine = Machine(config, on_serial=on_serial)
     target = DebugTarget(machine)
+    loaded = machine.scheduler.loaded
+    if args.snapshot and loaded is not None:   # go on with the VP that was stopped
+        rip = target.registers(loaded.index)["rip"]
+        target.current = loaded.index
+        target.last_stop = StopEvent(START, loaded.index, rip, f"restored from {args.snapshot}")
+        target.runner.reported = (loaded.index, rip)
     try:
         shell = shell_box["shell"] = StepShell(target, sys.stdout, config.timeout)
         shell.say(*display.stop_lines(target, target.last_stop))

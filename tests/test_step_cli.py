@@ -161,3 +161,29 @@ def test_step_is_a_subcommand_with_the_boot_options():
     from hclsim.cli import build_parser
     args = build_parser().parse_args(["step", "--cpus", "8", "--no-sidecar", "-x", "si", "-x", "c"])
     assert (args.cpus, args.no_sidecar, args.commands, args.script) == (8, True, ["si", "c"], None)
+
+
+def test_snapshot_at_the_prompt_and_go_on_from_it(tmp_path):
+    """`snapshot FILE` at a sidecar breakpoint, then `hclsim step --snapshot FILE` goes on with the
+    same VP exactly as the first session did."""
+    snap = tmp_path / "ap_main.snap"
+    after = ["-x", "stepi 3", "-x", "info registers rip rsp rbx", "-x", "continue", "-x", "info threads", "-x", "quit"]
+    first = hclsim_step("--cpus", "8", "-x", "break ap_main", "-x", "continue", "-x", f"snapshot {snap}",
+                        "-x", "delete", *after)   # breakpoints belong to the session, not the machine
+    assert first.returncode == 0, first.stderr
+    assert f"saved the machine to {snap}" in first.stdout
+    again = hclsim_step("--snapshot", str(snap), *after)
+    assert again.returncode == 0, again.stderr
+    tail = first.stdout.split(f"saved the machine to {snap}", 1)[1].split("\n", 1)[1]
+    assert "VP 1 stopped at 0xffffff8000001ae6" in tail and "reached the kernel entry" in tail
+    assert again.stdout.split("\n", 2)[2] == tail   # after the restored stop's two lines: identical
+
+
+def test_snapshot_after_the_handoff_is_refused(tmp_path):
+    from hclsim import snapshot
+    m = Machine(BootConfig(cpus=4))
+    m.run_to_handoff()
+    snapshot.save(m, tmp_path / "late.snap")
+    m.close()
+    r = hclsim_step("--snapshot", str(tmp_path / "late.snap"), "-x", "quit")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "after the kernel handoff" in r.stderr
