@@ -19,9 +19,9 @@ from unicorn import x86_const as x86
 from hclsim.cpu import native
 from hclsim.cpu.fastpath import (H_FN_REG_READ, H_FN_REG_WRITE, H_FN_SLOW_SITE, H_HC_FAST, H_HV_AREA,
                                  H_RAM_ADDR, H_RAM_SIZE, H_VP_INDEX, _header, _int_to_voidptr)
+from hclsim.cpu.hypercalls import HVCALL_ENABLE_VP_VTL, HVCALL_START_VIRTUAL_PROCESSOR
 from hclsim.cpu.pagetable import walk
 
-HVCALL_ENABLE_VP_VTL, HVCALL_START_VIRTUAL_PROCESSOR = 0x000F, 0x0099
 PARTITION_ID_SELF = np.int64(-1)
 CONTEXT_BYTES = 0xE0
 CONTEXT_SLOTS = CONTEXT_BYTES // 8
@@ -84,7 +84,7 @@ def _u64(ram, pa):
 
 
 @njit(cache=True)
-def _try_fast(uc, h, ram, area, vp, rcx, in_gpa):
+def _try_fast(ram, area, vp, rcx, in_gpa):
     """The status of a succeeding EnableVpVtl/StartVp applied to area, or -1 for Python."""
     code = rcx & 0xFFFF
     if (code != HVCALL_ENABLE_VP_VTL and code != HVCALL_START_VIRTUAL_PROCESSOR) or (rcx >> 16) != 0:
@@ -136,7 +136,7 @@ def vmcall(uc, h):
         native.call_reg_access(h[H_FN_REG_READ], uc, x86.UC_X86_REG_RCX, regs[3:].ctypes.data)
         rcx = regs[3]
         native.call_reg_access(h[H_FN_REG_READ], uc, x86.UC_X86_REG_RDX, regs[3:].ctypes.data)
-        status = _try_fast(uc, h, ram, area, h[H_VP_INDEX], rcx, regs[3])
+        status = _try_fast(ram, area, h[H_VP_INDEX], rcx, regs[3])
         if status >= 0:
             h[H_HC_FAST] += 1
             regs[3] = status

@@ -19,6 +19,7 @@ HV_STATUS_INVALID_VP_STATE = 0x0015
 HV_STATUS_VTL_ALREADY_ENABLED = 0x0086
 
 HV_PARTITION_ID_SELF = 0xFFFFFFFFFFFFFFFF
+HVCALL_ENABLE_VP_VTL, HVCALL_START_VIRTUAL_PROCESSOR = 0x000F, 0x0099
 HV_VP_INDEX_SELF = 0xFFFFFFFE
 
 # Register names (section 6) answered by Get/SetVpRegisters.
@@ -258,8 +259,8 @@ def _translate(mem, cr0: int, cr3: int, gva: int, flags: int) -> tuple[int, int]
 
 CALLS = {
     0x00AC: CallSpec("HvCallTranslateVirtualAddressEx", False, 0x20, 0, 0x40, translate_virtual_address_ex),
-    0x000F: CallSpec("HvCallEnableVpVtl", False, 0xF0, 0, 0, enable_vp_vtl),
-    0x0099: CallSpec("HvCallStartVirtualProcessor", False, 0xF0, 0, 0, start_virtual_processor),
+    HVCALL_ENABLE_VP_VTL: CallSpec("HvCallEnableVpVtl", False, 0xF0, 0, 0, enable_vp_vtl),
+    HVCALL_START_VIRTUAL_PROCESSOR: CallSpec("HvCallStartVirtualProcessor", False, 0xF0, 0, 0, start_virtual_processor),
     0x0050: CallSpec("HvCallGetVpRegisters", True, 0x10, 4, 16, get_vp_registers),
     0x0051: CallSpec("HvCallSetVpRegisters", True, 0x10, 32, 0, set_vp_registers),
     0x009A: CallSpec("HvCallGetVpIndexFromApicId", True, 0x10, 4, 4, get_vp_index_from_apic_id),

@@ -11,6 +11,10 @@ import numpy as np
 
 from hclsim.boot.layout import ISOLATION_NONE, ISOLATION_SNP, ISOLATION_TDX
 from hclsim.cpu import hypercalls
+from hclsim.cpu.apic import (APIC_BASE_BSP, APIC_BASE_WRITABLE, APIC_BASE_X2APIC, APIC_COL_BASE, APIC_COL_PENDING,
+                             APIC_COL_SVR, APIC_COL_TPR, APIC_VERSION, SVR_APIC_ENABLE, X86_MSR_APIC_BASE,
+                             X2APIC_MSR_EOI, X2APIC_MSR_ICR, X2APIC_MSR_ID, X2APIC_MSR_SVR, X2APIC_MSR_TPR,
+                             X2APIC_MSR_VERSION, new_apic_table)
 from hclsim.cpu.engine import GuestException
 from hclsim.cpu.hypercall_fastpath import COL_STARTED, COL_START_PENDING, COL_VTL2_ENABLED, CTX_ENABLE, CTX_START, HvNativeArea
 
@@ -23,7 +27,6 @@ HV_X64_MSR_APIC_FREQUENCY = 0x40000023
 HV_X64_MSR_VP_ASSIST_PAGE = 0x40000073
 HV_X64_MSR_CRASH_P0 = 0x40000100
 HV_X64_MSR_CRASH_CTL = 0x40000105
-X86_MSR_APIC_BASE = 0x1B
 
 CRASH_CTL_NOTIFY = 1 << 63
 CRASH_CTL_CRASH_MESSAGE = 1 << 62
@@ -83,59 +86,31 @@ def hypercall_page_bytes() -> bytes:
     return bytes(page)
 
 
-X2APIC_MSR_ID, X2APIC_MSR_VERSION, X2APIC_MSR_TPR = 0x802, 0x803, 0x808
-X2APIC_MSR_EOI, X2APIC_MSR_SVR, X2APIC_MSR_ICR = 0x80B, 0x80F, 0x830
-APIC_BASE_DEFAULT = 0xFEE00000
-APIC_BASE_BSP, APIC_BASE_X2APIC, APIC_BASE_ENABLE = 1 << 8, 1 << 10, 1 << 11
-SVR_APIC_ENABLE = 1 << 8
-APIC_VERSION = 0x50014  # version 0x14, max LVT 5
-
-
-# Columns of Hypervisor.apic, one row per VP (the layout cpu/msr_fastpath.py reads).
-APIC_COL_BASE, APIC_COL_SVR, APIC_COL_TPR, APIC_COL_PENDING = range(4)
-APIC_COLUMNS = 4
-
-
-def new_apic_table(vps: int) -> np.ndarray:
-    """Per-VP local APIC registers at reset: xAPIC enabled at the default base, SVR 0xFF."""
-    table = np.zeros((vps, APIC_COLUMNS), np.int64)
-    table[:, APIC_COL_BASE] = APIC_BASE_DEFAULT | APIC_BASE_ENABLE
-    table[:, APIC_COL_SVR] = 0xFF
-    return table
-
-
 @dataclass
 class VpState:
     """Per-VP hypervisor state (the VP's own registers live in its engine context)."""
     index: int
     apic_id: int
+    # apic_base, svr, tpr: properties over apic_row, this VP's row of Hypervisor.apic, which the
+    # native MSR path (cpu/msr_fastpath.py) reads and writes too.
+    apic_row: np.ndarray = field(repr=False)
+    # vtl2_enabled, started, vtl2_context (EnableVpVtl's), start_context (StartVp's, taken by
+    # the scheduler): properties over row `index` of the hypervisor's native area
+    # (cpu/hypercall_fastpath.py).
+    native: HvNativeArea = field(repr=False)
     vp_assist_page: int = 0
     mtrrs: dict = field(default_factory=dict)
-    # apic_base, svr, tpr: properties over apic_row, a row of Hypervisor.apic that the native
-    # MSR path (cpu/msr_fastpath.py) reads and writes too.
-    apic_row: np.ndarray = field(default=None, repr=False)
-    # vtl2_enabled, started, vtl2_context (EnableVpVtl's), start_context (StartVp's, taken by
-    # the scheduler): properties over the hypervisor's native area (cpu/hypercall_fastpath.py).
-    native: HvNativeArea = field(default=None, repr=False)
     vtl0_registers: dict = field(default_factory=lambda: {0x20010: 0xFFF0, 0x20011: 0x2, 0x40000: 0x60000010})
     vtl: int = 2                             # the VTL the VP runs in now
     irr: set = field(default_factory=set)    # requested vectors
     isr: list = field(default_factory=list)  # in service, innermost last
 
-    def __post_init__(self):
-        if self.apic_row is None:
-            self.apic_row = new_apic_table(1)[0]
-        if self.native is None:
-            self.native, self._row = HvNativeArea(1), 0
-        else:
-            self._row = self.index
-
     def _flag(column):
         def get(self):
-            return bool(self.native.vp[self._row, column])
+            return bool(self.native.vp[self.index, column])
 
         def set_(self, value):
-            self.native.vp[self._row, column] = int(bool(value))
+            self.native.vp[self.index, column] = int(bool(value))
         return property(get, set_)
 
     vtl2_enabled = _flag(COL_VTL2_ENABLED)
@@ -145,29 +120,29 @@ class VpState:
 
     @property
     def vtl2_context(self) -> bytes | None:
-        return self.native.context_bytes(self._row, CTX_ENABLE) if self.vtl2_enabled else None
+        return self.native.context_bytes(self.index, CTX_ENABLE) if self.vtl2_enabled else None
 
     @vtl2_context.setter
     def vtl2_context(self, raw: bytes) -> None:
-        self.native.set_context(self._row, CTX_ENABLE, raw)
+        self.native.set_context(self.index, CTX_ENABLE, raw)
 
     @property
     def start_context(self) -> dict | None:
         if not self.start_pending:
             return None
-        return hypercalls.parse_vp_context(self.native.context_bytes(self._row, CTX_START))
-
-    def take_start_context(self) -> bytes:
-        """The raw HvInitialVpContext of the StartVp waiting for the scheduler, now taken."""
-        self.start_pending = False
-        return self.native.context_bytes(self._row, CTX_START)
+        return hypercalls.parse_vp_context(self.native.context_bytes(self.index, CTX_START))
 
     @start_context.setter
     def start_context(self, raw: bytes | None) -> None:
         """The raw HvInitialVpContext of a StartVp, or None once the scheduler took it."""
         if raw is not None:
-            self.native.set_context(self._row, CTX_START, raw)
+            self.native.set_context(self.index, CTX_START, raw)
         self.start_pending = raw is not None
+
+    def take_start_context(self) -> bytes:
+        """The raw HvInitialVpContext of the StartVp waiting for the scheduler, now taken."""
+        self.start_pending = False
+        return self.native.context_bytes(self.index, CTX_START)
 
     apic_base = property(lambda self: int(self.apic_row[APIC_COL_BASE]),
                          lambda self, v: self.apic_row.__setitem__(APIC_COL_BASE, v))
@@ -212,7 +187,7 @@ class Hypervisor:
     def __post_init__(self):
         self.apic = new_apic_table(len(self.apic_ids))
         self.native = HvNativeArea(len(self.apic_ids))
-        self.vps = [VpState(i, apic, apic_row=self.apic[i], native=self.native)
+        self.vps = [VpState(i, apic, self.apic[i], self.native)
                     for i, apic in enumerate(self.apic_ids)]
         bsp = self.vps[0]
         bsp.vtl2_enabled = bsp.started = True
@@ -282,7 +257,7 @@ class Hypervisor:
         elif self._is_mtrr(index):
             self.vps[vp].mtrrs[index] = value
         elif index == X86_MSR_APIC_BASE:
-            if value & ~(0xFFFFFF000 | APIC_BASE_BSP | APIC_BASE_X2APIC | APIC_BASE_ENABLE):
+            if value & ~APIC_BASE_WRITABLE:
                 raise GeneralProtection(f"APIC_BASE reserved bits set: {value:#x}")
             self.vps[vp].apic_base = (value & ~APIC_BASE_BSP) | (self.vps[vp].apic_base & APIC_BASE_BSP)
         elif 0x800 <= index <= 0x8FF:

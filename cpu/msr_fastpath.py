@@ -2,7 +2,7 @@
 its way up (APIC_BASE to enter x2APIC mode, the spurious-vector register to enable it).
 
 Each MSR site is a UC_HOOK_CODE hook on its address. These registers live in the hypervisor's
-APIC table (cpu/hypervisor.py: one int64 row per VP: base, SVR, TPR, pending-vector count),
+APIC table (cpu/apic.py: one int64 row per VP: base, SVR, TPR, pending-vector count),
 whose address is in the fast-path header. Anything else, or anything that could change which
 interrupt is deliverable (a VP with vectors pending), goes to the Python site handler, which
 emulates the instruction exactly as before: the native path is a cache of the common case,
@@ -13,15 +13,13 @@ from numba import carray, cfunc, njit, types
 from unicorn import x86_const as x86
 
 from hclsim.cpu import native
+from hclsim.cpu.apic import (APIC_BASE_BSP, APIC_BASE_WRITABLE, APIC_BASE_X2APIC, APIC_COL_BASE, APIC_COL_PENDING,
+                             APIC_COL_SVR, APIC_COL_TPR, APIC_COLUMNS, X86_MSR_APIC_BASE, X2APIC_MSR_SVR,
+                             X2APIC_MSR_TPR)
 from hclsim.cpu.fastpath import (H_APIC_ROWS, H_APIC_TABLE, H_FN_REG_READ, H_FN_REG_WRITE,
                                  H_FN_SLOW_SITE, H_MSR_FAST, H_VP_INDEX, _header, _int_to_voidptr)
 
 SITE_RDMSR, SITE_WRMSR = 0, 1
-
-MSR_APIC_BASE, MSR_X2APIC_SVR, MSR_X2APIC_TPR = 0x1B, 0x80F, 0x808
-APIC_BASE_BSP, APIC_BASE_X2APIC = 1 << 8, 1 << 10
-APIC_BASE_WRITABLE = 0xFFFFFF000 | (1 << 8) | (1 << 10) | (1 << 11)
-COL_BASE, COL_SVR, COL_TPR, COL_PENDING, COLUMNS = 0, 1, 2, 3, 4  # hypervisor.APIC_COL_*
 
 
 @njit(cache=True)
@@ -29,9 +27,9 @@ def _apic_row(h):
     vp = h[H_VP_INDEX]
     if h[H_APIC_TABLE] == 0 or vp < 0 or vp >= h[H_APIC_ROWS]:
         return np.zeros(0, np.int64)
-    table = carray(_int_to_voidptr(h[H_APIC_TABLE]), (h[H_APIC_ROWS], COLUMNS), np.int64)
+    table = carray(_int_to_voidptr(h[H_APIC_TABLE]), (h[H_APIC_ROWS], APIC_COLUMNS), np.int64)
     row = table[vp]
-    if row[COL_PENDING] != 0:
+    if row[APIC_COL_PENDING] != 0:
         return np.zeros(0, np.int64)
     return row
 
@@ -44,29 +42,29 @@ def msr_site(uc, h, address, is_write):
     index = regs[0] & 0xFFFFFFFF
     row = _apic_row(h)
     handled = False
-    if row.shape[0] == COLUMNS:
-        x2apic = (row[COL_BASE] & APIC_BASE_X2APIC) != 0
+    if row.shape[0] == APIC_COLUMNS:
+        x2apic = (row[APIC_COL_BASE] & APIC_BASE_X2APIC) != 0
         if is_write:
             native.call_reg_access(h[H_FN_REG_READ], uc, x86.UC_X86_REG_RAX, regs[1:].ctypes.data)
             native.call_reg_access(h[H_FN_REG_READ], uc, x86.UC_X86_REG_RDX, regs[2:].ctypes.data)
             value = (regs[1] & 0xFFFFFFFF) | ((regs[2] & 0xFFFFFFFF) << 32)
-            if index == MSR_APIC_BASE and (value & ~APIC_BASE_WRITABLE) == 0:
-                row[COL_BASE] = (value & ~APIC_BASE_BSP) | (row[COL_BASE] & APIC_BASE_BSP)
+            if index == X86_MSR_APIC_BASE and (value & ~APIC_BASE_WRITABLE) == 0:
+                row[APIC_COL_BASE] = (value & ~APIC_BASE_BSP) | (row[APIC_COL_BASE] & APIC_BASE_BSP)
                 handled = True
-            elif index == MSR_X2APIC_SVR and x2apic:
-                row[COL_SVR] = value & 0x1FF
+            elif index == X2APIC_MSR_SVR and x2apic:
+                row[APIC_COL_SVR] = value & 0x1FF
                 handled = True
-            elif index == MSR_X2APIC_TPR and x2apic:
-                row[COL_TPR] = value & 0xFF
+            elif index == X2APIC_MSR_TPR and x2apic:
+                row[APIC_COL_TPR] = value & 0xFF
                 handled = True
         else:
             value = np.int64(-1)
-            if index == MSR_APIC_BASE:
-                value = row[COL_BASE]
-            elif index == MSR_X2APIC_SVR and x2apic:
-                value = row[COL_SVR]
-            elif index == MSR_X2APIC_TPR and x2apic:
-                value = row[COL_TPR]
+            if index == X86_MSR_APIC_BASE:
+                value = row[APIC_COL_BASE]
+            elif index == X2APIC_MSR_SVR and x2apic:
+                value = row[APIC_COL_SVR]
+            elif index == X2APIC_MSR_TPR and x2apic:
+                value = row[APIC_COL_TPR]
             if value >= 0:
                 regs[1] = value & 0xFFFFFFFF
                 regs[2] = (value >> 32) & 0xFFFFFFFF

@@ -86,22 +86,6 @@ def call_slow_site(typingctx, fnptr, uc, address, kind):
     return sig, codegen
 
 
-# void block_miss(uc_engine*, uint64 address, uint32 size)
-BLOCK_MISS_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
-
-
-@intrinsic
-def call_block_miss(typingctx, fnptr, uc, address, size):
-    sig = types.void(types.int64, types.voidptr, types.uint64, types.uint32)
-
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.VoidType(), [_i8p, _i64, _i32])
-        fn = builder.inttoptr(args[0], fnty.as_pointer())
-        builder.call(fn, args[1:])
-        return context.get_dummy_value()
-    return sig, codegen
-
-
 def hook_add(uc, kind: int, cfunc_address: int, user_data: int, insn: int | None = None,
              begin: int = 1, end: int = 0) -> int:
     """Register a native callback with uc_hook_add; returns the hook handle."""

@@ -199,6 +199,15 @@ class Scheduler:
             return intercepts.cpuid(e, vp.index, tuple(int(v) for v in defaults))
         return intercepts.msr(e, vp.index, write=kind == "wrmsr")
 
+    def _vtl0_intercept(self, vp, exit) -> bytes | None:
+        """The HvMessage of an exit VTL0 makes for the VTL2 side to handle: an intercepted
+        instruction, or an access to a GPA outside RAM (MMIO); None for any other exit."""
+        if isinstance(exit.stop_reason, Intercept):
+            return self._intercept_message(vp, exit.stop_reason.kind)
+        if exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None and self.hv.vps[vp.index].vtl == 0:
+            return intercepts.memory(self.engine, vp.index, exit.fault_address, exit.unmapped_write)
+        return None
+
     def _inject(self, vp) -> None:
         state = self.hv.vps[vp.index]
         if state.vtl == 0:
@@ -251,19 +260,15 @@ class Scheduler:
                 if isinstance(reason, VtlReturn):
                     self._vtl_return(vp, reason.fast)
                     continue
-                if isinstance(reason, Intercept):
-                    self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, self._intercept_message(vp, reason.kind))
+                message = self._vtl0_intercept(vp, exit)
+                if message is not None:
+                    self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
                     continue
                 if reason is YIELD:
                     break
                 if reason is CRASH:
                     exit.message = self.hv.crash.summary()
                     return SchedulerStop(STOP_CRASH, vp, exit)
-                if exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None \
-                        and self.hv.vps[vp.index].vtl == 0:  # VTL0 touched a GPA outside RAM: MMIO
-                    message = intercepts.memory(engine, vp.index, exit.fault_address, exit.unmapped_write)
-                    self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
-                    continue
                 if exit.kind == eng.EXIT_HLT:
                     vp.state = HALTED
                     vp.halted_with_interrupts = interrupts.interrupts_enabled(engine)
@@ -302,15 +307,12 @@ class Scheduler:
                 if left <= 0:
                     raise VpRunError(f"VP {vp.index}: VTL0 ran {timeout:g} s without an intercept")
                 exit = engine.run(timeout_us=int(left * 1e6))
-                reason = exit.stop_reason
-                if isinstance(reason, Intercept):
+                message = self._vtl0_intercept(vp, exit)
+                if message is not None:
                     self.intercepts += 1
-                    return self._intercept_message(vp, reason.kind)
-                if reason is YIELD:         # PAUSE in VTL0: nothing else runs on this CPU
+                    return message
+                if exit.stop_reason is YIELD:   # PAUSE in VTL0: nothing else runs on this CPU
                     continue
-                if exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None:
-                    self.intercepts += 1
-                    return intercepts.memory(engine, vp.index, exit.fault_address, exit.unmapped_write)
                 if exit.kind == eng.EXIT_HLT:
                     return None
                 raise VpRunError(f"VP {vp.index} VTL0 stopped at {exit.rip:#x}: {exit.kind} {exit.message}".rstrip())

@@ -17,6 +17,8 @@ CONTROL_NAMES = {0x40000: "cr0", 0x40001: "cr2", 0x40002: "cr3", 0x40003: "cr4"}
 REG_EFER = 0x80001
 SEGMENTS = {0x60000: "es", 0x60001: "cs", 0x60002: "ss", 0x60003: "ds", 0x60004: "fs", 0x60005: "gs"}
 TABLES = {0x70000: x86.UC_X86_REG_IDTR, 0x70001: x86.UC_X86_REG_GDTR}
+# Engine register name -> HV register name, for every VTL0 register kept by name.
+HV_REGISTERS = {**{name: hv for hv, name in {**GPR_NAMES, **CONTROL_NAMES, **SEGMENTS}.items()}, "efer": REG_EFER}
 SHARED = ("rax", "rcx", "rdx", "rbx", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
           "r15", "cr2")
 MSR_EFER = 0xC0000080

@@ -28,7 +28,7 @@ class SnapshotStateError(HclsimError):
 DERIVED = {
     "Hypervisor": {"mem", "apic_ids", "isolation", "vps", "vp_by_apic", "native"},
     "HvNativeArea": {"vp", "contexts", "log"},           # views of its buf
-    "VpState": {"index", "apic_id", "apic_row", "native", "_row"},  # apic_row: a view of Hypervisor.apic
+    "VpState": {"index", "apic_id", "apic_row", "native"},  # apic_row: a view of Hypervisor.apic
     "Vp": {"index", "apic_id", "context"},
     "Scheduler": {"engine", "hv", "vps", "msr_sites", "pause_sites", "vtl0_sites", "engine_factory",
                   "vp_engines", "stop_addresses"},

@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hclsim import HclsimError
-from hclsim.cpu.vtl import CONTROL_NAMES, GPR_NAMES
+from hclsim.cpu.vtl import HV_REGISTERS
 from hclsim.sidecar import layout as sl
-
-# HvRegister names of the cpu_context registers.
-_VTL0_REGISTER = {name: reg for reg, name in {**GPR_NAMES, **CONTROL_NAMES}.items()}
 
 
 class CpuOnlineError(HclsimError):
@@ -66,7 +63,7 @@ class LinuxCpus:
         gps = np.asarray(node.command_page(cpu)["cpu_context"]["gps"])
         regs = self.machine.hv.vps[cpu].vtl0_registers
         for name, value in zip(sl.CPU_CONTEXT_GPS, gps):
-            regs[_VTL0_REGISTER[name]] = int(value)
+            regs[HV_REGISTERS[name]] = int(value)
         self.sidecar.vtl0_in_context.discard(cpu)
 
     def online_cpu(self, cpu: int, timeout: float = 30.0) -> float:

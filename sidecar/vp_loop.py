@@ -15,7 +15,7 @@ import numpy as np
 from hclsim.cpu import intercepts
 from hclsim.cpu.cpuid import cpuid_lookup
 from hclsim.cpu.scheduler import VpRunError
-from hclsim.cpu.vtl import GPR_NAMES
+from hclsim.cpu.vtl import GPR_NAMES, HV_REGISTERS
 from hclsim.sidecar import layout as sl
 from hclsim.sidecar.client import registers_request
 
@@ -133,7 +133,7 @@ class LinuxVpRunner:
         regs = m.hv.vps[self.cpu].vtl0_registers
         values = {name: regs.get(reg, 0) for reg, name in GPR_NAMES.items()}
         for name, value in emulate(m, self.cpu, self.devices, msg, values).items():
-            regs[_REG_BY_NAME[name]] = value & 0xFFFFFFFFFFFFFFFF
+            regs[HV_REGISTERS[name]] = value & 0xFFFFFFFFFFFFFFFF
         regs[REG_RIP] = msg["rip"] + msg["instruction_length"]
         return msg
 
@@ -178,5 +178,3 @@ def emulate(machine, cpu: int, devices: TestDevices, msg: dict, regs: dict) -> d
         return {}
     raise VpRunError(f"unhandled intercept {kind:#x} on CPU {cpu}")
 
-
-_REG_BY_NAME = {name: reg for reg, name in GPR_NAMES.items()}

@@ -16,7 +16,7 @@ from unicorn import x86_const as x86
 from hclsim.cpu.engine import MSR_EFER
 from hclsim.cpu.pagetable import LEVEL_NAMES, translate, walk_steps
 from hclsim.cpu.vp import EXTERNAL, HALTED, NOT_STARTED
-from hclsim.cpu.vtl import CONTROL_NAMES, GPR_NAMES, REG_EFER, SEGMENTS
+from hclsim.cpu.vtl import HV_REGISTERS
 from hclsim.debug.events import START, DebugError, StopEvent  # noqa: F401 (DebugError, StopEvent: re-exported)
 from hclsim.debug.images import ImageMap
 from hclsim.debug.runner import Runner
@@ -33,7 +33,7 @@ CR0_PG = 1 << 31
 PAGE = 4096
 MAX_INSN = 15
 # VTL0 registers as the hypervisor keeps them (HV register names) while the VP runs VTL2.
-VTL0_NAMES = {**{n: hv for hv, n in {**GPR_NAMES, **CONTROL_NAMES, **SEGMENTS}.items()}, "efer": REG_EFER}
+VTL0_NAMES = HV_REGISTERS
 
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
