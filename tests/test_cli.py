@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from .asmutil import build_elf, com3_print
+from .tools import require
 
 
 def hclsim(*args, env=None, timeout=120):
@@ -35,7 +36,7 @@ def test_boot_writes_outputs(tmp_path):
     assert report["counters"]["instructions"] > 0 and report["timings_ms"]["shim_to_handoff"] > 0
     assert (out / "boot_params.bin").stat().st_size == 4096
     assert (out / "serial.log").read_bytes().startswith(b"[INFO] ")
-    dts = subprocess.run(["dtc", "-I", "dtb", "-O", "dts", str(out / "linux.dtb")], capture_output=True, text=True)
+    dts = subprocess.run([require("dtc"), "-I", "dtb", "-O", "dts", str(out / "linux.dtb")], capture_output=True, text=True)
     assert dts.returncode == 0, dts.stderr
     assert 'compatible = "microsoft,openvmm";' in dts.stdout
     assert dts.stdout.count('device_type = "cpu";') == 8

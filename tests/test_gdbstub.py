@@ -19,9 +19,9 @@ from hclsim.debug.gdbserver import GdbServer
 from hclsim.debug.target import DebugTarget
 from hclsim.machine import Machine
 
-GDB = "/usr/bin/gdb"
-pytestmark = pytest.mark.skipif(not os.access(GDB, os.X_OK),
-                                reason="gdb not installed at /usr/bin/gdb (apt-get install gdb)")
+from .tools import require
+
+
 GDB_TIMEOUT = int(os.environ.get("GDB_TIMEOUT", "120"))
 
 
@@ -47,7 +47,7 @@ def served(cpus=4, wait=True, **config):
 
 def gdb(port, *commands):
     """Run gdb in batch mode on the shim ELF against the stub; its stdout (stderr appended)."""
-    args = [GDB, "-batch", "-nx", "-ex", "set architecture i386:x86-64", "-ex", "set confirm off",
+    args = [require("gdb"), "-batch", "-nx", "-ex", "set architecture i386:x86-64", "-ex", "set confirm off",
             "-ex", f"file {firmware.build(firmware.SHIM)}", "-ex", f"target remote 127.0.0.1:{port}"]
     for c in commands:
         args += ["-ex", c]

@@ -9,6 +9,7 @@ import pytest
 
 from hclsim.boot import layout as L
 from hclsim.cpu.memory import GuestMemory
+from .tools import require
 from hclsim.kernel_stub.handoff import E820Entry, HandoffError, HandoffRegs, check_handoff, dt_summary
 
 MiB = 1 << 20
@@ -78,7 +79,7 @@ def make_dtb(e820) -> bytes:
 
 
 def dtc(args, data: bytes) -> bytes:
-    return subprocess.run(["dtc", "-q", *args], input=data, capture_output=True, check=True).stdout
+    return subprocess.run([require("dtc"), "-q", *args], input=data, capture_output=True, check=True).stdout
 
 
 @dataclasses.dataclass

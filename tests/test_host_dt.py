@@ -3,6 +3,8 @@ import subprocess
 
 import pytest
 
+from .tools import require
+
 from hclsim.boot.host_dt import (HostConfig, HostCpu, HostDtError, HostMemory, build_host_config, read_host_dt,
                                  write_host_dt)
 from hclsim.boot.layout import HOST_DT_MAX_SIZE, IGVM_MEMORY_TYPE_RAM, IGVM_MEMORY_TYPE_VTL2
@@ -12,7 +14,7 @@ VTL2_BASE, VTL2_SIZE = 128 * MiB, 64 * MiB
 
 
 def dtc(args, data: bytes) -> subprocess.CompletedProcess:
-    return subprocess.run(["dtc", *args], input=data, capture_output=True, check=True)
+    return subprocess.run([require("dtc"), *args], input=data, capture_output=True, check=True)
 
 
 def to_dts(blob: bytes) -> str:

@@ -8,6 +8,8 @@ import subprocess
 import pytest
 
 from hclsim import HclsimError
+
+from .tools import require
 from hclsim.boot.initrd import COMPRESSIONS, InitrdError, build_initrd, compress, load_initrd
 
 TREE_ENTRIES = 5  # bin, bin/init, etc, etc/motd, init (see `tree`)
@@ -145,11 +147,7 @@ def test_build_rejects_unknown_compression(tree):
 
 
 def _cpio(args, data: bytes, cwd=None) -> str:
-    if not shutil.which("cpio"):
-        if os.environ.get("CI"):
-            pytest.fail("GNU cpio is required (apt-get install cpio)")
-        pytest.skip("GNU cpio not installed")
-    proc = subprocess.run(["cpio", *args], input=data, cwd=cwd, capture_output=True, check=True)
+    proc = subprocess.run([require("cpio"), *args], input=data, cwd=cwd, capture_output=True, check=True)
     return proc.stdout.decode()
 
 
