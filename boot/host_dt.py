@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import libfdt
 
 from hclsim import HclsimError
-from hclsim.boot.layout import (COM3_PORT, HOST_DT_MAX_SIZE, IGVM_MEMORY_TYPE_RAM, IGVM_MEMORY_TYPE_VTL2,
-                                MAX_CPU_COUNT, MAX_NUMA_NODES)
-from hclsim.kernel_stub import fdt as fdtr
+from hclsim.boot import fdt as fdtr
+from hclsim.boot.layout import HOST_DT_MAX_SIZE, IGVM_MEMORY_TYPE_RAM, IGVM_MEMORY_TYPE_VTL2, MAX_CPU_COUNT, MAX_NUMA_NODES
+from hclsim.defs.platform import COM3_PORT
 
 ALIGN_2M = 2 << 20
 HOST_COMPATIBLE = "microsoft,hclsim-host"

@@ -1,15 +1,14 @@
 """Binary layouts shared with the firmware: the Python side of boot/firmware/include/hclsim_abi.h.
 
-Declared once here (ctypes) and checked against the C header by tests/test_layout.py, which
+Declared once here (ctypes) and checked against the C header by tests/test_abi.py, which
 compiles the header and compares every size and offset.
 """
 import ctypes
 from ctypes import c_int64 as i64, c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as u64
 
+
 PAGE_SIZE = 4096
 
-ISOLATION_NONE, ISOLATION_VBS, ISOLATION_SNP, ISOLATION_TDX = 0, 1, 2, 3
-ISOLATION_BY_NAME = {"none": ISOLATION_NONE, "vbs": ISOLATION_VBS, "snp": ISOLATION_SNP, "tdx": ISOLATION_TDX}
 CMDLINE_POLICY_STATIC, CMDLINE_POLICY_APPEND_CHOSEN = 0, 1
 CMDLINE_POLICY_BY_NAME = {"static": CMDLINE_POLICY_STATIC, "append-chosen": CMDLINE_POLICY_APPEND_CHOSEN}
 
@@ -32,7 +31,6 @@ MEMORY_VTL_TYPE = {
 }
 IGVM_MEMORY_TYPE_RAM, IGVM_MEMORY_TYPE_VTL2 = 0, 1
 
-COM1_PORT, COM3_PORT = 0x3F8, 0x3E8
 
 
 class ShimParamsRaw(ctypes.LittleEndianStructure):
@@ -135,18 +133,6 @@ class SetupData(ctypes.LittleEndianStructure):
     _fields_ = [("next", u64), ("type", u32), ("len", u32)]
 
 
-class HvGetVpIndexFromApicIdInput(ctypes.LittleEndianStructure):
-    _fields_ = [("partition_id", u64), ("target_vtl", u8), ("reserved", u8 * 7)]
-
-
-class HvGetSetVpRegistersInput(ctypes.LittleEndianStructure):
-    _fields_ = [("partition_id", u64), ("vp_index", u32), ("input_vtl", u8), ("reserved", u8 * 3)]
-
-
-class HvRegisterAssoc(ctypes.LittleEndianStructure):
-    _fields_ = [("name", u32), ("pad", u8 * 12), ("value_low", u64), ("value_high", u64)]
-
-
 # Python name -> C struct name, for the layout test.
 SHARED_STRUCTS = {
     "shim_params_raw": ShimParamsRaw,
@@ -156,9 +142,6 @@ SHARED_STRUCTS = {
     "setup_header": SetupHeader,
     "boot_params": BootParams,
     "setup_data": SetupData,
-    "hv_get_vp_index_from_apic_id_input": HvGetVpIndexFromApicIdInput,
-    "hv_get_set_vp_registers_input": HvGetSetVpRegistersInput,
-    "hv_register_assoc": HvRegisterAssoc,
 }
 
 

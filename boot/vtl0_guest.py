@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hclsim.cpu import vtl
+from hclsim.defs.hvdef import HvRegister
+from hclsim.hv import vtl
 
 IMAGE_GPA = 0x200000
 PML4_GPA, PDPT_GPA, GDT_GPA = 0x1000, 0x2000, 0x3000
@@ -55,4 +56,4 @@ def initial_state(guest: Vtl0Guest, vp: int) -> dict:
     """VTL0 registers of vp at the guest's entry (RDI = VP index, RSI = count, RDX = results)."""
     return vtl.vtl0_long_mode_state(
         rip=guest.entry, rsp=STACKS_GPA + (vp + 1) * STACK_SIZE, cr3=PML4_GPA, gdt=GDT_GPA,
-        gprs={0x20007: vp, 0x20006: guest.vp_count, 0x20002: RESULTS_GPA})
+        gprs={HvRegister.Rdi: vp, HvRegister.Rsi: guest.vp_count, HvRegister.Rdx: RESULTS_GPA})

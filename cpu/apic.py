@@ -1,5 +1,5 @@
 """The local APIC as the hypervisor models it: MSR indexes, register bits, and the per-VP APIC
-table (one int64 row per VP) that the hypervisor (cpu/hypervisor.py) and the native MSR path
+table (one int64 row per VP) that the hypervisor (hv/hypervisor.py) and the native MSR path
 (cpu/msr_fastpath.py) both read and write."""
 import numpy as np
 

@@ -7,7 +7,7 @@ leaf 1 EBX and leaves 0xB/0x1F EDX) are patched in by cpuid_lookup from the runn
 import numpy as np
 from numba import njit
 
-from hclsim.boot.layout import ISOLATION_NONE, ISOLATION_VBS
+from hclsim.defs.platform import ISOLATION_NONE, ISOLATION_VBS
 
 ANY_SUBLEAF = -1
 MAX_BASIC_LEAF = 0x1F

@@ -231,7 +231,7 @@ class Engine:
 
     def attach_hypervisor(self, hv) -> None:
         """Let the native MSR and vmcall paths use the hypervisor's APIC table and native area
-        (cpu/hypervisor.py); they must outlive the engine's use of them (the Machine holds both)."""
+        (hv/hypervisor.py); they must outlive the engine's use of them (the Machine holds both)."""
         self._hv_tables = (hv.apic, hv.native)
         self.state.buf[fastpath.H_APIC_TABLE] = hv.apic.ctypes.data
         self.state.buf[fastpath.H_APIC_ROWS] = hv.apic.shape[0]

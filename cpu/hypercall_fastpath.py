@@ -12,6 +12,8 @@ The native area is one int64 numpy buffer (HvNativeArea): a small header, a row 
 (EnableVpVtl done, started, start context waiting), two contexts per VP and the hypercall log
 (vp, call code, status), which Python's hypercalls append to as well so the order is kept.
 """
+import ctypes
+
 import numpy as np
 from numba import carray, cfunc, njit, types
 from unicorn import x86_const as x86
@@ -19,11 +21,13 @@ from unicorn import x86_const as x86
 from hclsim.cpu import native
 from hclsim.cpu.fastpath import (H_FN_REG_READ, H_FN_REG_WRITE, H_FN_SLOW_SITE, H_HC_FAST, H_HV_AREA,
                                  H_RAM_ADDR, H_RAM_SIZE, H_VP_INDEX, _header, _int_to_voidptr)
-from hclsim.cpu.hypercalls import HVCALL_ENABLE_VP_VTL, HVCALL_START_VIRTUAL_PROCESSOR
 from hclsim.cpu.pagetable import walk
+from hclsim.defs.hvdef import HvCall, HvInitialVpContext
 
+# Plain ints: numba compiles them in as constants.
+HVCALL_ENABLE_VP_VTL, HVCALL_START_VIRTUAL_PROCESSOR = int(HvCall.EnableVpVtl), int(HvCall.StartVirtualProcessor)
 PARTITION_ID_SELF = np.int64(-1)
-CONTEXT_BYTES = 0xE0
+CONTEXT_BYTES = ctypes.sizeof(HvInitialVpContext)
 CONTEXT_SLOTS = CONTEXT_BYTES // 8
 INPUT_BYTES = 16 + CONTEXT_BYTES                  # partition id, vp index, vtl, 3 reserved, context
 SLOW_INVALID = 2                                   # the slow-site kind for "not handled here"

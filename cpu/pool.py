@@ -8,17 +8,17 @@ at the same addresses (Engine.load_code).
 import threading
 
 from hclsim.cpu.engine import Engine
-from hclsim.cpu.memory import GuestMemory
+from hclsim.cpu.memory import GuestMemory, default_shared
 
 MAX_IDLE_PER_SIZE = 2
-_idle: dict[int, list] = {}
+_idle: dict[tuple[int, bool], list] = {}   # (size, shared): benches switch $HCLSIM_GUEST_RAM in-process
 _lock = threading.Lock()
 
 
 def acquire(memory_size: int, cpuid_table, **handlers) -> tuple[GuestMemory, Engine]:
     """A zeroed GuestMemory of memory_size and an engine mapping it, bound to handlers."""
     with _lock:
-        pairs = _idle.get(memory_size)
+        pairs = _idle.get((memory_size, default_shared()))
         pair = pairs.pop() if pairs else None
     if pair is None:
         mem = GuestMemory(memory_size)
@@ -35,7 +35,7 @@ def release(mem: GuestMemory, engine: Engine) -> None:
     """Return a pair for reuse (or drop it when enough are idle)."""
     engine.io_handler = engine.hypercall_handler = engine.uart_sink = None
     with _lock:
-        pairs = _idle.setdefault(mem.size, [])
+        pairs = _idle.setdefault((mem.size, mem.shared), [])
         if len(pairs) < MAX_IDLE_PER_SIZE:
             pairs.append((mem, engine))
             return

@@ -3,7 +3,8 @@ import re
 from dataclasses import dataclass, replace
 
 from hclsim import HclsimError
-from hclsim.boot.layout import CMDLINE_POLICY_BY_NAME, ISOLATION_BY_NAME, MAX_CPU_COUNT, MAX_NUMA_NODES
+from hclsim.boot.layout import CMDLINE_POLICY_BY_NAME, MAX_CPU_COUNT, MAX_NUMA_NODES
+from hclsim.defs.platform import ISOLATION_BY_NAME
 
 MiB = 1 << 20
 GiB = 1 << 30

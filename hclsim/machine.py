@@ -15,12 +15,12 @@ from hclsim.config import BootConfig
 from hclsim.cpu import engine as eng
 from hclsim.cpu.cpuid import build_cpuid_table
 from hclsim.cpu.fault import GuestFaultError, Symbolizer, fault_report
-from hclsim.cpu.hypervisor import INSTRUCTIONS_PER_100NS, Hypervisor
+from hclsim.hv.hypervisor import INSTRUCTIONS_PER_100NS, Hypervisor
 from hclsim.cpu import pool
 from hclsim.cpu.exit_sites import VTL0_SITE_KINDS, find_exit_sites
 from hclsim.boot.vtl0_guest import IMAGE_GPA, initial_state, load_vtl0_guest
-from hclsim.cpu.scheduler import STOP_ADDRESS, STOP_CRASH, STOP_IDLE, STOP_TIMEOUT, Scheduler
-from hclsim.cpu.vp import RUNNABLE, Vp
+from hclsim.hv.scheduler import STOP_ADDRESS, STOP_CRASH, STOP_IDLE, STOP_TIMEOUT, Scheduler
+from hclsim.hv.vp import RUNNABLE, Vp
 from hclsim.devices.uart16550 import UART_NAMES
 from hclsim.kernel_stub import images as default_images
 from hclsim.kernel_stub.handoff import HandoffRegs, check_handoff
@@ -260,7 +260,7 @@ def sidecar_summary(linux, handoff) -> dict | None:
         nodes.append({"index": node.index, "control_page": node.control_gpa, "base_cpu": node.base_cpu,
                       "cpu_count": node.cpu_count, "shmem_base": node.shmem_base, "shmem_size": node.shmem_size,
                       "cpu_status": [sl.CPU_STATUS_NAMES.get(int(s), str(int(s))) for s in node.status]})
-    # Guest time is the instruction count / 100 (cpu/hypervisor.py), so this is exact to 100.
+    # Guest time is the instruction count / 100 (hv/hypervisor.py), so this is exact to 100.
     return {"nodes": nodes, "bring_up_reftime_100ns": end - start,
             "bring_up_instructions": (end - start) * INSTRUCTIONS_PER_100NS,
             "idle_cpus": sum(st == "IDLE" for n in nodes for st in n["cpu_status"]),

@@ -7,13 +7,12 @@ import sys
 import numpy as np
 
 from hclsim import HclsimError
-from hclsim.cpu import intercepts
-from hclsim.cpu.vtl import CONTROL_NAMES, GPR_NAMES, REG_EFER
+from hclsim.hv import intercepts
+from hclsim.defs.hvdef import CONTROL_NAMES, GPR_NAMES, HvRegister
 from hclsim.sidecar import layout as sl
 from hclsim.sidecar.client import registers_request, registers_response
 
-REGISTER_NAMES = {name: hv for hv, name in {**GPR_NAMES, **CONTROL_NAMES}.items()}
-REGISTER_NAMES["efer"] = REG_EFER
+REGISTER_NAMES = {name: hv for hv, name in {**GPR_NAMES, **CONTROL_NAMES, HvRegister.Efer: "efer"}.items()}
 MESSAGE_NAMES = {intercepts.MSG_IO_PORT: "io-port", intercepts.MSG_CPUID: "cpuid", intercepts.MSG_MSR: "msr",
                  intercepts.MSG_UNMAPPED_GPA: "unmapped-gpa", intercepts.MSG_HALT: "halt"}
 

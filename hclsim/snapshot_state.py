@@ -14,8 +14,8 @@ import numpy as np
 
 from hclsim import HclsimError
 from hclsim.cpu import fastpath
-from hclsim.cpu.hypervisor import GuestCrash
-from hclsim.cpu.vp import Vp
+from hclsim.hv.hypervisor import GuestCrash
+from hclsim.hv.vp import Vp
 from hclsim.kernel_stub.handoff import HandoffRegs, check_handoff
 from hclsim.kernel_stub.kernel import Kernel
 

@@ -10,7 +10,7 @@ import ctypes
 from pathlib import Path
 
 from hclsim.boot.layout import BootParams
-from hclsim.kernel_stub import fdt as fdtutil
+from hclsim.boot import fdt as fdtutil
 from hclsim.report import boot_report
 from hclsim.sidecar import layout as sl
 

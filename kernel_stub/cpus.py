@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hclsim import HclsimError
-from hclsim.cpu.vtl import HV_REGISTERS
+from hclsim.hv.vtl import HV_REGISTERS
 from hclsim.sidecar import layout as sl
 
 

@@ -15,7 +15,7 @@ from hclsim.boot.layout import (BOOT_FLAG_MAGIC, E820_MAX_ENTRIES_ZEROPAGE, E820
                                 from_bytes)
 from hclsim.cpu.memory import GuestMemory
 from hclsim.cpu.pagetable import LEVEL_NAMES, translate
-from hclsim.kernel_stub import fdt as fdtr
+from hclsim.boot import fdt as fdtr
 
 CR0_PE, CR0_PG = 1 << 0, 1 << 31
 CR4_PAE = 1 << 5

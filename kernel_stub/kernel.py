@@ -2,7 +2,7 @@
 described in the device tree (`/bus/sidecar@...`, compatible "microsoft,openhcl-sidecar")."""
 from dataclasses import dataclass
 
-from hclsim.kernel_stub import fdt as fdtutil
+from hclsim.boot import fdt as fdtutil
 from hclsim.kernel_stub.cpus import LinuxCpus, parse_boot_cpus
 from hclsim.sidecar.client import Sidecar
 

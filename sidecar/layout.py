@@ -1,10 +1,12 @@
 """Sidecar shared layouts as numpy structured dtypes: the Python side of the "Sidecar" section of
-boot/firmware/include/hclsim_abi.h (tests/test_sidecar_layout.py compares every offset).
+boot/firmware/include/hclsim_abi.h (tests/test_abi.py compares every offset and constant).
 
 numpy, not ctypes: the host side reads and writes these pages in place in guest RAM (a view of
 the page, no copies), and the numba dispatch loop scans the control pages as arrays.
 """
 import numpy as np
+
+from hclsim.defs.hvdef import HvEnableVpVtlInput, HvInitialVpContext
 
 MAX_NODES = 128
 MAX_NODE_CPUS = 32
@@ -68,15 +70,9 @@ translate_gva_request = _struct([("gvn", "<u8"), ("control_flags", "<u8")])
 translate_gva_response = _struct([("status", "<u2"), ("rsvd", "u1", 6), ("result", "<u8"), ("gpa_page", "<u8")])
 run_vp_response = _struct([("intercept", "u1")])
 
-hv_segment = _struct([("base", "<u8"), ("limit", "<u4"), ("selector", "<u2"), ("attributes", "<u2")])
-hv_table = _struct([("pad", "u1", 6), ("limit", "<u2"), ("base", "<u8")])
-hv_initial_vp_context = _struct(
-    [("rip", "<u8"), ("rsp", "<u8"), ("rflags", "<u8")]
-    + [(name, hv_segment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr")]
-    + [("idtr", hv_table), ("gdtr", hv_table)]
-    + [(name, "<u8") for name in ("efer", "cr0", "cr3", "cr4", "msr_cr_pat")])
-hv_enable_vp_vtl_input = _struct([("partition_id", "<u8"), ("vp_index", "<u4"), ("target_vtl", "u1"),
-                                  ("reserved", "u1", 3), ("context", hv_initial_vp_context)])
+# The HvInitialVpContext the sidecar's StartVp calls carry: declared in defs/hvdef.py.
+hv_initial_vp_context = np.dtype(HvInitialVpContext)
+hv_enable_vp_vtl_input = np.dtype(HvEnableVpVtlInput)
 
 # dtype -> C struct name, for the layout test.
 SHARED_DTYPES = {
@@ -86,8 +82,6 @@ SHARED_DTYPES = {
     "sidecar_get_set_vp_registers_request": get_set_vp_registers_request,
     "sidecar_translate_gva_request": translate_gva_request,
     "sidecar_translate_gva_response": translate_gva_response, "sidecar_run_vp_response": run_vp_response,
-    "hv_segment": hv_segment, "hv_table": hv_table, "hv_initial_vp_context": hv_initial_vp_context,
-    "hv_enable_vp_vtl_input": hv_enable_vp_vtl_input,
 }
 
 

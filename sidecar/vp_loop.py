@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hclsim.cpu import intercepts
+from hclsim.hv import intercepts
 from hclsim.cpu.cpuid import cpuid_lookup
-from hclsim.cpu.scheduler import VpRunError
-from hclsim.cpu.vtl import GPR_NAMES, HV_REGISTERS
+from hclsim.hv.scheduler import VpRunError
+from hclsim.defs.hvdef import GPR_NAMES, REGISTER_BY_NAME as HV_REGISTERS, HvRegister
 from hclsim.sidecar import layout as sl
 from hclsim.sidecar.client import registers_request
 
-REG_RIP = 0x20010
 GPS = sl.CPU_CONTEXT_GPS
 TEST_PORT, MMIO_BASE = 0x440, 0xFED00000
 TEST_PORT_VALUE = 0x1234ABCD
@@ -70,7 +69,7 @@ class VpRunner:
             gps[GPS.index(name)] = value & 0xFFFFFFFFFFFFFFFF
 
     def _set_rip(self, rip: int) -> None:
-        page = self.sidecar.run(self.cpu, sl.COMMAND_SET_VP_REGISTERS, registers_request([(REG_RIP, rip)]))
+        page = self.sidecar.run(self.cpu, sl.COMMAND_SET_VP_REGISTERS, registers_request([(HvRegister.Rip, rip)]))
         if page["has_error"]:
             raise VpRunError(f"SET_VP_REGISTERS on CPU {self.cpu}: {self.sidecar.error_text(page)}")
 
@@ -134,7 +133,7 @@ class LinuxVpRunner:
         values = {name: regs.get(reg, 0) for reg, name in GPR_NAMES.items()}
         for name, value in emulate(m, self.cpu, self.devices, msg, values).items():
             regs[HV_REGISTERS[name]] = value & 0xFFFFFFFFFFFFFFFF
-        regs[REG_RIP] = msg["rip"] + msg["instruction_length"]
+        regs[HvRegister.Rip] = msg["rip"] + msg["instruction_length"]
         return msg
 
     run_until_halted = VpRunner.run_until_halted

@@ -7,7 +7,7 @@ import pytest
 from hclsim.boot.image import plan_layout, write_page_tables
 from hclsim.cpu import engine as eng
 from hclsim.cpu.cpuid import build_cpuid_table
-from hclsim.cpu.hypervisor import Hypervisor
+from hclsim.hv.hypervisor import Hypervisor
 from hclsim.cpu.memory import GuestMemory
 from hclsim.cpu.exit_sites import find_msr_sites
 
@@ -192,7 +192,7 @@ def test_mmio_accesses_reach_the_device(machine):
 
 
 def test_vps_are_contexts_multiplexed_on_one_engine(machine):
-    from hclsim.cpu.vp import Vp
+    from hclsim.hv.vp import Vp
     mem, e, *_ = machine
     load(mem, e, "1: mov eax, 0x0b\n mov ecx, 1\n cpuid\n add r12, rdx\n add r13, 1\n hlt\n jmp 1b")
     ctx = {"gdtr": (0, GDT, 0x1F, 0), "cr3": e.reg("cr3"), "cr4": 0x40060, "efer": 0xD00,
@@ -214,7 +214,7 @@ def test_vps_are_contexts_multiplexed_on_one_engine(machine):
 def test_vp_switch_does_not_keep_the_previous_vps_translations(machine):
     """Two VPs map one VA to different pages (as the sidecar's per-CPU window does): each must
     read its own page, though Unicorn's context restore keeps the TLB."""
-    from hclsim.cpu.vp import Vp
+    from hclsim.hv.vp import Vp
     mem, e, hv, ports, out = machine
     va = 0x7F00000000   # PML4 slot 0, PDPT slot 508: not in the image's tables
     load(mem, e, f"movabs rax, [{va:#x}]\nhlt")

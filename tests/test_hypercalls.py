@@ -3,10 +3,11 @@ import struct
 
 import pytest
 
-from hclsim.cpu import hypercalls as hc
+from hclsim.defs import hvdef
+from hclsim.hv import hypercalls as hc
 from hclsim.cpu import pool
 from hclsim.cpu.cpuid import build_cpuid_table
-from hclsim.cpu.hypervisor import GeneralProtection, Hypervisor
+from hclsim.hv.hypervisor import GeneralProtection, Hypervisor
 
 IN, OUT = 0x10000, 0x11000
 SELF = 2**64 - 1
@@ -34,7 +35,7 @@ def test_get_vp_index_from_apic_id(hv):
     assert call(hv, 0x9A, header + struct.pack("<4I", 6, 0, 4, 2), reps=4) == (0, 4)
     assert struct.unpack("<4I", hv.mem.read(OUT, 16)) == (3, 0, 2, 1)
     # an unknown APIC id fails at its index; earlier elements are written
-    assert call(hv, 0x9A, header + struct.pack("<3I", 2, 4, 99), reps=3) == (hc.HV_STATUS_INVALID_PARAMETER, 2)
+    assert call(hv, 0x9A, header + struct.pack("<3I", 2, 4, 99), reps=3) == (hvdef.HV_STATUS_INVALID_PARAMETER, 2)
     # rep start resumes mid-list
     hv.mem.write(OUT, bytes(16))
     assert call(hv, 0x9A, header + struct.pack("<3I", 2, 4, 6), reps=3, rep_start=1) == (0, 3)
@@ -43,32 +44,32 @@ def test_get_vp_index_from_apic_id(hv):
 
 def test_get_vp_registers(hv):
     header = struct.pack("<QIB3x", SELF, 0xFFFFFFFE, 0)
-    names = struct.pack("<3I", hc.REG_VSM_VP_STATUS, hc.REG_VSM_CODE_PAGE_OFFSETS, hc.REG_VP_INDEX)
+    names = struct.pack("<3I", hvdef.HvRegister.VsmVpStatus, hvdef.HvRegister.VsmCodePageOffsets, hvdef.HvRegister.VpIndex)
     assert call(hv, 0x50, header + names, reps=3) == (0, 3)
     values = struct.unpack("<6Q", hv.mem.read(OUT, 48))
     assert values[0] & 0xF == 2 and values[2] == 0x2600F and values[4] == 0
-    unknown = struct.pack("<2I", hc.REG_VSM_VP_STATUS, 0x12345)
-    assert call(hv, 0x50, header + unknown, reps=2) == (hc.HV_STATUS_INVALID_PARAMETER, 1)
+    unknown = struct.pack("<2I", hvdef.HvRegister.VsmVpStatus, 0x12345)
+    assert call(hv, 0x50, header + unknown, reps=2) == (hvdef.HV_STATUS_INVALID_PARAMETER, 1)
     other_partition = struct.pack("<QIB3x", 5, 0xFFFFFFFE, 0)
-    assert call(hv, 0x50, other_partition + names, reps=1)[0] == hc.HV_STATUS_INVALID_PARAMETER
+    assert call(hv, 0x50, other_partition + names, reps=1)[0] == hvdef.HV_STATUS_INVALID_PARAMETER
 
 
 def test_set_vp_registers_guest_os_id(hv):
     header = struct.pack("<QIB3x", SELF, 0xFFFFFFFE, 0)
-    assoc = struct.pack("<I12xQQ", hc.REG_GUEST_OS_ID, 0x1234, 0)
+    assoc = struct.pack("<I12xQQ", hvdef.HvRegister.GuestOsId, 0x1234, 0)
     assert call(hv, 0x51, header + assoc, reps=1) == (0, 1)
     assert hv.guest_os_id == 0x1234
-    read_only = struct.pack("<I12xQQ", hc.REG_VSM_VP_STATUS, 1, 0)
-    assert call(hv, 0x51, header + read_only, reps=1) == (hc.HV_STATUS_INVALID_PARAMETER, 0)
+    read_only = struct.pack("<I12xQQ", hvdef.HvRegister.VsmVpStatus, 1, 0)
+    assert call(hv, 0x51, header + read_only, reps=1) == (hvdef.HV_STATUS_INVALID_PARAMETER, 0)
 
 
 @pytest.mark.parametrize("code,reps,rep_start,extra,status", [
-    (0x7777, 0, 0, 0, hc.HV_STATUS_INVALID_HYPERCALL_CODE),
-    (0x9A, 0, 0, 0, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),          # rep call with rep count 0
-    (0x9A, 2, 2, 0, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),          # rep start >= rep count
-    (0x9A, 1, 0, 1 << 27, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),    # reserved control bits
-    (0x9A, 1, 0, 1 << 16, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),    # fast calls are not offered
-    (0x9A, 1100, 0, 0, hc.HV_STATUS_INVALID_HYPERCALL_INPUT),       # input crosses a page
+    (0x7777, 0, 0, 0, hvdef.HV_STATUS_INVALID_HYPERCALL_CODE),
+    (0x9A, 0, 0, 0, hvdef.HV_STATUS_INVALID_HYPERCALL_INPUT),          # rep call with rep count 0
+    (0x9A, 2, 2, 0, hvdef.HV_STATUS_INVALID_HYPERCALL_INPUT),          # rep start >= rep count
+    (0x9A, 1, 0, 1 << 27, hvdef.HV_STATUS_INVALID_HYPERCALL_INPUT),    # reserved control bits
+    (0x9A, 1, 0, 1 << 16, hvdef.HV_STATUS_INVALID_HYPERCALL_INPUT),    # fast calls are not offered
+    (0x9A, 1100, 0, 0, hvdef.HV_STATUS_INVALID_HYPERCALL_INPUT),       # input crosses a page
 ])
 def test_abi_rules(hv, code, reps, rep_start, extra, status):
     assert call(hv, code, struct.pack("<QB7x", SELF, 0) + bytes(8), reps=reps, rep_start=rep_start,
@@ -76,7 +77,7 @@ def test_abi_rules(hv, code, reps, rep_start, extra, status):
 
 
 def test_misaligned_input(hv):
-    assert call(hv, 0x9A, struct.pack("<QB7xI", SELF, 0, 0), reps=1, in_gpa=IN + 4)[0] == hc.HV_STATUS_INVALID_ALIGNMENT
+    assert call(hv, 0x9A, struct.pack("<QB7xI", SELF, 0, 0), reps=1, in_gpa=IN + 4)[0] == hvdef.HV_STATUS_INVALID_ALIGNMENT
 
 
 def test_synthetic_msrs(hv):
@@ -102,20 +103,20 @@ def _vp_input(vp_index, vtl=2, partition=SELF):
 
 @pytest.mark.parametrize("code", [0x0F, 0x99])
 def test_enable_vtl_and_start_vp_errors(hv, code):
-    assert call(hv, code, _vp_input(9))[0] == hc.HV_STATUS_INVALID_VP_INDEX
-    assert call(hv, code, _vp_input(0))[0] == hc.HV_STATUS_INVALID_PARAMETER      # the caller itself
-    assert call(hv, code, _vp_input(1, partition=7))[0] == hc.HV_STATUS_INVALID_PARAMETER
+    assert call(hv, code, _vp_input(9))[0] == hvdef.HV_STATUS_INVALID_VP_INDEX
+    assert call(hv, code, _vp_input(0))[0] == hvdef.HV_STATUS_INVALID_PARAMETER      # the caller itself
+    assert call(hv, code, _vp_input(1, partition=7))[0] == hvdef.HV_STATUS_INVALID_PARAMETER
 
 
 def test_enable_vtl_then_start(hv):
-    assert call(hv, 0x99, _vp_input(1))[0] == hc.HV_STATUS_INVALID_VP_STATE      # VTL2 not enabled yet
-    assert call(hv, 0x0F, _vp_input(1, vtl=1))[0] == hc.HV_STATUS_INVALID_PARAMETER
-    assert call(hv, 0x0F, _vp_input(1))[0] == hc.HV_STATUS_SUCCESS
-    assert call(hv, 0x0F, _vp_input(1))[0] == hc.HV_STATUS_VTL_ALREADY_ENABLED
-    assert call(hv, 0x99, _vp_input(1, vtl=3))[0] == hc.HV_STATUS_ACCESS_DENIED
-    assert call(hv, 0x99, _vp_input(1))[0] == hc.HV_STATUS_SUCCESS
+    assert call(hv, 0x99, _vp_input(1))[0] == hvdef.HV_STATUS_INVALID_VP_STATE      # VTL2 not enabled yet
+    assert call(hv, 0x0F, _vp_input(1, vtl=1))[0] == hvdef.HV_STATUS_INVALID_PARAMETER
+    assert call(hv, 0x0F, _vp_input(1))[0] == hvdef.HV_STATUS_SUCCESS
+    assert call(hv, 0x0F, _vp_input(1))[0] == hvdef.HV_STATUS_VTL_ALREADY_ENABLED
+    assert call(hv, 0x99, _vp_input(1, vtl=3))[0] == hvdef.HV_STATUS_ACCESS_DENIED
+    assert call(hv, 0x99, _vp_input(1))[0] == hvdef.HV_STATUS_SUCCESS
     assert hv.vps[1].start_context is not None and hv.vps[1].started
-    assert call(hv, 0x99, _vp_input(1))[0] == hc.HV_STATUS_INVALID_VP_STATE      # already started
+    assert call(hv, 0x99, _vp_input(1))[0] == hvdef.HV_STATUS_INVALID_VP_STATE      # already started
 
 
 def test_x2apic_msrs_and_ipis(hv):

@@ -10,9 +10,9 @@ from hclsim.boot.image import plan_layout, write_page_tables
 from hclsim.cpu import pool
 from hclsim.cpu.cpuid import build_cpuid_table
 from hclsim.cpu.exit_sites import find_exit_sites
-from hclsim.cpu.hypervisor import Hypervisor
-from hclsim.cpu.scheduler import STOP_IDLE, Scheduler
-from hclsim.cpu.vp import HALTED, RUNNABLE, Vp
+from hclsim.hv.hypervisor import Hypervisor
+from hclsim.hv.scheduler import STOP_IDLE, Scheduler
+from hclsim.hv.vp import HALTED, RUNNABLE, Vp
 from hclsim.sidecar import layout as sl
 
 from .asmutil import assemble

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from hclsim.boot.layout import ISOLATION_NONE, ISOLATION_VBS
+from hclsim.defs.platform import ISOLATION_NONE, ISOLATION_VBS
 from hclsim.cpu import pagetable
 from hclsim.cpu.cpuid import build_cpuid_table, cpuid_lookup
 from hclsim.cpu.insnlen import count_instructions, insn_length

@@ -13,7 +13,9 @@ from hclsim.sidecar import layout as sl
 from hclsim.sidecar.client import SidecarError
 from hclsim.sidecar.partition import partition
 
-REG_RIP, REG_RAX, REG_CR0, REG_CR3 = 0x20010, 0x20000, 0x40000, 0x40002
+from hclsim.defs.hvdef import HvRegister
+
+REG_RIP, REG_RAX, REG_CR0, REG_CR3 = HvRegister.Rip, HvRegister.Rax, HvRegister.Cr0, HvRegister.Cr3
 
 
 @pytest.fixture
@@ -150,7 +152,7 @@ def test_online_sidecar_cpus_in_random_order(machine):
 
 
 def test_run_vp_runs_vtl0_through_its_intercepts(machine):
-    from hclsim.cpu import intercepts as ic
+    from hclsim.hv import intercepts as ic
     from hclsim.sidecar.vp_loop import TEST_PORT_VALUE, TestDevices, VpRunner
     m, r = machine
     cpu = 6
@@ -243,7 +245,7 @@ def test_attention_scan_numba_matches_twin():
 
 def test_vtl0_runs_on_the_bsp_and_prints_on_com1(machine):
     """Linux CPUs run VTL0 directly (mshv_vtl's RUN_VP): the BSP's test guest says hello on COM1."""
-    from hclsim.cpu import intercepts as ic
+    from hclsim.hv import intercepts as ic
     from hclsim.sidecar.vp_loop import LinuxVpRunner, TestDevices, vtl0_runner
     m, r = machine
     results = m.vtl0_guest.results(m.mem)
@@ -262,7 +264,7 @@ def test_vtl0_runs_on_the_bsp_and_prints_on_com1(machine):
 def test_vtl0_state_moves_with_a_cpu_onlined_mid_run(machine):
     """Three intercepts through the sidecar, then the CPU becomes a Linux CPU and VTL0 goes on
     there: the IN result the host wrote into the command page's context reaches VTL0."""
-    from hclsim.cpu import intercepts as ic
+    from hclsim.hv import intercepts as ic
     from hclsim.sidecar.vp_loop import TEST_PORT_VALUE, LinuxVpRunner, TestDevices, VpRunner, vtl0_runner
     m, r = machine
     cpu = 5

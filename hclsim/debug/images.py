@@ -9,7 +9,7 @@ import capstone
 from capstone import x86_const as csx
 
 from hclsim.boot.vtl0_guest import IMAGE_GPA
-from hclsim.cpu.hypervisor import hypercall_page_bytes
+from hclsim.hv.hypervisor import hypercall_page_bytes
 from hclsim.debug.events import DebugError
 from hclsim.debug.lines import line_table
 from hclsim.sidecar import layout as sl

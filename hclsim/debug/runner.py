@@ -18,12 +18,13 @@ import numpy as np
 
 from hclsim import HclsimError
 from hclsim.cpu import engine as eng
-from hclsim.cpu import intercepts, interrupts, vtl
+from hclsim.cpu import interrupts
+from hclsim.hv import intercepts, vtl
 from hclsim.cpu.fastpath import H_BLOCKS, H_ICOUNT, H_LAST_BLOCK
-from hclsim.cpu.hypervisor import VtlReturn
+from hclsim.hv.hypervisor import VtlReturn
 from hclsim.cpu.insnlen import count_instructions
-from hclsim.cpu.scheduler import CRASH, STOP_CRASH, STOP_FAULT, YIELD, Intercept, SchedulerStop
-from hclsim.cpu.vp import HALTED
+from hclsim.hv.scheduler import CRASH, STOP_CRASH, STOP_FAULT, YIELD, Intercept, SchedulerStop
+from hclsim.hv.vp import HALTED
 from hclsim.debug.events import (EVENT, FAULT, HANDOFF, IDLE, INTERRUPTED, STEP, TIMEOUT, StopEvent,
                                  StopRequest)
 

@@ -15,8 +15,9 @@ from unicorn import x86_const as x86
 
 from hclsim.cpu.engine import MSR_EFER
 from hclsim.cpu.pagetable import LEVEL_NAMES, translate, walk_steps
-from hclsim.cpu.vp import EXTERNAL, HALTED, NOT_STARTED
-from hclsim.cpu.vtl import HV_REGISTERS
+from hclsim.hv.vp import EXTERNAL, HALTED, NOT_STARTED
+from hclsim.defs.hvdef import HvRegister
+from hclsim.hv.vtl import HV_REGISTERS
 from hclsim.debug.events import START, DebugError, StopEvent  # noqa: F401 (DebugError, StopEvent: re-exported)
 from hclsim.debug.images import ImageMap
 from hclsim.debug.runner import Runner
@@ -330,8 +331,8 @@ class DebugTarget:
             cr3s.add(engine.reg("cr3"))
         for vp in self.machine.vps:
             vtl0 = self.machine.hv.vps[vp.index].vtl0_registers
-            if vtl0.get(0x40000, 0) & CR0_PG:
-                cr3s.add(vtl0.get(0x40002, 0))
+            if vtl0.get(HvRegister.Cr0, 0) & CR0_PG:
+                cr3s.add(vtl0.get(HvRegister.Cr3, 0))
             if vp.context is not None and vp.context.reg_read(x86.UC_X86_REG_CR0) & CR0_PG:
                 cr3s.add(vp.context.reg_read(x86.UC_X86_REG_CR3))
         return cr3s

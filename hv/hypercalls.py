@@ -4,51 +4,23 @@ dispatch() validates the control word and the input/output GPAs the way hv1_hype
 then calls the handler for the code. Handlers get the input bytes and return
 (status, reps completed, output bytes).
 """
+import ctypes
 import struct
 from dataclasses import dataclass
 
+from hclsim.defs.hvdef import (CONTROL_NAMES, GPR_NAMES, HV_PARTITION_ID_SELF, HV_STATUS_ACCESS_DENIED,
+                               HV_STATUS_INVALID_ALIGNMENT, HV_STATUS_INVALID_HYPERCALL_CODE,
+                               HV_STATUS_INVALID_HYPERCALL_INPUT, HV_STATUS_INVALID_PARAMETER,
+                               HV_STATUS_INVALID_VP_INDEX, HV_STATUS_INVALID_VP_STATE, HV_STATUS_SUCCESS,
+                               HV_STATUS_VTL_ALREADY_ENABLED, HV_VP_INDEX_SELF, MSR_REGISTERS, VTL0_REGISTERS,
+                               VTL2, HvCall, HvEnableVpVtlInput, HvInitialVpContext, HvRegister)
 
-HV_STATUS_SUCCESS = 0x0000
-HV_STATUS_INVALID_HYPERCALL_CODE = 0x0002
-HV_STATUS_INVALID_HYPERCALL_INPUT = 0x0003
-HV_STATUS_INVALID_ALIGNMENT = 0x0004
-HV_STATUS_INVALID_PARAMETER = 0x0005
-HV_STATUS_ACCESS_DENIED = 0x0006
-HV_STATUS_INVALID_VP_INDEX = 0x000E
-HV_STATUS_INVALID_VP_STATE = 0x0015
-HV_STATUS_VTL_ALREADY_ENABLED = 0x0086
-
-HV_PARTITION_ID_SELF = 0xFFFFFFFFFFFFFFFF
-HVCALL_ENABLE_VP_VTL, HVCALL_START_VIRTUAL_PROCESSOR = 0x000F, 0x0099
-HV_VP_INDEX_SELF = 0xFFFFFFFE
-
-# Register names (section 6) answered by Get/SetVpRegisters.
-REG_VSM_CODE_PAGE_OFFSETS = 0x000D0002
-REG_VSM_VP_STATUS = 0x000D0003
-REG_VSM_PARTITION_STATUS = 0x000D0004
-REG_VSM_CAPABILITIES = 0x000D0006
-REG_GUEST_OS_ID = 0x00090002
-REG_HYPERCALL = 0x00090001
-REG_VP_INDEX = 0x00090003
-REG_TIME_REF_COUNT = 0x00090004
-REG_VP_ASSIST_PAGE = 0x00090013
-GPR_REGISTERS = {0x20000 + i: name for i, name in enumerate(
-    ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
-     "r13", "r14", "r15", "rip", "rflags"))}
-CONTROL_REGISTERS = {0x40000: "cr0", 0x40001: "cr2", 0x40002: "cr3", 0x40003: "cr4"}
-
-VTL2 = 2
-# Registers a VTL0 context has (GPRs, RIP/RFLAGS, control registers, EFER): Get/SetVpRegisters
-# on the lower VTL reach them.
-VTL0_REGISTER_NAMES = frozenset(list(range(0x20000, 0x20012)) + [0x40000, 0x40001, 0x40002, 0x40003, 0x40004,
-                                                                   0x80001, 0x80004])
 VSM_VP_STATUS_VTL2 = VTL2 | (1 << 16) | (1 << 18)   # active VTL 2; VTL0 and VTL2 enabled
 VSM_CAPABILITIES = 0x18000000
 
 
 @dataclass(frozen=True)
 class CallSpec:
-    name: str
     rep: bool
     header: int         # fixed input header bytes
     in_element: int     # rep input element size
@@ -74,14 +46,11 @@ def _check_self(header: bytes, vp: int) -> int | None:
     return None
 
 
-# Synthetic registers that are the VP's view of a synthetic MSR.
-MSR_REGISTERS = {REG_GUEST_OS_ID: 0x40000000, REG_HYPERCALL: 0x40000001, REG_VP_INDEX: 0x40000002,
-                 REG_TIME_REF_COUNT: 0x40000020, REG_VP_ASSIST_PAGE: 0x40000073}
 # Where the hypercall page (hypervisor.hypercall_page_bytes) has its 64-bit VTL call/return stubs.
 VTL_CALL_OFFSET, VTL_RETURN_OFFSET = 0x0F, 0x26
-VSM_REGISTERS = {REG_VSM_CODE_PAGE_OFFSETS: VTL_CALL_OFFSET | (VTL_RETURN_OFFSET << 12), REG_VSM_VP_STATUS: VSM_VP_STATUS_VTL2,
-                 REG_VSM_PARTITION_STATUS: (1 << 0) | (1 << 2) | (VTL2 << 16),
-                 REG_VSM_CAPABILITIES: VSM_CAPABILITIES}
+VSM_REGISTERS = {HvRegister.VsmCodePageOffsets: VTL_CALL_OFFSET | (VTL_RETURN_OFFSET << 12), HvRegister.VsmVpStatus: VSM_VP_STATUS_VTL2,
+                 HvRegister.VsmPartitionStatus: (1 << 0) | (1 << 2) | (VTL2 << 16),
+                 HvRegister.VsmCapabilities: VSM_CAPABILITIES}
 
 
 def _register_value(hv, engine, vp: int, name: int) -> int | None:
@@ -89,10 +58,10 @@ def _register_value(hv, engine, vp: int, name: int) -> int | None:
         return VSM_REGISTERS[name]
     if name in MSR_REGISTERS:
         return hv.rdmsr(engine, vp, MSR_REGISTERS[name])
-    if name in GPR_REGISTERS:
-        return engine.reg(GPR_REGISTERS[name])
-    if name in CONTROL_REGISTERS:
-        return engine.reg(CONTROL_REGISTERS[name])
+    if name in GPR_NAMES:
+        return engine.reg(GPR_NAMES[name])
+    if name in CONTROL_NAMES:
+        return engine.reg(CONTROL_NAMES[name])
     return None
 
 
@@ -103,7 +72,7 @@ def _target_vtl(header: bytes) -> int:
 
 def _lower_vtl_value(hv, vp: int, name: int) -> int | None:
     regs = hv.vps[vp].vtl0_registers
-    return regs.get(name) if name in VTL0_REGISTER_NAMES else None
+    return regs.get(name) if name in VTL0_REGISTERS else None
 
 
 def get_vp_registers(hv, engine, vp, header, elements, rep_count):
@@ -129,12 +98,12 @@ def set_vp_registers(hv, engine, vp, header, elements, rep_count):
     for i in range(rep_count):
         name, value = _u32(elements, 32 * i), _u64(elements, 32 * i + 16)
         if lower:
-            if name not in VTL0_REGISTER_NAMES:
+            if name not in VTL0_REGISTERS:
                 return HV_STATUS_INVALID_PARAMETER, i, b""
             hv.vps[vp].vtl0_registers[name] = value
-        elif name in GPR_REGISTERS:
-            engine.set_reg(GPR_REGISTERS[name], value)
-        elif name == REG_GUEST_OS_ID:
+        elif name in GPR_NAMES:
+            engine.set_reg(GPR_NAMES[name], value)
+        elif name == HvRegister.GuestOsId:
             hv.guest_os_id = value
         else:  # read-only or unknown: as virt_whp, INVALID_PARAMETER at the failing index
             return HV_STATUS_INVALID_PARAMETER, i, b""
@@ -153,23 +122,27 @@ def get_vp_index_from_apic_id(hv, engine, vp, header, elements, rep_count):
     return HV_STATUS_SUCCESS, rep_count, bytes(out)
 
 
-VP_CONTEXT_CR3 = 0xC8   # HvInitialVpContext: efer, cr0, cr3, cr4, pat from 0xB8
-
-_SEGMENT_OFFSETS = {"cs": 0x18, "ds": 0x28, "es": 0x38, "fs": 0x48, "gs": 0x58, "ss": 0x68}
+VP_CONTEXT_SIZE = ctypes.sizeof(HvInitialVpContext)
+VP_CONTEXT_CR3 = HvInitialVpContext.cr3.offset
+_CONTEXT_OFFSET = HvEnableVpVtlInput.context.offset
 
 
 def parse_vp_context(raw: bytes) -> dict:
-    """An HvInitialVpContext (hclsim_abi.h hv_initial_vp_context, sidecar/layout.py) as the
-    register dict Vp.set_long_mode takes. Plain struct offsets: this runs once per started VP."""
-    rip, rsp, rflags = struct.unpack_from("<3Q", raw, 0)
-    ctx = {"rip": rip, "rsp": rsp, "rflags": rflags}
-    for seg, off in _SEGMENT_OFFSETS.items():
-        ctx[seg] = struct.unpack_from("<H", raw, off + 0xC)[0]   # the selector of the 16-byte segment
-    for table, off in (("idtr", 0x98), ("gdtr", 0xA8)):
-        limit, base = struct.unpack_from("<HQ", raw, off + 6)
-        ctx[table] = (0, base, limit, 0)
-    ctx["efer"], ctx["cr0"], ctx["cr3"], ctx["cr4"], ctx["pat"] = struct.unpack_from("<5Q", raw, 0xB8)
+    """An HvInitialVpContext as the register dict Vp.set_long_mode takes (runs once per
+    distinct start context: Vp.start keeps templates)."""
+    c = HvInitialVpContext.from_buffer_copy(raw[:VP_CONTEXT_SIZE])
+    ctx = {"rip": c.rip, "rsp": c.rsp, "rflags": c.rflags}
+    for seg in ("cs", "ds", "es", "fs", "gs", "ss"):
+        ctx[seg] = getattr(c, seg).selector
+    for table in ("idtr", "gdtr"):
+        t = getattr(c, table)
+        ctx[table] = (0, t.base, t.limit, 0)
+    ctx["efer"], ctx["cr0"], ctx["cr3"], ctx["cr4"], ctx["pat"] = c.efer, c.cr0, c.cr3, c.cr4, c.msr_cr_pat
     return ctx
+
+
+def _context(header: bytes) -> bytes:
+    return bytes(header[_CONTEXT_OFFSET:_CONTEXT_OFFSET + VP_CONTEXT_SIZE])
 
 
 def _target_vp(hv, header: bytes):
@@ -190,7 +163,7 @@ def enable_vp_vtl(hv, engine, vp, header, elements, rep_count):
     if target.vtl2_enabled:
         return HV_STATUS_VTL_ALREADY_ENABLED, 0, b""
     target.vtl2_enabled = True
-    target.vtl2_context = bytes(header[16:16 + 0xE0])  # kept raw: parsed only if ever used
+    target.vtl2_context = _context(header)  # kept raw: parsed only if ever used
     return HV_STATUS_SUCCESS, 0, b""
 
 
@@ -205,7 +178,7 @@ def start_virtual_processor(hv, engine, vp, header, elements, rep_count):
     if header[12] == VTL2 and not target.vtl2_enabled or target.started:
         return HV_STATUS_INVALID_VP_STATE, 0, b""
     target.started = True
-    target.start_context = bytes(header[16:16 + 0xE0])   # parsed when the scheduler starts it
+    target.start_context = _context(header)   # parsed when the scheduler starts it
     return HV_STATUS_SUCCESS, 0, b""
 
 
@@ -226,7 +199,7 @@ def translate_virtual_address_ex(hv, engine, vp, header, elements, rep_count):
     vtl = input_vtl & 0xF if input_vtl & 0x10 else VTL2
     if vtl == 0:
         regs = hv.vps[vp].vtl0_registers
-        cr0, cr3 = regs.get(0x40000, 0), regs.get(0x40002, 0)
+        cr0, cr3 = regs.get(HvRegister.Cr0, 0), regs.get(HvRegister.Cr3, 0)
     else:
         cr0, cr3 = engine.reg("cr0"), engine.reg("cr3")
     code, gpa_page = _translate(hv.mem, cr0, cr3, gvn << 12, flags)
@@ -258,12 +231,12 @@ def _translate(mem, cr0: int, cr3: int, gva: int, flags: int) -> tuple[int, int]
 
 
 CALLS = {
-    0x00AC: CallSpec("HvCallTranslateVirtualAddressEx", False, 0x20, 0, 0x40, translate_virtual_address_ex),
-    HVCALL_ENABLE_VP_VTL: CallSpec("HvCallEnableVpVtl", False, 0xF0, 0, 0, enable_vp_vtl),
-    HVCALL_START_VIRTUAL_PROCESSOR: CallSpec("HvCallStartVirtualProcessor", False, 0xF0, 0, 0, start_virtual_processor),
-    0x0050: CallSpec("HvCallGetVpRegisters", True, 0x10, 4, 16, get_vp_registers),
-    0x0051: CallSpec("HvCallSetVpRegisters", True, 0x10, 32, 0, set_vp_registers),
-    0x009A: CallSpec("HvCallGetVpIndexFromApicId", True, 0x10, 4, 4, get_vp_index_from_apic_id),
+    HvCall.TranslateVirtualAddressEx: CallSpec(False, 0x20, 0, 0x40, translate_virtual_address_ex),
+    HvCall.EnableVpVtl: CallSpec(False, ctypes.sizeof(HvEnableVpVtlInput), 0, 0, enable_vp_vtl),
+    HvCall.StartVirtualProcessor: CallSpec(False, ctypes.sizeof(HvEnableVpVtlInput), 0, 0, start_virtual_processor),
+    HvCall.GetVpRegisters: CallSpec(True, 0x10, 4, 16, get_vp_registers),
+    HvCall.SetVpRegisters: CallSpec(True, 0x10, 32, 0, set_vp_registers),
+    HvCall.GetVpIndexFromApicId: CallSpec(True, 0x10, 4, 4, get_vp_index_from_apic_id),
 }
 
 

@@ -2,7 +2,8 @@
 pool can run it (context_save/restore cost microseconds; an engine costs milliseconds)."""
 from dataclasses import dataclass, field
 
-from hclsim.cpu import engine as eng, fastpath, hypercalls
+from hclsim.cpu import engine as eng, fastpath
+from hclsim.hv import hypercalls
 
 MSR_PAT = 0x277
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from hclsim import HclsimError
 from hclsim.cpu import engine as eng
-from hclsim.cpu import intercepts, interrupts, vtl
+from hclsim.cpu import interrupts
+from hclsim.hv import intercepts, vtl
 from hclsim.cpu.cpuid import cpuid_lookup
-from hclsim.cpu.hypervisor import VtlReturn
-from hclsim.cpu.vp import EXTERNAL, HALTED, NOT_STARTED, RUNNABLE
+from hclsim.hv.hypervisor import VtlReturn
+from hclsim.hv.vp import EXTERNAL, HALTED, NOT_STARTED, RUNNABLE
 
 # Why run() returned.
 STOP_ADDRESS = "stop-address"   # a VP reached one of the stop addresses (e.g. the kernel entry)

@@ -9,29 +9,26 @@ import struct
 
 from unicorn import x86_const as x86
 
-# HV register name -> engine register, for the registers of a VTL0 context.
-GPR_NAMES = {0x20000: "rax", 0x20001: "rcx", 0x20002: "rdx", 0x20003: "rbx", 0x20004: "rsp", 0x20005: "rbp",
-             0x20006: "rsi", 0x20007: "rdi", 0x20008: "r8", 0x20009: "r9", 0x2000A: "r10", 0x2000B: "r11",
-             0x2000C: "r12", 0x2000D: "r13", 0x2000E: "r14", 0x2000F: "r15", 0x20010: "rip", 0x20011: "rflags"}
-CONTROL_NAMES = {0x40000: "cr0", 0x40001: "cr2", 0x40002: "cr3", 0x40003: "cr4"}
-REG_EFER = 0x80001
-SEGMENTS = {0x60000: "es", 0x60001: "cs", 0x60002: "ss", 0x60003: "ds", 0x60004: "fs", 0x60005: "gs"}
-TABLES = {0x70000: x86.UC_X86_REG_IDTR, 0x70001: x86.UC_X86_REG_GDTR}
-# Engine register name -> HV register name, for every VTL0 register kept by name.
-HV_REGISTERS = {**{name: hv for hv, name in {**GPR_NAMES, **CONTROL_NAMES, **SEGMENTS}.items()}, "efer": REG_EFER}
-SHARED = ("rax", "rcx", "rdx", "rbx", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
-          "r15", "cr2")
-MSR_EFER = 0xC0000080
+from hclsim.defs.hvdef import (CONTROL_NAMES, GPR_NAMES, HV_VP_ASSIST_ENTRY_REASON_OFFSET as ASSIST_ENTRY_REASON,
+                               HV_VP_ASSIST_INTERCEPT_MSG_OFFSET as ASSIST_INTERCEPT_MESSAGE, HV_MESSAGE_SIZE,
+                               HV_VP_ASSIST_VTL0_RAX_OFFSET as ASSIST_VTL0_RAX, HV_VTL_ENTRY_REASON_INTERCEPT,
+                               HV_VTL_ENTRY_REASON_INTERRUPT, HV_VTL_ENTRY_REASON_VTL_CALL, REGISTER_BY_NAME,
+                               SEGMENT_NAMES, SHARED_REGISTERS as SHARED, HvRegister as R)
+from hclsim.cpu.engine import MSR_EFER
 
-ENTRY_REASON_VTL_CALL, ENTRY_REASON_INTERRUPT, ENTRY_REASON_INTERCEPT = 1, 2, 3
-ASSIST_ENTRY_REASON, ASSIST_VTL0_RAX, ASSIST_VTL0_RCX, ASSIST_INTERCEPT_MESSAGE = 0x08, 0x10, 0x18, 0x70
+SEGMENTS = SEGMENT_NAMES
+TABLES = {R.Idtr: x86.UC_X86_REG_IDTR, R.Gdtr: x86.UC_X86_REG_GDTR}
+HV_REGISTERS = REGISTER_BY_NAME
+REG_EFER = R.Efer
+ENTRY_REASON_VTL_CALL, ENTRY_REASON_INTERRUPT, ENTRY_REASON_INTERCEPT = (
+    HV_VTL_ENTRY_REASON_VTL_CALL, HV_VTL_ENTRY_REASON_INTERRUPT, HV_VTL_ENTRY_REASON_INTERCEPT)
 
 
 def vtl0_long_mode_state(rip: int, rsp: int, cr3: int, gdt: int, gprs: dict | None = None) -> dict:
     """A VTL0 context in 64-bit mode (what firmware would leave an OS loader with)."""
-    state = {0x20010: rip, 0x20004: rsp, 0x20011: 0x2, 0x40000: 0x80000031, 0x40002: cr3,
-             0x40003: 0x00000620, REG_EFER: 0xD00, 0x70001: (0, gdt, 0x1F, 0), 0x70000: (0, 0, 0, 0),
-             0x60001: 0x10, 0x60000: 0x18, 0x60002: 0x18, 0x60003: 0x18, 0x60004: 0x18, 0x60005: 0x18}
+    state = {R.Rip: rip, R.Rsp: rsp, R.Rflags: 0x2, R.Cr0: 0x80000031, R.Cr3: cr3, R.Cr4: 0x00000620,
+             R.Efer: 0xD00, R.Gdtr: (0, gdt, 0x1F, 0), R.Idtr: (0, 0, 0, 0),
+             R.Cs: 0x10, R.Es: 0x18, R.Ss: 0x18, R.Ds: 0x18, R.Fs: 0x18, R.Gs: 0x18}
     for name, value in (gprs or {}).items():
         state[name] = value
     return state
@@ -43,17 +40,17 @@ def apply_vtl0(engine, state: dict) -> None:
     for name, reg in TABLES.items():
         if name in state:
             uc.reg_write(reg, state[name])
-    for name in (0x40002, 0x40003):
+    for name in (R.Cr3, R.Cr4):
         if name in state:
             engine.set_reg(CONTROL_NAMES[name], state[name])
-    engine.set_msr(MSR_EFER, state.get(REG_EFER, 0))
-    engine.set_reg("cr0", state.get(0x40000, 0x60000010))
+    engine.set_msr(MSR_EFER, state.get(R.Efer, 0))
+    engine.set_reg("cr0", state.get(R.Cr0, 0x60000010))
     for name, seg in SEGMENTS.items():
         if name in state:
             engine.set_reg(seg, state[name])
     for name, reg in GPR_NAMES.items():
         engine.set_reg(reg, state.get(name, 0))
-    engine.set_reg("cr2", state.get(0x40001, 0))
+    engine.set_reg("cr2", state.get(R.Cr2, 0))
 
 
 def capture_vtl0(engine, state: dict) -> None:
@@ -62,7 +59,7 @@ def capture_vtl0(engine, state: dict) -> None:
         state[name] = engine.reg(reg)
     for name, reg in CONTROL_NAMES.items():
         state[name] = engine.reg(reg)
-    state[REG_EFER] = engine.msr(MSR_EFER)
+    state[R.Efer] = engine.msr(MSR_EFER)
     for name, seg in SEGMENTS.items():
         state[name] = engine.reg(seg)
     for name, reg in TABLES.items():
@@ -82,7 +79,7 @@ def write_entry(mem, assist_gpa: int, reason: int, message: bytes = b"") -> None
     """VTL2's assist page on VTL entry: entry_reason, and the intercept message."""
     mem.write_u32(assist_gpa + ASSIST_ENTRY_REASON, reason)
     if message:
-        mem.write(assist_gpa + ASSIST_INTERCEPT_MESSAGE, message.ljust(0x100, b"\0")[:0x100])
+        mem.write(assist_gpa + ASSIST_INTERCEPT_MESSAGE, message.ljust(HV_MESSAGE_SIZE, b"\0")[:HV_MESSAGE_SIZE])
 
 
 def vtl0_rax_rcx(mem, assist_gpa: int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """The Hyper-V subset the firmware relies on: synthetic MSRs, the hypercall page and the hypercall
 ABI (shared/design/hyperv-essentials.md sections 2, 3 and 8). Hypercall handlers themselves live
-in cpu/hypercalls.py.
+in hv/hypercalls.py.
 
 Time is deterministic: TIME_REF_COUNT advances with the executed instruction count (1 ns each),
 so the same image gives the same reference times run after run.
@@ -9,28 +9,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hclsim.boot.layout import ISOLATION_NONE, ISOLATION_SNP, ISOLATION_TDX
-from hclsim.cpu import hypercalls
+from hclsim.defs.hvdef import (HV_CRASH_CTL_CRASH_MESSAGE, HV_CRASH_CTL_NOTIFY, HV_CRASH_MESSAGE_MAX,
+                               HV_X64_MSR_APIC_FREQUENCY, HV_X64_MSR_CRASH_CTL, HV_X64_MSR_CRASH_P0,
+                               HV_X64_MSR_GUEST_OS_ID, HV_X64_MSR_HYPERCALL, HV_X64_MSR_TIME_REF_COUNT,
+                               HV_X64_MSR_TSC_FREQUENCY, HV_X64_MSR_VP_ASSIST_PAGE, HV_X64_MSR_VP_INDEX,
+                               HVCALL_VTL_CALL, HVCALL_VTL_RETURN, HvRegister)
+from hclsim.defs.platform import ISOLATION_NONE, ISOLATION_SNP, ISOLATION_TDX
+from hclsim.hv import hypercalls
 from hclsim.cpu.apic import (APIC_BASE_BSP, APIC_BASE_WRITABLE, APIC_BASE_X2APIC, APIC_COL_BASE, APIC_COL_PENDING,
                              APIC_COL_SVR, APIC_COL_TPR, APIC_VERSION, SVR_APIC_ENABLE, X86_MSR_APIC_BASE,
                              X2APIC_MSR_EOI, X2APIC_MSR_ICR, X2APIC_MSR_ID, X2APIC_MSR_SVR, X2APIC_MSR_TPR,
                              X2APIC_MSR_VERSION, new_apic_table)
 from hclsim.cpu.engine import GuestException
 from hclsim.cpu.hypercall_fastpath import COL_STARTED, COL_START_PENDING, COL_VTL2_ENABLED, CTX_ENABLE, CTX_START, HvNativeArea
-
-HV_X64_MSR_GUEST_OS_ID = 0x40000000
-HV_X64_MSR_HYPERCALL = 0x40000001
-HV_X64_MSR_VP_INDEX = 0x40000002
-HV_X64_MSR_TIME_REF_COUNT = 0x40000020
-HV_X64_MSR_TSC_FREQUENCY = 0x40000022
-HV_X64_MSR_APIC_FREQUENCY = 0x40000023
-HV_X64_MSR_VP_ASSIST_PAGE = 0x40000073
-HV_X64_MSR_CRASH_P0 = 0x40000100
-HV_X64_MSR_CRASH_CTL = 0x40000105
-
-CRASH_CTL_NOTIFY = 1 << 63
-CRASH_CTL_CRASH_MESSAGE = 1 << 62
-CRASH_MESSAGE_MAX = 4096
 
 # Architectural MSRs Unicorn itself keeps per CPU: passed through.
 PASSTHROUGH_MSRS = {0x10, 0x277, 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084, 0xC0000100,
@@ -49,9 +40,6 @@ class GeneralProtection(GuestException):
 class InvalidOpcode(GuestException):
     """The instruction raises #UD in the guest (e.g. a VTL return from VTL0)."""
     vector = 6
-
-
-HVCALL_VTL_CALL, HVCALL_VTL_RETURN = 0x0011, 0x0012
 
 
 @dataclass(frozen=True)
@@ -100,7 +88,8 @@ class VpState:
     native: HvNativeArea = field(repr=False)
     vp_assist_page: int = 0
     mtrrs: dict = field(default_factory=dict)
-    vtl0_registers: dict = field(default_factory=lambda: {0x20010: 0xFFF0, 0x20011: 0x2, 0x40000: 0x60000010})
+    vtl0_registers: dict = field(default_factory=lambda: {HvRegister.Rip: 0xFFF0, HvRegister.Rflags: 0x2,
+                                                          HvRegister.Cr0: 0x60000010})   # reset state
     vtl: int = 2                             # the VTL the VP runs in now
     irr: set = field(default_factory=set)    # requested vectors
     isr: list = field(default_factory=list)  # in service, innermost last
@@ -227,7 +216,7 @@ class Hypervisor:
         if HV_X64_MSR_CRASH_P0 <= index < HV_X64_MSR_CRASH_CTL:
             return self.crash_params[index - HV_X64_MSR_CRASH_P0]
         if index == HV_X64_MSR_CRASH_CTL:
-            return CRASH_CTL_NOTIFY | CRASH_CTL_CRASH_MESSAGE  # capabilities
+            return HV_CRASH_CTL_NOTIFY | HV_CRASH_CTL_CRASH_MESSAGE  # capabilities
         if index == X86_MSR_APIC_BASE:
             return self.vps[vp].apic_base
         if 0x800 <= index <= 0x8FF:
@@ -250,7 +239,7 @@ class Hypervisor:
         elif HV_X64_MSR_CRASH_P0 <= index < HV_X64_MSR_CRASH_CTL:
             self.crash_params[index - HV_X64_MSR_CRASH_P0] = value
         elif index == HV_X64_MSR_CRASH_CTL:
-            if value & CRASH_CTL_NOTIFY:
+            if value & HV_CRASH_CTL_NOTIFY:
                 self.crash = self._read_crash(value)  # the machine ends the run
         elif index in PASSTHROUGH_MSRS:
             engine.set_msr(index, value)
@@ -346,8 +335,8 @@ class Hypervisor:
     def _read_crash(self, ctl: int) -> GuestCrash:
         p = tuple(self.crash_params)
         message = ""
-        if ctl & CRASH_CTL_CRASH_MESSAGE and p[4]:
-            length = min(p[4], CRASH_MESSAGE_MAX)
+        if ctl & HV_CRASH_CTL_CRASH_MESSAGE and p[4]:
+            length = min(p[4], HV_CRASH_MESSAGE_MAX)
             if self.mem.contains(p[3], length):
                 message = self.mem.read(p[3], length).split(b"\0")[0].decode("utf-8", "replace")
         return GuestCrash(p, message)

@@ -1,0 +1,1 @@
+"""Definitions shared by every layer: Hyper-V (hvdef) and the platform (platform)."""

@@ -1,0 +1,41 @@
+"""The simulated platform, declared once: isolation types, the legacy I/O ports and the MMIO
+ranges devices claim, and the VTL0 test guest's devices. The firmware's copies are
+boot/firmware/include/hclsim_abi.h and boot/firmware/vtl0/vtl0_guest.h, checked by
+tests/test_abi.py.
+"""
+from dataclasses import dataclass
+
+# VM isolation (shim ABI, IgvmParameters): what the shim trusts of the host.
+ISOLATION_NONE, ISOLATION_VBS, ISOLATION_SNP, ISOLATION_TDX = 0, 1, 2, 3
+ISOLATION_BY_NAME = {"none": ISOLATION_NONE, "vbs": ISOLATION_VBS, "snp": ISOLATION_SNP, "tdx": ISOLATION_TDX}
+
+# 16550 UARTs: COM3 is the boot shim's console (on the host's bus), COM1 the VTL0 guest's.
+COM1_PORT, COM3_PORT = 0x3F8, 0x3E8
+UART_PORT_COUNT = 8
+
+
+@dataclass(frozen=True)
+class Region:
+    """A named range of I/O ports or guest physical addresses: [start, start + length)."""
+    name: str
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def overlaps(self, other: "Region") -> bool:
+        return self.start < other.end and other.start < self.end
+
+
+# The VTL0 test guest's devices (boot/firmware/vtl0/vtl0_guest.h).
+VTL0_COM1_PORT = COM1_PORT
+VTL0_TEST_PORT = 0x440            # a 32-bit OUT, then a 32-bit IN
+VTL0_TEST_PORT_VALUE = 0x1234ABCD  # what the test port reads
+VTL0_OUT_PATTERN = 0xC0DE0000
+VTL0_MMIO_BASE = 0xFED00000       # unmapped GPAs: every access is an MMIO intercept
+VTL0_MMIO_SIZE = 0x1000
+VTL0_MMIO_READ_PATTERN = 0xF00D0000  # | offset: what a test MMIO read returns
+VTL0_MMIO_PATTERN = 0xA5A50000
+VTL0_TEST_MSR = 0x40000000

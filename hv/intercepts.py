@@ -1,0 +1,114 @@
+"""HvMessage intercept messages (hyperv-essentials.md section 7) for VTL0 exits that VTL2 handles:
+port I/O, CPUID, MSR access, memory access to unmapped GPAs (MMIO) and HLT. The layouts are
+defs/hvdef.py's; this module fills them from the engine's state and reads them back."""
+import ctypes
+
+import capstone
+from capstone import x86_const as csx
+
+from hclsim.cpu.engine import MSR_EFER
+from hclsim.defs.hvdef import (HV_INTERCEPT_ACCESS_EXECUTE as ACCESS_EXECUTE, HV_INTERCEPT_ACCESS_READ as ACCESS_READ,
+                               HV_INTERCEPT_ACCESS_WRITE as ACCESS_WRITE, HvMessage,
+                               HvMessageType, HvX64CpuidInterceptMessage, HvX64InterceptMessageHeader,
+                               HvX64IoPortInterceptMessage, HvX64MemoryInterceptMessage, HvX64MsrInterceptMessage,
+                               INTERCEPT_MESSAGES)
+
+MSG_UNMAPPED_GPA = HvMessageType.UnmappedGpa
+MSG_IO_PORT = HvMessageType.X64IoPortIntercept
+MSG_MSR = HvMessageType.X64MsrIntercept
+MSG_CPUID = HvMessageType.X64CpuidIntercept
+MSG_HALT = HvMessageType.X64Halt
+CS_LONG_MODE_CODE = 0xA09B   # attributes of a present 64-bit ring-0 code segment
+
+_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_cs.detail = True
+
+
+def _decode(engine, rip: int):
+    code = engine.read_virtual(rip, 16)
+    return next(_cs.disasm(code, rip), None), code
+
+
+def _header(h: HvX64InterceptMessageHeader, engine, vp_index: int, insn_len: int, access: int) -> None:
+    cr0, efer = engine.reg("cr0"), engine.msr(MSR_EFER)
+    h.vp_index = vp_index
+    h.instruction_length_cr8 = insn_len & 0xF
+    h.intercept_access_type = access
+    h.execution_state = ((cr0 & 1) << 2) | (((efer >> 10) & 1) << 4)  # CPL 0, CR0.PE, EFER.LMA; VTL 0
+    h.cs_segment.limit, h.cs_segment.selector, h.cs_segment.attributes = 0xFFFFFFFF, engine.reg("cs"), CS_LONG_MODE_CODE
+    h.rip, h.rflags = engine.reg("rip"), engine.reg("rflags")
+
+
+def _message(msg_type: int, payload) -> bytes:
+    msg = HvMessage()
+    msg.header.message_type = msg_type
+    msg.header.payload_size = ctypes.sizeof(payload)
+    ctypes.memmove(msg.payload, ctypes.addressof(payload), ctypes.sizeof(payload))
+    return bytes(msg)[:16 + ctypes.sizeof(payload)]
+
+
+def _code(field, code: bytes) -> None:
+    ctypes.memmove(field, code[:16].ljust(16, b"\0"), 16)
+
+
+def io_port(engine, vp_index: int) -> bytes:
+    insn, code = _decode(engine, engine.reg("rip"))
+    is_in = insn.id in (csx.X86_INS_IN, csx.X86_INS_INSB, csx.X86_INS_INSD, csx.X86_INS_INSW)
+    ops = [op for op in insn.operands]
+    reg_op = next((op for op in ops if op.type == csx.X86_OP_REG and insn.reg_name(op.reg) in ("al", "ax", "eax")), None)
+    size = {"al": 1, "ax": 2, "eax": 4}[insn.reg_name(reg_op.reg)] if reg_op else 1
+    imm = next((op.imm for op in ops if op.type == csx.X86_OP_IMM), None)
+    m = HvX64IoPortInterceptMessage()
+    _header(m.header, engine, vp_index, insn.size, ACCESS_READ if is_in else ACCESS_WRITE)
+    m.port_number = imm if imm is not None else engine.reg("rdx") & 0xFFFF
+    m.access_info, m.instruction_byte_count, m.rax = size, insn.size, engine.reg("rax")
+    _code(m.instruction_bytes, code)
+    m.rcx, m.rsi, m.rdi = engine.reg("rcx"), engine.reg("rsi"), engine.reg("rdi")
+    return _message(MSG_IO_PORT, m)
+
+
+def cpuid(engine, vp_index: int, defaults: tuple) -> bytes:
+    m = HvX64CpuidInterceptMessage()
+    _header(m.header, engine, vp_index, 2, ACCESS_EXECUTE)
+    m.rax, m.rcx, m.rdx, m.rbx = (engine.reg(r) for r in ("rax", "rcx", "rdx", "rbx"))
+    (m.default_result_rax, m.default_result_rbx, m.default_result_rcx, m.default_result_rdx) = defaults
+    return _message(MSG_CPUID, m)
+
+
+def msr(engine, vp_index: int, write: bool) -> bytes:
+    m = HvX64MsrInterceptMessage()
+    _header(m.header, engine, vp_index, 2, ACCESS_WRITE if write else ACCESS_READ)
+    m.msr_number, m.rdx, m.rax = engine.reg("rcx") & 0xFFFFFFFF, engine.reg("rdx"), engine.reg("rax")
+    return _message(MSG_MSR, m)
+
+
+def memory(engine, vp_index: int, gpa: int, write: bool) -> bytes:
+    insn, code = _decode(engine, engine.reg("rip"))
+    length = insn.size if insn else 0
+    m = HvX64MemoryInterceptMessage()
+    _header(m.header, engine, vp_index, length, ACCESS_WRITE if write else ACCESS_READ)
+    m.instruction_byte_count, m.guest_physical_address = length, gpa
+    _code(m.instruction_bytes, code)
+    return _message(MSG_UNMAPPED_GPA, m)
+
+
+def parse(message: bytes) -> dict:
+    """The fields the host-side handler needs from a message, by their TLFS names' short forms."""
+    raw = bytes(message).ljust(ctypes.sizeof(HvMessage), b"\0")
+    msg = HvMessage.from_buffer_copy(raw)
+    kind = msg.header.message_type
+    layout = INTERCEPT_MESSAGES.get(kind, HvX64InterceptMessageHeader)
+    p = layout.from_buffer_copy(bytes(msg.payload)[:ctypes.sizeof(layout)])
+    h = p if layout is HvX64InterceptMessageHeader else p.header
+    out = {"type": kind, "vp": h.vp_index, "instruction_length": h.instruction_length_cr8 & 0xF,
+           "access": h.intercept_access_type, "rip": h.rip}
+    if kind == MSG_IO_PORT:
+        out.update(port=p.port_number, size=p.access_info & 7, rax=p.rax)
+    elif kind == MSG_CPUID:
+        out.update(rax=p.rax, rcx=p.rcx)
+    elif kind == MSG_MSR:
+        out.update(msr=p.msr_number)
+    elif kind == MSG_UNMAPPED_GPA:
+        out.update(gpa=p.guest_physical_address, instruction_length=p.instruction_byte_count,
+                   instruction_bytes=bytes(p.instruction_bytes))
+    return out
