@@ -89,9 +89,6 @@ class SlowIoDispatch:
         if engine is None:
             return 0
         try:
-            if is_in == fastpath.IO_DRAIN:
-                engine.on_uart_full(value)
-                return 0
             return engine.io_handler(port, size, value, bool(is_in)) & 0xFFFFFFFF
         except BaseException as exc:  # a Python exception must not unwind through C frames
             engine.request_stop(exc)
@@ -169,9 +166,8 @@ WATCHDOG = Watchdog()
 class Engine:
     mem: GuestMemory
     cpuid_table: object
-    io_handler: object                   # (port, size, value, is_in) -> int
+    io_handler: object                   # (port, size, value, is_in) -> int: the device bus
     hypercall_handler: object            # (engine) -> None; vmcall at RIP, RIP not yet advanced
-    uart_sink: object = None             # (uart index, bytes) -> None
     exits: set = field(default_factory=set)
 
     def __post_init__(self):
@@ -207,12 +203,14 @@ class Engine:
         self.set_exits(self.exits, force=True)
         self.pristine = self.uc.context_save()
         self.long_mode_templates = {}   # Vp.start: StartVp contexts by all but CR3
+        self.after_run = []             # callables run after every emu_start (device output flushes)
 
     def reset(self, cpuid_table) -> None:
         """Make a pooled engine look new to the next machine: registers, counters and devices
         as at creation. Translated code is kept (see load_code)."""
         self.uc.context_restore(self.pristine)
         self.long_mode_templates.clear()
+        self.after_run = []
         self.state.reset(cpuid_table)
         self.state.buf[fastpath.H_PAGING] = 1
         self.flush_tlb()  # memory contents changed
@@ -370,16 +368,6 @@ class Engine:
         self._stop_reason = reason
         self.uc.emu_stop()
 
-    def on_uart_full(self, index: int) -> None:
-        data = self.state.take_uart_output(index)
-        if self.uart_sink is not None:
-            self.uart_sink(index, data)
-
-    def drain_uarts(self) -> None:
-        for i in range(fastpath.N_UARTS):
-            if self.state.buf[fastpath.H_UART_LEN0 + i]:
-                self.on_uart_full(i)
-
     def _on_invalid(self, uc, user_data):
         rip = self.reg("rip")
         insn = self.read_virtual(rip, 3)
@@ -440,7 +428,8 @@ class Engine:
         finally:
             if timeout_us:
                 WATCHDOG.disarm(self)
-        self.drain_uarts()
+        for flush in self.after_run:
+            flush()
         rip = self.reg("rip")
         if self._fault is not None:
             return self._fault

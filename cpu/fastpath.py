@@ -1,10 +1,11 @@
-"""Native (numba @cfunc) exit hooks: port I/O with the UARTs inline, CPUID, and instruction
-counting per translated block.
+"""Native (numba @cfunc) exit hooks: port I/O to the devices that offer a native handler, CPUID,
+and instruction counting per translated block.
 
-Each engine owns one FastPathState: an int64 header (slots H_*) followed by the CPUID table,
-the block-count cache and the UART output rings, all in one numpy buffer whose address is the
-hooks' user_data. Anything the hooks cannot do natively (I/O to other ports, a full UART ring)
-goes through the slow-I/O function pointer into Python.
+Each engine owns one FastPathState: an int64 header (slots H_*) followed by the CPUID table and
+the block-count cache, all in one numpy buffer whose address is the hooks' user_data. The header
+holds the native port table (devices/bus.py fills it: base, length, handler, device state per
+row); I/O to any other port, or an access a native handler declines (a full output ring), goes
+through the slow-I/O function pointer into Python and so to the device bus.
 """
 
 import numpy as np
@@ -17,28 +18,23 @@ from hclsim.cpu import native
 from hclsim.cpu.cpuid import cpuid_lookup
 from hclsim.cpu.insnlen import count_instructions
 from hclsim.cpu.pagetable import walk
-from hclsim.devices.uart16550 import UART_REGS, new_registers, uart_access
 
 # Header slots.
 (H_TOTAL, H_FN_SLOW_IO, H_FN_REG_READ, H_FN_REG_WRITE, H_FN_UC_STOP, H_ICOUNT, H_BLOCKS,
  H_IO_FAST, H_IO_SLOW, H_CPUID_EXITS, H_APIC_ID, H_CPUID_OFF, H_CPUID_ROWS, H_BT_OFF, H_BT_SIZE,
- H_RAM_ADDR, H_RAM_SIZE, H_UART_OUT_OFF, H_UART_CAP, H_UART_LEN0, H_UART_LEN1, H_BT_MISSES,
- H_PAGING, H_LAST_BLOCK) = range(24)  # H_LAST_BLOCK: end of the previous block
+ H_RAM_ADDR, H_RAM_SIZE, H_NPIO_COUNT, H_BT_MISSES, H_PAGING, H_LAST_BLOCK) = range(21)
+# H_LAST_BLOCK: end of the previous block; H_NPIO_COUNT: rows used in the native port table.
 # The native MSR path (cpu/msr_fastpath.py): the running VP, the hypervisor's APIC table, the
 # count of MSR exits handled natively, and the Python site handler for the others.
 H_VP_INDEX, H_APIC_TABLE, H_APIC_ROWS, H_MSR_FAST, H_FN_SLOW_SITE = range(24, 29)
 # The native vmcall path (cpu/hypercall_fastpath.py): the hypervisor's native area, and the
 # count of hypercalls done there.
 H_HV_AREA, H_HC_FAST = 29, 30
-H_UART_REGS = 32                  # 2 UARTs x UART_REGS slots
-HEADER_SLOTS = H_UART_REGS + 2 * UART_REGS
-N_UARTS = 2
-UART_BASES = np.array([0x3E8, 0x3F8], np.int64)
-
-IO_DRAIN = 2  # slow-I/O is_in value meaning "UART ring full, drain it"
+# The native port table: NPIO_MAX rows of (first port, port count, handler address, state address).
+H_NPIO, NPIO_COLUMNS, NPIO_MAX = 32, 4, 8
+HEADER_SLOTS = H_NPIO + NPIO_COLUMNS * NPIO_MAX
 
 BLOCK_TABLE_SIZE = 1 << 15        # entries of (key, count); key = address + 1, 0 = empty
-UART_CAPACITY = 1 << 16
 
 
 @intrinsic
@@ -57,8 +53,7 @@ class FastPathState:
         rows = cpuid_table.shape[0]
         cpuid_off = HEADER_SLOTS
         bt_off = cpuid_off + rows * 6
-        uart_off_slots = bt_off + BLOCK_TABLE_SIZE * 2
-        total_slots = uart_off_slots + (N_UARTS * UART_CAPACITY) // 8
+        total_slots = bt_off + BLOCK_TABLE_SIZE * 2
         self.buf = np.zeros(total_slots, np.int64)
         h = self.buf
         h[H_TOTAL] = total_slots
@@ -69,28 +64,31 @@ class FastPathState:
         h[H_CPUID_OFF], h[H_CPUID_ROWS] = cpuid_off, rows
         h[H_BT_OFF], h[H_BT_SIZE] = bt_off, BLOCK_TABLE_SIZE
         h[H_RAM_ADDR], h[H_RAM_SIZE] = ram_address, ram_size
-        h[H_UART_OUT_OFF], h[H_UART_CAP] = uart_off_slots * 8, UART_CAPACITY
         self.cpuid_table = h[cpuid_off:bt_off].reshape(rows, 6)
         self.cpuid_table[:] = cpuid_table
-        self.block_table = h[bt_off:uart_off_slots].reshape(BLOCK_TABLE_SIZE, 2)
-        bytes_view = h.view(np.uint8)
-        self.uart_out = [bytes_view[uart_off_slots * 8 + i * UART_CAPACITY:][:UART_CAPACITY] for i in range(N_UARTS)]
-        for i in range(N_UARTS):
-            self.uart_regs(i)[:] = new_registers()
+        self.block_table = h[bt_off:total_slots].reshape(BLOCK_TABLE_SIZE, 2)
+        self.native_pio = h[H_NPIO:H_NPIO + NPIO_COLUMNS * NPIO_MAX].reshape(NPIO_MAX, NPIO_COLUMNS)
 
     def reset(self, cpuid_table: np.ndarray) -> None:
-        """Counters, devices and CPUID as new; the block-count cache is kept."""
+        """Counters and CPUID as new, no native port handlers; the block-count cache is kept."""
         h = self.buf
         h[H_ICOUNT:H_CPUID_EXITS + 1] = 0
         h[H_MSR_FAST] = h[H_HC_FAST] = 0
         h[H_BT_MISSES] = 0
         h[H_LAST_BLOCK] = 0
-        h[H_UART_LEN0] = h[H_UART_LEN1] = 0
-        for i in range(N_UARTS):
-            self.uart_regs(i)[:] = new_registers()
+        self.set_native_pio([])
         if cpuid_table.shape != self.cpuid_table.shape:
             raise ValueError("CPUID table shape changed")
         self.cpuid_table[:] = cpuid_table
+
+    def set_native_pio(self, rows) -> None:
+        """rows: [(first port, count, handler address, state address)], at most NPIO_MAX."""
+        if len(rows) > NPIO_MAX:
+            raise ValueError(f"at most {NPIO_MAX} native port ranges")
+        self.native_pio[:] = 0
+        for i, row in enumerate(rows):
+            self.native_pio[i] = row
+        self.buf[H_NPIO_COUNT] = len(rows)
 
     def forget_blocks(self) -> None:
         self.block_table[:] = 0
@@ -98,16 +96,6 @@ class FastPathState:
     @property
     def address(self) -> int:
         return self.buf.ctypes.data
-
-    def uart_regs(self, index: int) -> np.ndarray:
-        base = H_UART_REGS + index * UART_REGS
-        return self.buf[base:base + UART_REGS]
-
-    def take_uart_output(self, index: int) -> bytes:
-        n = int(self.buf[H_UART_LEN0 + index])
-        data = self.uart_out[index][:n].tobytes()
-        self.buf[H_UART_LEN0 + index] = 0
-        return data
 
     def invalidate_blocks(self, start: int, end: int) -> None:
         """Forget cached instruction counts of blocks starting in [start, end) (code rewritten)."""
@@ -136,33 +124,22 @@ def _header(ud):
 
 
 @njit(cache=True)
-def _uart_index(port):
-    for i in range(N_UARTS):
-        if UART_BASES[i] <= port < UART_BASES[i] + 8:
-            return i
-    return -1
-
-
-@njit(cache=True)
 def io_access(uc, h, port, size, value, is_write):
-    """Port I/O: UART registers natively, anything else through the slow path. Returns the
-    value read (0 for writes)."""
-    u = _uart_index(port)
-    if u < 0:
-        h[H_IO_SLOW] += 1
-        return native.call_slow_io(h[H_FN_SLOW_IO], uc, np.uint32(port), np.int32(size),
-                                   np.uint32(value), np.int32(0 if is_write else 1))
-    h[H_IO_FAST] += 1
-    regs = h[H_UART_REGS + u * UART_REGS:H_UART_REGS + (u + 1) * UART_REGS]
-    cap = h[H_UART_CAP]
-    if h[H_UART_LEN0 + u] >= cap:
-        native.call_slow_io(h[H_FN_SLOW_IO], uc, np.uint32(port), np.int32(size), np.uint32(u),
-                            np.int32(IO_DRAIN))
-    out = h.view(np.uint8)[h[H_UART_OUT_OFF] + u * cap:h[H_UART_OUT_OFF] + (u + 1) * cap]
-    result, new_len = uart_access(regs, out, h[H_UART_LEN0 + u], cap, port - UART_BASES[u],
-                                  is_write, value)
-    h[H_UART_LEN0 + u] = new_len
-    return np.uint32(result)
+    """Port I/O: a device's native handler if one claims the port and accepts the access,
+    otherwise the slow path into Python. Returns the value read (0 for writes)."""
+    for row in range(h[H_NPIO_COUNT]):
+        r = H_NPIO + row * NPIO_COLUMNS
+        offset = np.int64(port) - h[r]
+        if 0 <= offset < h[r + 1]:
+            result = native.call_native_pio(h[r + 2], h[r + 3], offset, np.int32(size), np.uint32(value),
+                                            np.int32(1 if is_write else 0))
+            if result >= 0:
+                h[H_IO_FAST] += 1
+                return np.uint32(result)
+            break
+    h[H_IO_SLOW] += 1
+    return native.call_slow_io(h[H_FN_SLOW_IO], uc, np.uint32(port), np.int32(size),
+                               np.uint32(value), np.int32(0 if is_write else 1))
 
 
 @cfunc(types.void(types.voidptr, types.uint32, types.int32, types.uint32, types.voidptr), cache=True)

@@ -70,6 +70,21 @@ def call_slow_io(typingctx, fnptr, uc, port, size, value, is_in):
     return sig, codegen
 
 
+# int64 native_pio(void *device_state, int64 offset, int32 size, uint32 value, int32 is_write): a
+# device's native port handler (devices/bus.py NativePio); a negative result sends the access to
+# the device's Python handler instead.
+@intrinsic
+def call_native_pio(typingctx, fnptr, state, offset, size, value, is_write):
+    sig = types.int64(types.int64, types.int64, types.int64, types.int32, types.uint32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(i64, [_i8p, i64, _i32, _i32, _i32])
+        fn = builder.inttoptr(args[0], fnty.as_pointer())
+        return builder.call(fn, [builder.inttoptr(args[1], _i8p), *args[2:]])
+    return sig, codegen
+
+
 # void slow_site(uc_engine*, uint64 address, int32 kind): a site the native hook leaves to Python
 SLOW_SITE_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int32)
 

@@ -33,7 +33,8 @@ def acquire(memory_size: int, cpuid_table, **handlers) -> tuple[GuestMemory, Eng
 
 def release(mem: GuestMemory, engine: Engine) -> None:
     """Return a pair for reuse (or drop it when enough are idle)."""
-    engine.io_handler = engine.hypercall_handler = engine.uart_sink = None
+    engine.io_handler = engine.hypercall_handler = None
+    engine.after_run = []
     with _lock:
         pairs = _idle.setdefault((mem.size, mem.shared), [])
         if len(pairs) < MAX_IDLE_PER_SIZE:

@@ -27,7 +27,7 @@ from hclsim.cpu.ram_pages import data_runs
 from hclsim.snapshot_state import SnapshotStateError, apply, capture
 
 MAGIC = b"HCLSNAP\x00"
-FORMAT = 1
+FORMAT = 2   # 2: device state through the bus (devices/saved_state.py), not fast-path slots
 IMAGE_NAMES = {"shim": "boot shim", "sidecar": "sidecar kernel", "vtl0_guest": "VTL0 test guest",
                "kernel": "kernel", "initrd": "initrd"}
 _PREFIX = len(MAGIC) + 32

@@ -37,11 +37,11 @@ DERIVED = {
 }
 # The fast path's per-run state; its other header slots are pointers and the buffer's layout.
 FASTPATH_SLOTS = ("H_ICOUNT", "H_BLOCKS", "H_IO_FAST", "H_IO_SLOW", "H_CPUID_EXITS", "H_APIC_ID",
-                  "H_BT_MISSES", "H_PAGING", "H_LAST_BLOCK", "H_UART_LEN0", "H_UART_LEN1", "H_VP_INDEX",
-                  "H_MSR_FAST", "H_HC_FAST")
+                  "H_BT_MISSES", "H_PAGING", "H_LAST_BLOCK", "H_VP_INDEX", "H_MSR_FAST", "H_HC_FAST")
+# Pointers and the buffer's layout; the native port table (H_NPIO*) is rebuilt by Bus.attach.
 FASTPATH_LAYOUT = ("H_TOTAL", "H_FN_SLOW_IO", "H_FN_REG_READ", "H_FN_REG_WRITE", "H_FN_UC_STOP", "H_CPUID_OFF",
-                   "H_CPUID_ROWS", "H_BT_OFF", "H_BT_SIZE", "H_RAM_ADDR", "H_RAM_SIZE", "H_UART_OUT_OFF",
-                   "H_UART_CAP", "H_UART_REGS", "H_APIC_TABLE", "H_APIC_ROWS", "H_FN_SLOW_SITE", "H_HV_AREA")
+                   "H_CPUID_ROWS", "H_BT_OFF", "H_BT_SIZE", "H_RAM_ADDR", "H_RAM_SIZE", "H_NPIO_COUNT", "H_NPIO",
+                   "H_APIC_TABLE", "H_APIC_ROWS", "H_FN_SLOW_SITE", "H_HV_AREA")
 HANDOFF_REGS = ("rip", "rdi", "rsi", "rsp", "cr0", "cr3", "cr4", "efer", "cs", "ds", "ss")
 
 
@@ -166,15 +166,13 @@ def capture(machine) -> tuple[dict, bytes]:
         "stop_addresses": sorted(sched.stop_addresses),
         "engine": {
             "fastpath": {name: int(buf[getattr(fastpath, name)]) for name in FASTPATH_SLOTS},
-            "uart_regs": [engine.state.uart_regs(i).tolist() for i in range(fastpath.N_UARTS)],
-            "uart_pending": [engine.state.uart_out[i][:int(buf[fastpath.H_UART_LEN0 + i])].tobytes().hex()
-                             for i in range(fastpath.N_UARTS)],
             "vmcall_stops": engine.vmcall_stops,
             # A pooled engine's current_vp may still be a previous machine's VP until one is loaded.
             "current_vp": engine.current_vp.index if any(engine.current_vp is vp for vp in machine.vps) else None,
         },
         "serial": {name: bytes(data).hex() for name, data in machine.serial.items()},
-        "unknown_ports": encode(machine.unknown_ports, "Machine.unknown_ports"),
+        "devices": machine.bus.save(),   # each device through its saved-state schema
+        "unclaimed_io": encode(machine.bus.unclaimed, "Bus.unclaimed"),
         "linux": _capture_linux(getattr(machine, "linux", None)),
     }
     return state, b"".join(contexts)
@@ -223,15 +221,12 @@ def apply(machine, state: dict, contexts: bytes) -> None:
     buf = engine.state.buf
     for name, value in saved["fastpath"].items():
         buf[getattr(fastpath, name)] = value
-    for i in range(fastpath.N_UARTS):
-        engine.state.uart_regs(i)[:] = saved["uart_regs"][i]
-        pending = bytes.fromhex(saved["uart_pending"][i])
-        engine.state.uart_out[i][:len(pending)] = np.frombuffer(pending, np.uint8)
     engine.vmcall_stops = saved["vmcall_stops"]
     engine.current_vp = None if saved["current_vp"] is None else vps[saved["current_vp"]]
 
     machine.serial = {name: bytearray.fromhex(data) for name, data in state["serial"].items()}
-    machine.unknown_ports = decode(state["unknown_ports"], vps)
+    machine.bus.restore(state["devices"])
+    machine.bus.unclaimed = decode(state["unclaimed_io"], vps)
 
 
 def _apply_linux(machine, saved: dict, bsp_context: bytes | None) -> None:

@@ -7,6 +7,9 @@ import pytest
 from hclsim.boot.image import plan_layout, write_page_tables
 from hclsim.cpu import engine as eng
 from hclsim.cpu.cpuid import build_cpuid_table
+from hclsim.defs.platform import Region
+from hclsim.devices.bus import Bus
+from hclsim.devices.uart16550 import Uart16550
 from hclsim.hv.hypervisor import Hypervisor
 from hclsim.cpu.memory import GuestMemory
 from hclsim.cpu.exit_sites import find_msr_sites
@@ -29,13 +32,21 @@ def machine():
     hv = Hypervisor(mem, [0, 1, 2, 3])
     out = {}
 
-    def io(port, size, value, is_in):
-        ports.append((port, size, value, is_in))
-        return 0x5A if is_in else 0
+    class PortRecorder:   # a device on port 0x80 that records what reaches it through Python
+        name, pio_regions = "recorder", (Region("port", 0x80, 1),)
 
-    e = eng.Engine(mem, build_cpuid_table(0, 4), io_handler=io,
-                   hypercall_handler=lambda en: hv.hypercall(en, 0),
-                   uart_sink=lambda i, d: out.setdefault(i, bytearray()).extend(d))
+        def pio_read(self, port, size):
+            ports.append((port, size, 0, True))
+            return 0x5A
+
+        def pio_write(self, port, size, value):
+            ports.append((port, size, value, False))
+
+    e = eng.Engine(mem, build_cpuid_table(0, 4), io_handler=None, hypercall_handler=lambda en: hv.hypercall(en, 0))
+    bus = Bus("test")
+    bus.add(Uart16550("COM3", 0x3E8, sink=lambda name, d: out.setdefault(0, bytearray()).extend(d)))
+    bus.add(PortRecorder())
+    bus.attach(e)
     from unicorn import x86_const as x86
     e.uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT, 0x1F, 0))
     e.set_reg("cr3", cr3)

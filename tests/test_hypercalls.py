@@ -16,7 +16,7 @@ SELF = 2**64 - 1
 @pytest.fixture
 def hv():
     mem, engine = pool.acquire(16 << 20, build_cpuid_table(0, 4), io_handler=None,
-                               hypercall_handler=None, uart_sink=None)
+                               hypercall_handler=None)
     h = Hypervisor(mem, [0, 2, 4, 6])
     h.engine = engine
     yield h

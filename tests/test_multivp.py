@@ -116,7 +116,7 @@ def _setup(mem, cr3):
 
 def _run():
     mem, engine = pool.acquire(256 << 20, build_cpuid_table(0, 4), io_handler=lambda *a: 0,
-                               hypercall_handler=None, uart_sink=None)
+                               hypercall_handler=None)
     try:
         cr3 = write_page_tables(mem, plan_layout(BASE, 64 << 20, 0x1000, 0x200000, 0x1000, 0))
         code = assemble(GUEST)

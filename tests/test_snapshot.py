@@ -223,10 +223,10 @@ def test_state_from_a_different_hclsim_is_refused(saved, tmp_path):
 # restores: a new attribute must be added to one of them (and restored if it is run state).
 MACHINE_REBUILT = {"config", "on_serial", "timings", "kernel", "initrd", "shim_path", "shim", "sidecar_path",
                    "sidecar", "layout", "host_dt", "hv", "mem", "engine", "image", "symbolize", "vtl0_guest",
-                   "vps", "bsp", "scheduler"}
-MACHINE_RESTORED = {"serial", "unknown_ports", "linux"}
+                   "vps", "bsp", "scheduler", "bus"}
+MACHINE_RESTORED = {"serial", "linux"}
 # Engine attributes: hooks, handlers and caches set up by Engine()/Machine(), and restored state.
-ENGINE_REBUILT = {"mem", "cpuid_table", "io_handler", "hypercall_handler", "uart_sink", "exits", "uc", "_uch",
+ENGINE_REBUILT = {"mem", "cpuid_table", "io_handler", "hypercall_handler", "after_run", "exits", "uc", "_uch",
                   "_reg_buf", "_reg_ptr", "state", "_stop_reason", "_fault", "code_signature", "pristine",
                   "sites", "site_handler", "_site_hooks", "_hv_tables", "long_mode_templates"}
 ENGINE_RESTORED = {"current_vp", "vmcall_stops"}
