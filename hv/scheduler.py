@@ -25,6 +25,9 @@ STOP_FAULT = "fault"
 STOP_CRASH = "crash"
 STOP_TIMEOUT = "timeout"
 STOP_CONDITION = "condition"    # the caller's until() became true
+STOP_INTERCEPT = "intercept"    # a Linux CPU's VTL0 needs the host (run_external_vtl0)
+STOP_HALT = "halt"              # a Linux CPU's VTL0 halted (run_external_vtl0)
+_GO_ON = object()               # an exit handled inside the turn: run on
 
 
 YIELD = "yield"       # stop reasons the site handler gives the engine
@@ -46,6 +49,7 @@ class SchedulerStop:
     vp: object = None
     exit: object = None
     detail: str = ""
+    message: bytes = b""      # STOP_INTERCEPT: the HvMessage
 
 
 class Scheduler:
@@ -116,7 +120,8 @@ class Scheduler:
             return False
         return vp.halted_with_interrupts or state.vtl == 0  # VTL2 interrupts preempt VTL0 regardless of IF
 
-    def _pick(self):
+    def pick(self):
+        """The next VP to run, round robin from the last one picked; None if none can run."""
         n = len(self.vps)
         for k in range(n):
             vp = self.vps[(self.next_index + k) % n]
@@ -235,64 +240,146 @@ class Scheduler:
 
     def _run(self, until, timeout: float) -> SchedulerStop:
         deadline = time.monotonic() + timeout
-        engine = self.engine
         while True:
             if until is not None and until():
                 return SchedulerStop(STOP_CONDITION)
             vp, self.resume = self.resume, None
-            if vp is not None and vp is self.loaded and vp.state == RUNNABLE:
-                engine = self.engine  # continue as if the breakpoint had not been there
-            else:
-                vp = self._pick()
+            if vp is None or vp is not self.loaded or vp.state != RUNNABLE:
+                vp = self.pick()
                 if vp is None:
                     return SchedulerStop(STOP_IDLE)
-                self._load(vp)
-                engine = self.engine  # another engine in baseline mode
-                try:
-                    self._inject(vp)
-                except interrupts.DeliveryError as exc:
-                    return SchedulerStop(STOP_FAULT, vp, eng.VpExit(eng.EXIT_FAULT, engine.reg("rip"), message=str(exc)))
-            while True:  # run this VP until it gives the engine up
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return SchedulerStop(STOP_TIMEOUT, vp, eng.VpExit(eng.EXIT_STOP, engine.reg("rip")))
-                exit = engine.run(timeout_us=int(left * 1e6))
-                reason = exit.stop_reason
-                if isinstance(reason, VtlReturn):
-                    self._vtl_return(vp, reason.fast)
-                    continue
-                message = self._vtl0_intercept(vp, exit)
-                if message is not None:
-                    self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
-                    continue
-                if reason is YIELD:
-                    break
-                if reason is CRASH:
-                    exit.message = self.hv.crash.summary()
-                    return SchedulerStop(STOP_CRASH, vp, exit)
-                if exit.kind == eng.EXIT_HLT:
-                    vp.state = HALTED
-                    vp.halted_with_interrupts = interrupts.interrupts_enabled(engine)
-                    if self._takes_interrupt(vp) and vp.halted_with_interrupts:
-                        self._inject(vp)  # an interrupt was already waiting: no need to sleep
-                        continue
-                    break
-                if exit.kind == eng.EXIT_ADDRESS:
-                    if exit.rip in self.stop_addresses:
-                        self.resume = vp
-                        return SchedulerStop(STOP_ADDRESS, vp, exit)
-                    return SchedulerStop(STOP_FAULT, vp, exit, "stopped at an exit address with no handler")
-                if exit.kind == eng.EXIT_FAULT:
-                    return SchedulerStop(STOP_FAULT, vp, exit)
-                if reason == "timeout":
-                    return SchedulerStop(STOP_TIMEOUT, vp, exit)
-                return SchedulerStop(STOP_FAULT, vp, exit, str(reason))
+                stop = self.begin_turn(vp)
+                if stop is not None:
+                    return stop
+            # else: the VP a stop address interrupted goes on as if it had not been there
+            stop = self.run_turn(vp, deadline)
+            if stop is not None:
+                if stop.reason == STOP_ADDRESS:
+                    self.resume = vp
+                return stop
 
+    def begin_turn(self, vp) -> SchedulerStop | None:
+        """Load vp and deliver what is pending for it, as at the start of every turn."""
+        self._load(vp)
+        try:
+            self._inject(vp)
+        except interrupts.DeliveryError as exc:
+            return SchedulerStop(STOP_FAULT, vp, eng.VpExit(eng.EXIT_FAULT, self.engine.reg("rip"), message=str(exc)))
+        return None
+
+    def run_turn(self, vp, deadline: float, observer=None):
+        """Run the loaded VP until it gives the engine up (None: it halted or yielded) or the run
+        must stop (a SchedulerStop, or what an observer hook returned). Every exit goes through
+        one table (_EXITS). observer (the debugger) may stop the run at each step:
+            before_run(vp), on_event(vp, kind, detail) for "vtl-switch", "intercept" and
+            "halt-wake", on_turn_end(vp, detail), on_request(vp, exit) when something else
+            stopped the engine (a breakpoint, a step, the watchdog), on_timeout(vp);
+        each returns None to go on, or what run_turn should return."""
+        while True:
+            if observer is not None:
+                stop = observer.before_run(vp)
+                if stop is not None:
+                    return stop
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if observer is not None:
+                    return observer.on_timeout(vp)
+                return SchedulerStop(STOP_TIMEOUT, vp, eng.VpExit(eng.EXIT_STOP, self.engine.reg("rip")))
+            exit = self.engine.run(timeout_us=int(left * 1e6) if left < 1e6 else 0)
+            outcome = self._EXITS[self._classify(vp, exit)](self, vp, exit, observer)
+            if outcome is not _GO_ON:
+                return outcome
+
+    def _classify(self, vp, exit) -> str:
+        reason = exit.stop_reason
+        if isinstance(reason, VtlReturn):
+            return "vtl-return"
+        if isinstance(reason, Intercept) or (exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None
+                                             and self.hv.vps[vp.index].vtl == 0):
+            return "intercept"           # an intercepted VTL0 instruction, or VTL0 MMIO
+        if reason is YIELD:
+            return "yield"
+        if reason is CRASH:
+            return "crash"
+        if exit.kind == eng.EXIT_HLT:
+            return "hlt"
+        if exit.kind == eng.EXIT_ADDRESS:
+            return "address"
+        if exit.kind == eng.EXIT_FAULT:
+            return "fault"
+        if reason == "timeout":
+            return "timeout"
+        return "request"                 # someone else stopped the engine (the debugger)
+
+    # ---- the exit table: each returns _GO_ON, None (the turn is over) or a stop -------------
+    def _exit_vtl_return(self, vp, exit, observer):
+        self._vtl_return(vp, exit.stop_reason.fast)
+        return self._observe(observer, vp, "vtl-switch", "VTL return: the VP runs VTL0")
+
+    def _exit_intercept(self, vp, exit, observer):
+        message = self._vtl0_intercept(vp, exit)
+        if vp.state == EXTERNAL:        # a Linux CPU: the intercept goes straight to the host
+            self.intercepts += 1
+            return SchedulerStop(STOP_INTERCEPT, vp, exit, message=message)
+        self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
+        if observer is None:
+            return _GO_ON
+        reason = exit.stop_reason
+        what = reason.kind if isinstance(reason, Intercept) else f"MMIO at {exit.fault_address:#x}"
+        return self._observe(observer, vp, "intercept", f"VTL entry: {what} intercept in VTL0 at {exit.rip:#x}")
+
+    def _exit_yield(self, vp, exit, observer):
+        if vp.state == EXTERNAL:        # PAUSE in a Linux CPU's VTL0: nothing else runs on it
+            return _GO_ON
+        return observer.on_turn_end(vp, "yielded at PAUSE") if observer is not None else None
+
+    def _exit_crash(self, vp, exit, observer):
+        exit.message = self.hv.crash.summary()
+        return SchedulerStop(STOP_CRASH, vp, exit)
+
+    def _exit_hlt(self, vp, exit, observer):
+        if vp.state == EXTERNAL:
+            return SchedulerStop(STOP_HALT, vp, exit)
+        vp.state = HALTED
+        vp.halted_with_interrupts = interrupts.interrupts_enabled(self.engine)
+        if self._takes_interrupt(vp) and vp.halted_with_interrupts:
+            self._inject(vp)  # an interrupt was already waiting: no need to sleep
+            return self._observe(observer, vp, "halt-wake", "halted; an interrupt was waiting")
+        return observer.on_turn_end(vp, "halted") if observer is not None else None
+
+    def _exit_address(self, vp, exit, observer):
+        if exit.rip in self.stop_addresses:
+            return SchedulerStop(STOP_ADDRESS, vp, exit)
+        return SchedulerStop(STOP_FAULT, vp, exit, "stopped at an exit address with no handler")
+
+    def _exit_fault(self, vp, exit, observer):
+        return SchedulerStop(STOP_FAULT, vp, exit)
+
+    def _exit_timeout(self, vp, exit, observer):
+        return observer.on_request(vp, exit) if observer is not None else SchedulerStop(STOP_TIMEOUT, vp, exit)
+
+    def _exit_request(self, vp, exit, observer):
+        if observer is not None:
+            return observer.on_request(vp, exit)
+        return SchedulerStop(STOP_FAULT, vp, exit, str(exit.stop_reason))
+
+    _EXITS = {"vtl-return": _exit_vtl_return, "intercept": _exit_intercept, "yield": _exit_yield,
+              "crash": _exit_crash, "hlt": _exit_hlt, "address": _exit_address, "fault": _exit_fault,
+              "timeout": _exit_timeout, "request": _exit_request}
+
+    @staticmethod
+    def _observe(observer, vp, kind: str, detail: str):
+        if observer is None:
+            return _GO_ON
+        stop = observer.on_event(vp, kind, detail)
+        return _GO_ON if stop is None else stop
+
+    # ---- Linux CPUs ------------------------------------------------------------------------
     def run_external_vtl0(self, vp, timeout: float = 30.0):
         """Run VTL0 of a VP the Linux stand-in owns until it needs the host, as mshv_vtl's
-        RUN_VP does on a Linux CPU: the intercept comes straight back to the caller (VTL2 code
-        is not entered). Returns the intercept's HvMessage bytes, or None if VTL0 halted;
-        VpRunError on a fault or a timeout."""
+        RUN_VP does on a Linux CPU: the same turn as any VP's, except that an intercept comes
+        straight back to the caller (VTL2 code is not entered). Returns the intercept's
+        HvMessage bytes, or None if VTL0 halted; VpRunError on a fault or a timeout."""
         if vp.state != EXTERNAL:
             raise VpRunError(f"VP {vp.index} is not a Linux CPU")
         self.unload()
@@ -301,26 +388,20 @@ class Scheduler:
         vp.load(engine)                     # its VTL2 context underneath, as on hardware
         vtl.apply_vtl0(engine, state.vtl0_registers)
         state.vtl = 0
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise VpRunError(f"VP {vp.index}: VTL0 ran {timeout:g} s without an intercept")
-                exit = engine.run(timeout_us=int(left * 1e6))
-                message = self._vtl0_intercept(vp, exit)
-                if message is not None:
-                    self.intercepts += 1
-                    return message
-                if exit.stop_reason is YIELD:   # PAUSE in VTL0: nothing else runs on this CPU
-                    continue
-                if exit.kind == eng.EXIT_HLT:
-                    return None
-                raise VpRunError(f"VP {vp.index} VTL0 stopped at {exit.rip:#x}: {exit.kind} {exit.message}".rstrip())
+            stop = self.run_turn(vp, time.monotonic() + timeout)
         finally:
             vtl.capture_vtl0(engine, state.vtl0_registers)
             state.vtl = 2
             engine.current_vp = None
+        if stop.reason == STOP_INTERCEPT:
+            return stop.message
+        if stop.reason == STOP_HALT:
+            return None
+        if stop.reason == STOP_TIMEOUT:
+            raise VpRunError(f"VP {vp.index}: VTL0 ran {timeout:g} s without an intercept")
+        exit = stop.exit
+        raise VpRunError(f"VP {vp.index} VTL0 stopped at {exit.rip:#x}: {exit.kind} {exit.message} {stop.detail}".rstrip())
 
     def mark_external(self, vp) -> None:
         """vp is now run by the Linux stand-in (the BSP after the handoff, onlined CPUs)."""

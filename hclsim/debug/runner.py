@@ -1,6 +1,7 @@
-"""Running the VPs under the debugger: the scheduler's loop (cpu/scheduler.py, Scheduler._run),
-taken turn by turn so it can stop in the middle of a VP's turn and go on from there exactly as if
-it had not stopped, and report VTL switches and the kernel handoff on the way.
+"""Running the VPs under the debugger: the scheduler's own turns (hv/scheduler.py,
+Scheduler.run_turn) with this runner as their observer, so a run can stop in the middle of a VP's
+turn and go on from there exactly as if it had not stopped, and report VTL switches and the
+kernel handoff on the way.
 
 A VP's turn ("slice") lasts until it halts or yields; a debugger stop inside one leaves it
 current, and the next step or continue carries on with it before the scheduler picks another VP
@@ -17,14 +18,9 @@ import time
 import numpy as np
 
 from hclsim import HclsimError
-from hclsim.cpu import engine as eng
-from hclsim.cpu import interrupts
-from hclsim.hv import intercepts, vtl
 from hclsim.cpu.fastpath import H_BLOCKS, H_ICOUNT, H_LAST_BLOCK
-from hclsim.hv.hypervisor import VtlReturn
 from hclsim.cpu.insnlen import count_instructions
-from hclsim.hv.scheduler import CRASH, STOP_CRASH, STOP_FAULT, YIELD, Intercept, SchedulerStop
-from hclsim.hv.vp import HALTED
+from hclsim.hv.scheduler import STOP_ADDRESS, STOP_FAULT, SchedulerStop
 from hclsim.debug.events import (EVENT, FAULT, HANDOFF, IDLE, INTERRUPTED, STEP, TIMEOUT, StopEvent,
                                  StopRequest)
 
@@ -42,6 +38,7 @@ class Runner:
         self.last_fault_report = None
         self.reported = None            # (VP index, RIP) the last stop showed: resuming there passes it
         self.running = False
+        self._stepping = False
         self._interrupt = threading.Event()
 
     @property
@@ -71,14 +68,9 @@ class Runner:
     # ---- running --------------------------------------------------------------------------
     def begin(self, vp) -> StopEvent | None:
         """Give vp its turn, as the scheduler does after picking it."""
-        sched = self.sched
-        sched._load(vp)
         self.slice = vp
-        try:
-            sched._inject(vp)
-        except interrupts.DeliveryError as exc:
-            return self._fault(vp, eng.VpExit(eng.EXIT_FAULT, sched.engine.reg("rip"), message=str(exc)))
-        return None
+        stop = self.sched.begin_turn(vp)
+        return None if stop is None else self._fault(vp, stop.exit)
 
     def _running(self):
         """As Scheduler.run: no garbage collection walks over the VPs while the guest runs."""
@@ -102,7 +94,7 @@ class Runner:
                 if self.slice is None:
                     if self._interrupt.is_set():
                         return self._interrupted(None)
-                    vp = self.sched._pick()
+                    vp = self.sched.pick()
                     if vp is None:
                         return StopEvent(IDLE, -1, 0, "no VP can run: every one is halted, external or not started")
                     stop = self.begin(vp)
@@ -122,74 +114,59 @@ class Runner:
             self._stopped(collecting)
 
     def run_slice(self, deadline: float, stepping: bool = False) -> StopEvent | None:
-        """Run the current VP's turn until it gives the engine up (None) or something stops it.
-        Mirrors the inner loop of Scheduler._run; stepping ends at any VP exit."""
-        vp, sched, machine = self.slice, self.sched, self.machine
-        engine = sched.engine
-        if self.reported == (vp.index, engine.reg("rip")):
+        """Run the current VP's turn (Scheduler.run_turn, with this runner as its observer) until
+        it gives the engine up (None) or something stops it; stepping ends at any VP exit."""
+        vp = self.slice
+        if self.reported == (vp.index, self.sched.engine.reg("rip")):
             self.stops.arm_skip()  # a breakpoint here was reported already: run the instruction
         self.reported = None
-        while True:
-            if self._interrupt.is_set():
-                return self._interrupted(vp)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return StopEvent(TIMEOUT, vp.index, engine.reg("rip"), "the time limit passed")
-            self.watches.begin_run()
-            exit = engine.run(timeout_us=int(left * 1e6) if left < 1e6 else 0)
-            reason = exit.stop_reason
-            if isinstance(reason, StopRequest) or reason == "timeout":
-                self._rewind(engine)
-                if self.watches.hit is not None:  # a watchpoint was hit just before this stop
-                    reason = self.watches.pending()
-                if reason == "timeout":
-                    return StopEvent(TIMEOUT, vp.index, exit.rip, "the time limit passed")
-                if reason.reason == INTERRUPTED:
-                    self._interrupt.clear()
-                return StopEvent(STEP if reason.temporary is not None else reason.reason, vp.index, exit.rip,
-                                 reason.detail, reason.watch_address, reason.watch_kind)
-            if isinstance(reason, VtlReturn):
-                sched._vtl_return(vp, reason.fast)
-                stop = self._event(vp, "vtl-switch", "VTL return: the VP runs VTL0", stepping)
-            elif isinstance(reason, Intercept) or (exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None
-                                                   and machine.hv.vps[vp.index].vtl == 0):
-                what = reason.kind if isinstance(reason, Intercept) else f"MMIO at {exit.fault_address:#x}"
-                message = sched._intercept_message(vp, reason.kind) if isinstance(reason, Intercept) else \
-                    intercepts.memory(engine, vp.index, exit.fault_address, exit.unmapped_write)
-                sched._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
-                detail = f"VTL entry: {what} intercept in VTL0 at {exit.rip:#x}"
-                stop = self._event(vp, "intercept", detail, stepping) or self._event(vp, "vtl-switch", detail, stepping)
-            elif reason is YIELD:
-                self.slice = None
-                return StopEvent(STEP, vp.index, engine.reg("rip"), "yielded at PAUSE") if stepping else None
-            elif reason is CRASH:
-                exit.message = machine.hv.crash.summary()
-                return self._fault(vp, exit, STOP_CRASH)
-            elif exit.kind == eng.EXIT_HLT:
-                vp.state = HALTED
-                vp.halted_with_interrupts = interrupts.interrupts_enabled(engine)
-                if sched._takes_interrupt(vp) and vp.halted_with_interrupts:
-                    sched._inject(vp)  # an interrupt was already waiting: no need to sleep
-                    stop = self._event(vp, None, "halted; an interrupt was waiting", stepping)
-                else:
-                    self.slice = None
-                    return StopEvent(STEP, vp.index, engine.reg("rip"), "halted") if stepping else None
-            elif exit.kind == eng.EXIT_ADDRESS and exit.rip in sched.stop_addresses:
-                if vp is machine.bsp and exit.rip == machine.image.kernel_entry:
-                    return self._handoff(vp, exit)
-                return self._fault(vp, exit, STOP_FAULT, f"VP {vp.index} jumped to the kernel entry")
-            elif exit.kind in (eng.EXIT_ADDRESS, eng.EXIT_FAULT):
-                return self._fault(vp, exit)
-            else:
-                return self._fault(vp, exit, STOP_FAULT, str(reason))
-            if stop is not None:
-                return stop
+        self._stepping = stepping
+        stop = self.sched.run_turn(vp, deadline, observer=self)
+        if isinstance(stop, SchedulerStop):   # an outcome the scheduler decides: a fault, the handoff
+            if stop.reason == STOP_ADDRESS and vp is self.machine.bsp and stop.exit.rip == self.machine.image.kernel_entry:
+                return self._handoff(vp, stop.exit)
+            if stop.reason == STOP_ADDRESS:
+                return self._fault(vp, stop.exit, STOP_FAULT, f"VP {vp.index} jumped to the kernel entry")
+            return self._fault(vp, stop.exit, stop.reason, stop.detail)
+        return stop
 
-    def _event(self, vp, kind, detail: str, stepping: bool) -> StopEvent | None:
+    # ---- the scheduler's observer hooks (Scheduler.run_turn) --------------------------------
+    def before_run(self, vp) -> StopEvent | None:
+        if self._interrupt.is_set():
+            return self._interrupted(vp)
+        self.watches.begin_run()
+        return None
+
+    def on_timeout(self, vp) -> StopEvent:
+        return StopEvent(TIMEOUT, vp.index, self.sched.engine.reg("rip"), "the time limit passed")
+
+    def on_request(self, vp, exit) -> StopEvent:
+        """The engine stopped on a debugger request (breakpoint, step, interrupt) or the watchdog."""
+        reason = exit.stop_reason
+        if not isinstance(reason, StopRequest) and reason != "timeout":
+            return self._fault(vp, exit, STOP_FAULT, str(reason))
+        self._rewind(self.sched.engine)
+        if self.watches.hit is not None:  # a watchpoint was hit just before this stop
+            reason = self.watches.pending()
+        if reason == "timeout":
+            return StopEvent(TIMEOUT, vp.index, exit.rip, "the time limit passed")
+        if reason.reason == INTERRUPTED:
+            self._interrupt.clear()
+        return StopEvent(STEP if reason.temporary is not None else reason.reason, vp.index, exit.rip,
+                         reason.detail, reason.watch_address, reason.watch_kind)
+
+    def on_event(self, vp, kind: str, detail: str) -> StopEvent | None:
+        """A VTL switch, an intercept or a halt that went on at once: a catchpoint may stop here,
+        and a step ends here."""
+        kinds = ("intercept", "vtl-switch") if kind == "intercept" else (kind,)
         rip = self.sched.engine.reg("rip")
-        if kind in self.events:
+        if any(k in self.events for k in kinds):
             return StopEvent(EVENT, vp.index, rip, detail)
-        return StopEvent(STEP, vp.index, rip, detail) if stepping else None
+        return StopEvent(STEP, vp.index, rip, detail) if self._stepping else None
+
+    def on_turn_end(self, vp, detail: str) -> StopEvent | None:
+        self.slice = None
+        return StopEvent(STEP, vp.index, self.sched.engine.reg("rip"), detail) if self._stepping else None
 
     # ---- outcomes -------------------------------------------------------------------------
     def _handoff(self, vp, exit) -> StopEvent:
