@@ -4,9 +4,9 @@ engine with mem_map_ptr, and mappable by other OS processes (the VM worker, devi
 Plain data access only (vm-memory style); no knowledge of what lives where.
 
 Another process maps the same RAM with GuestMemory.attach(fd, size), given the fd one of two ways:
-- inherited: subprocess.Popen(..., pass_fds=[mem.fd]) (the fd is CLOEXEC otherwise), or sent over
-  a Unix socket with SCM_RIGHTS (socket.send_fds / recv_fds); the number is the same in the child
-  with pass_fds, whatever recv_fds returns with SCM_RIGHTS;
+- inherited: subprocess.Popen(..., pass_fds=[mem.fd]) (the fd is CLOEXEC otherwise; the child
+  gets the same number), or sent over a Unix socket with SCM_RIGHTS (socket.send_fds; the receiver
+  attaches the number socket.recv_fds returns);
 - opened by path: os.open(f"/proc/{pid}/fd/{mem.fd}", os.O_RDWR) (same user, ptrace read access).
 Both sides see every store at once (one page cache); the size is sealed (F_SEAL_GROW/SHRINK), so
 no process can truncate the RAM under another (which would SIGBUS every mapping).
@@ -117,8 +117,9 @@ class GuestMemory:
         # Transparent huge pages where the host allows them: a first touch of fresh guest RAM
         # (1024 APs set up ~7 pages each) then costs one fault per 2 MiB instead of per 4 KiB,
         # which was a third of AP bring-up; RSS rounds up to the 2 MiB pages touched. On the memfd
-        # this only takes effect when /sys/kernel/mm/transparent_hugepage/shmem_enabled is
-        # "advise" (or always/within_size); hosts ship "never" (benches/bench_sidecar.py).
+        # only with /sys/kernel/mm/transparent_hugepage/shmem_enabled "advise" (or always) when
+        # this maps it (the kernel 2 MiB-aligns the mapping only then); hosts ship "never": 4 KiB
+        # shmem faults, 1024-vCPU bring-up ~1.5x slower (benches/bench_sidecar.py -k guest_ram).
         try:
             self._map.madvise(mmap.MADV_HUGEPAGE)
         except (AttributeError, OSError):  # no THP in this kernel: 4 KiB pages, same behaviour

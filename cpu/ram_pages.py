@@ -1,10 +1,12 @@
 """Which pages of guest RAM hold data, found without touching the rest.
 
-Guest RAM is a shared anonymous mapping (shmem) of up to gigabytes that a boot mostly leaves
+Guest RAM is a memfd mapped shared (shmem) of up to gigabytes that a boot mostly leaves
 untouched. Reading an untouched shmem page allocates it (there is no shared zero page), so a
-plain scan of 1 GiB costs ~0.7 s and 1 GiB of RSS. mincore(2) says which pages exist; of those,
-pages holding only zeros are dropped too. A page the host swapped out looks absent to mincore,
-so when the mapping has swap in use every page is scanned instead.
+plain scan of 1 GiB costs ~1.5 s and 1 GiB of RSS. mincore(2) says which pages exist (on shmem:
+in the memfd's page cache, so pages only another process wrote count too; a hole punched by
+reset() does not); of those, pages holding only zeros (read, or written zero) are dropped too.
+A page the host swapped out looks absent to mincore, so when the mapping has swap in use every
+page is scanned instead.
 """
 import ctypes
 import ctypes.util

@@ -2,6 +2,7 @@
 with pass_fds or opened from /proc/<pid>/fd) sees and makes the same stores."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -84,6 +85,26 @@ def test_a_process_opens_the_ram_by_its_proc_path():
     out, err = child.communicate(timeout=30)
     assert child.returncode == 0, err
     assert out == "by path\n" and mem.read(0x20, 4) == b"seen"
+    mem.close()
+
+
+def test_a_process_receives_the_fd_over_a_unix_socket():
+    mem = GuestMemory(4 * MiB)
+    mem.write(0x30, b"by socket")
+    ours, theirs = socket.socketpair()
+    child = _child("""
+        import socket, sys
+        from hclsim.cpu.memory import GuestMemory
+        sock = socket.socket(fileno=int(sys.argv[1]))
+        _, (fd,), _, _ = socket.recv_fds(sock, 16, 1)
+        print(GuestMemory.attach(fd, int(sys.argv[2])).read(0x30, 9).decode())
+    """, theirs.fileno(), mem.size, pass_fds=[theirs.fileno()])
+    theirs.close()
+    socket.send_fds(ours, [b"ram"], [mem.fd])
+    out, err = child.communicate(timeout=30)
+    ours.close()
+    assert child.returncode == 0, err
+    assert out == "by socket\n"
     mem.close()
 
 
