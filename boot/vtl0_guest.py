@@ -15,11 +15,27 @@ STACKS_GPA, STACK_SIZE = 0x400000, 16 * 1024
 MMIO_TEST_BASE = 0xFED00000
 TEST_PORT = 0x440
 RESULT_MAGIC = 0x564F544C
+RESULT_SIZE = 128
+
+# The MMIO test range: VP n's slot is MMIO_TEST_BASE + MMIO_STRIDE * n; each instruction form the
+# guest runs has its own offset in the slot (vtl0_guest.h names the forms).
+MMIO_STRIDE = 64
+MMIO_READ_OFF, MMIO_WRITE_OFF = 0x00, 0x04              # 32-bit load, 32-bit store (plain C)
+MMIO_LOAD64_OFF, MMIO_STORE64_OFF = 0x08, 0x10          # 8 bytes, base + index*8 + disp8
+MMIO_IMM64_OFF = 0x18                                   # mov qword [m], imm32 (sign-extended)
+MMIO_ZX8_OFF, MMIO_HI8_OFF, MMIO_SX16_OFF = 0x20, 0x21, 0x22  # movzx r32 m8, mov ch m8, movsx r64 m16
+MMIO_SX32_OFF, MMIO_U16_OFF = 0x24, 0x28                # movsxd r64 m32, mov cx m16
+MMIO_IMM16_OFF, MMIO_STORE8_OFF, MMIO_HI8_STORE_OFF = 0x2A, 0x2C, 0x2D  # mov word imm16; r9b; ch
+MMIO_PATTERN64 = 0x8877665544332211   # ^ vp: the register the r9b, ch and 8-byte stores write from
+MMIO_PRELOAD = 0x0123456789ABCDEF     # every load's destination register before the load
+MMIO_IMM16, MMIO_IMM32 = 0x5AA5, 0xA5A5A5A5
 
 result_dtype = np.dtype([("magic", "<u4"), ("vp_index", "<u4"), ("cpuid_ebx", "<u4"), ("cpuid_ecx", "<u4"),
                          ("cpuid_edx", "<u4"), ("in_value", "<u4"), ("mmio_value", "<u4"), ("pad", "<u4"),
-                         ("msr_value", "<u8"), ("done", "<u4"), ("reserved", "u1", 20)])
-assert result_dtype.itemsize == 64
+                         ("msr_value", "<u8"), ("done", "<u4"), ("mmio_zx8", "<u4"), ("mmio_hi8", "<u8"),
+                         ("mmio_sx16", "<u8"), ("mmio_sx32", "<u8"), ("mmio_u16", "<u8"), ("mmio_u64", "<u8"),
+                         ("reserved", "u1", 40)])
+assert result_dtype.itemsize == RESULT_SIZE
 
 
 @dataclass(frozen=True)
@@ -32,7 +48,7 @@ class Vtl0Guest:
         return IMAGE_GPA + self.image.entry
 
     def results(self, mem) -> np.ndarray:
-        return mem.array(RESULTS_GPA, 64 * self.vp_count).view(result_dtype)
+        return mem.array(RESULTS_GPA, RESULT_SIZE * self.vp_count).view(result_dtype)
 
 
 def load_vtl0_guest(mem, image, vp_count: int, vtl2_base: int) -> Vtl0Guest:
@@ -48,7 +64,7 @@ def load_vtl0_guest(mem, image, vp_count: int, vtl2_base: int) -> Vtl0Guest:
         mem.write_u64(PDPT_GPA + 8 * gig, (gig << 30) | 0xE3)  # P RW A D PS
     for i, entry in enumerate((0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)):
         mem.write_u64(GDT_GPA + 8 * i, entry)
-    mem.fill(RESULTS_GPA, 64 * vp_count)
+    mem.fill(RESULTS_GPA, RESULT_SIZE * vp_count)
     return Vtl0Guest(image, vp_count)
 
 

@@ -151,25 +151,71 @@ def test_online_sidecar_cpus_in_random_order(machine):
         linux.cpus.online_cpu(99)
 
 
+# The VTL0 test guest's MMIO steps (boot/firmware/vtl0), worked out from the x86 rules by hand
+# here: what each load leaves in the record, and every access the test device sees, in order.
+VTL0_MMIO_INTERCEPTS = 13   # 32-bit load and store, 6 other loads, 5 other stores
+
+
+def vtl0_mmio_expected(cpu: int) -> tuple[dict, list]:
+    """(record fields, TestDevices.mmio_accesses) of the guest's MMIO steps on VP cpu (< 64)."""
+    from hclsim.boot import vtl0_guest as g
+    slot = g.MMIO_TEST_BASE + g.MMIO_STRIDE * cpu
+
+    def read(off, size):  # the test device: (0xF00D0000 | offset) truncated to the size
+        return ("read", slot + off, size, (0xF00D0000 | (slot + off - g.MMIO_TEST_BASE)) & ((1 << 8 * size) - 1))
+
+    def value(off, size):
+        return read(off, size)[3]
+
+    q = g.MMIO_PATTERN64 ^ cpu
+    record = {"mmio_value": value(g.MMIO_READ_OFF, 4),
+              "mmio_zx8": value(g.MMIO_ZX8_OFF, 1),                                           # movzx ecx, byte
+              "mmio_hi8": (g.MMIO_PRELOAD & ~0xFF00) | value(g.MMIO_HI8_OFF, 1) << 8,          # mov ch, byte
+              "mmio_sx16": value(g.MMIO_SX16_OFF, 2),         # movsx rcx, word: positive, upper bits cleared
+              "mmio_sx32": 0xFFFFFFFF00000000 | value(g.MMIO_SX32_OFF, 4),  # movsxd: 0xF00D.... is negative
+              "mmio_u16": (g.MMIO_PRELOAD & ~0xFFFF) | value(g.MMIO_U16_OFF, 2),               # mov cx, word
+              "mmio_u64": value(g.MMIO_LOAD64_OFF, 8)}
+    accesses = [read(g.MMIO_READ_OFF, 4), ("write", slot + g.MMIO_WRITE_OFF, 4, 0xA5A50000 | cpu),
+                read(g.MMIO_ZX8_OFF, 1), read(g.MMIO_HI8_OFF, 1), read(g.MMIO_SX16_OFF, 2),
+                read(g.MMIO_SX32_OFF, 4), read(g.MMIO_U16_OFF, 2), read(g.MMIO_LOAD64_OFF, 8),
+                ("write", slot + g.MMIO_STORE8_OFF, 1, q & 0xFF),             # r9b
+                ("write", slot + g.MMIO_HI8_STORE_OFF, 1, (q >> 8) & 0xFF),   # ch
+                ("write", slot + g.MMIO_IMM16_OFF, 2, 0x5AA5),
+                ("write", slot + g.MMIO_IMM64_OFF, 8, 0xFFFFFFFFA5A5A5A5),   # imm32, sign-extended
+                ("write", slot + g.MMIO_STORE64_OFF, 8, q)]
+    assert len(accesses) == VTL0_MMIO_INTERCEPTS
+    return record, accesses
+
+
+def check_vtl0_mmio(cpu: int, rec, devices) -> None:
+    record, accesses = vtl0_mmio_expected(cpu)
+    assert {name: int(rec[name]) for name in record} == record
+    assert devices.mmio_accesses == accesses
+    assert devices.mmio_writes == [(gpa, value) for kind, gpa, size, value in accesses if kind == "write"]
+
+
 def test_run_vp_runs_vtl0_through_its_intercepts(machine):
     from hclsim.hv import intercepts as ic
-    from hclsim.sidecar.vp_loop import TEST_PORT_VALUE, TestDevices, VpRunner
+    from hclsim.defs.platform import VTL0_TEST_PORT_VALUE as TEST_PORT_VALUE
+    from hclsim.sidecar.vp_loop import VpRunner
+    from hclsim.devices.vtl0_test import TestDevices
     m, r = machine
     cpu = 6
     results = m.vtl0_guest.results(m.mem)
-    runner = VpRunner(m, r.linux.sidecar, cpu, TestDevices())
+    runner = VpRunner(m.partition, r.linux.sidecar, cpu, TestDevices())
     seen = runner.run_until_halted(lambda: results[cpu]["done"] == 1)
     assert [msg["type"] for msg in seen] == [ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT,
-                                             ic.MSG_UNMAPPED_GPA, ic.MSG_UNMAPPED_GPA, ic.MSG_MSR]
+                                             *[ic.MSG_UNMAPPED_GPA] * VTL0_MMIO_INTERCEPTS, ic.MSG_MSR]
     assert all(msg["vp"] == cpu for msg in seen)
     rec = results[cpu]
     assert rec["magic"] == 0x564F544C and rec["vp_index"] == cpu and rec["done"] == 1
     vendor = struct.pack("<3I", rec["cpuid_ebx"], rec["cpuid_ecx"], rec["cpuid_edx"])
     assert vendor == b"Microsoft Hv"
     assert rec["in_value"] == TEST_PORT_VALUE
-    assert rec["mmio_value"] == 0xF00D0000 | (8 * cpu)
+    assert rec["mmio_value"] == 0xF00D0000 | (64 * cpu)
     assert runner.devices.port_writes == [(0x440, 0xC0DE0000 | cpu)]
-    assert runner.devices.mmio_writes == [(0xFED00004 + 8 * cpu, 0xA5A50000 | cpu)]
+    assert runner.devices.mmio_writes[0] == (0xFED00004 + 64 * cpu, 0xA5A50000 | cpu)
+    check_vtl0_mmio(cpu, rec, runner.devices)
     assert r.linux.sidecar.node_of(cpu).cpu_status(cpu) == sl.CPU_IDLE
 
 
@@ -177,8 +223,9 @@ def test_online_a_cpu_that_is_running_vtl0(machine):
     m, r = machine
     sc = r.linux.sidecar
     results = m.vtl0_guest.results(m.mem)
-    from hclsim.sidecar.vp_loop import TestDevices, VpRunner
-    VpRunner(m, sc, 7, TestDevices()).run_until_halted(lambda: results[7]["done"] == 1)
+    from hclsim.sidecar.vp_loop import VpRunner
+    from hclsim.devices.vtl0_test import TestDevices
+    VpRunner(m.partition, sc, 7, TestDevices()).run_until_halted(lambda: results[7]["done"] == 1)
     sc.start(7, sl.COMMAND_RUN_VP)       # VTL0 is halted: this RUN_VP only ends with STOP
     m.run_sidecar(until=lambda: False, timeout=5)
     assert sc.node_of(7).cpu_status(7) == sl.CPU_RUN
@@ -246,18 +293,20 @@ def test_attention_scan_numba_matches_twin():
 def test_vtl0_runs_on_the_bsp_and_prints_on_com1(machine):
     """Linux CPUs run VTL0 directly (mshv_vtl's RUN_VP): the BSP's test guest says hello on COM1."""
     from hclsim.hv import intercepts as ic
-    from hclsim.sidecar.vp_loop import LinuxVpRunner, TestDevices, vtl0_runner
+    from hclsim.sidecar.vp_loop import LinuxVpRunner, vtl0_runner
+    from hclsim.devices.vtl0_test import TestDevices
     m, r = machine
     results = m.vtl0_guest.results(m.mem)
-    runner = vtl0_runner(m, 0, TestDevices())
+    runner = vtl0_runner(m.linux, 0, TestDevices())
     assert isinstance(runner, LinuxVpRunner)
     seen = runner.run_until_halted(lambda: results[0]["done"] == 1)
     assert bytes(runner.devices.com1) == b"hello from VTL0 vp 0\n"
-    assert [msg["type"] for msg in seen[-6:]] == [ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT,
-                                                  ic.MSG_UNMAPPED_GPA, ic.MSG_UNMAPPED_GPA, ic.MSG_MSR]
+    assert [msg["type"] for msg in seen[-(4 + VTL0_MMIO_INTERCEPTS):]] == [
+        ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT, *[ic.MSG_UNMAPPED_GPA] * VTL0_MMIO_INTERCEPTS, ic.MSG_MSR]
     rec = results[0]
     assert rec["done"] == 1 and rec["vp_index"] == 0 and rec["mmio_value"] == 0xF00D0000
     assert runner.devices.port_writes == [(0x440, 0xC0DE0000)]
+    check_vtl0_mmio(0, rec, runner.devices)
     assert m.hv.vps[0].vtl == 2 and 0 in r.linux.cpus.online
 
 
@@ -265,22 +314,25 @@ def test_vtl0_state_moves_with_a_cpu_onlined_mid_run(machine):
     """Three intercepts through the sidecar, then the CPU becomes a Linux CPU and VTL0 goes on
     there: the IN result the host wrote into the command page's context reaches VTL0."""
     from hclsim.hv import intercepts as ic
-    from hclsim.sidecar.vp_loop import TEST_PORT_VALUE, LinuxVpRunner, TestDevices, VpRunner, vtl0_runner
+    from hclsim.defs.platform import VTL0_TEST_PORT_VALUE as TEST_PORT_VALUE
+    from hclsim.sidecar.vp_loop import LinuxVpRunner, VpRunner, vtl0_runner
+    from hclsim.devices.vtl0_test import TestDevices
     m, r = machine
     cpu = 5
     results = m.vtl0_guest.results(m.mem)
     devices = TestDevices()
-    through_sidecar = VpRunner(m, r.linux.sidecar, cpu, devices)
+    through_sidecar = VpRunner(m.partition, r.linux.sidecar, cpu, devices)
     first = [through_sidecar.step() for _ in range(3)]   # CPUID, OUT, IN: IN's value is pending
     assert [msg["type"] for msg in first] == [ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT]
     assert [msg["access"] for msg in first[1:]] == [ic.ACCESS_WRITE, ic.ACCESS_READ]
     r.linux.cpus.online_cpu(cpu)
-    on_linux = vtl0_runner(m, cpu, devices)
+    on_linux = vtl0_runner(m.linux, cpu, devices)
     assert isinstance(on_linux, LinuxVpRunner)
     rest = on_linux.run_until_halted(lambda: results[cpu]["done"] == 1)
-    assert [msg["type"] for msg in rest] == [ic.MSG_UNMAPPED_GPA, ic.MSG_UNMAPPED_GPA, ic.MSG_MSR]
+    assert [msg["type"] for msg in rest] == [*[ic.MSG_UNMAPPED_GPA] * VTL0_MMIO_INTERCEPTS, ic.MSG_MSR]
     rec = results[cpu]
     assert rec["in_value"] == TEST_PORT_VALUE and rec["vp_index"] == cpu and rec["done"] == 1
     vendor = struct.pack("<3I", rec["cpuid_ebx"], rec["cpuid_ecx"], rec["cpuid_edx"])
     assert vendor == b"Microsoft Hv"
     assert devices.port_writes == [(0x440, 0xC0DE0000 | cpu)]
+    check_vtl0_mmio(cpu, rec, devices)   # the loads' registers came through the Linux CPU's copy

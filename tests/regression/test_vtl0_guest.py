@@ -5,7 +5,9 @@ import struct
 
 import pytest
 
-EXPECTED_INTERCEPTS = ["cpuid", "io-port", "io-port", "unmapped-gpa", "unmapped-gpa", "msr"]
+from tests.test_sidecar import VTL0_MMIO_INTERCEPTS, vtl0_mmio_expected
+
+EXPECTED_INTERCEPTS = ["cpuid", "io-port", "io-port", *["unmapped-gpa"] * VTL0_MMIO_INTERCEPTS, "msr"]
 
 
 @pytest.mark.parametrize("cpus,numa", [(4, 1), (12, 2)])
@@ -21,6 +23,10 @@ def test_vtl0_guest_on_every_cpu(hclsim_boot, golden, cpus, numa):
         assert record["done"] == 1 and record["vp_index"] == cpu
         assert struct.pack("<3I", record["cpuid_ebx"], record["cpuid_ecx"], record["cpuid_edx"]) == b"Microsoft Hv"
         assert out["port_writes"] == [["0x440", f"{0xC0DE0000 | cpu:#x}"]]
+        fields, accesses = vtl0_mmio_expected(cpu)   # every MMIO instruction form, emulated
+        assert {name: record[name] for name in fields} == fields
+        assert out["mmio_writes"] == [[f"{gpa:#x}", f"{v:#x}"] for kind, gpa, size, v in accesses if kind == "write"]
+        assert [i["gpa"] for i in out["intercepts"] if "gpa" in i] == [f"{a[1]:#x}" for a in accesses]
         assert out["com1"] == (hello if says_hello else "")  # only VP 0 says hello on COM1
     assert all(status == "IDLE" for c, status in run.cpu_status().items() if c in sidecar_cpus)
     golden.check(f"{cpus}cpu-{numa}numa.json", [compact(out) for out in outputs])

@@ -14,7 +14,7 @@ vtl0_entry:
      * RDI/RSI/RDX are already vtl0_main's arguments. */
     call    vtl0_main
     .globl vtl0_halt
-vtl0_halt:                              /* step 9: park the VP for good */
+vtl0_halt:                              /* step 11: park the VP for good */
     cli
 1:  hlt
     jmp     1b

@@ -1,6 +1,7 @@
 /* VTL0 test guest: each step is one instruction that leaves VTL0 and must be
- * emulated by VTL2 (see docs/contracts.md, "VTL0 test guest").  Every step
- * has its own noinline function so it shows up as a symbol when stepping. */
+ * emulated by VTL2 (see docs/contracts.md, "VTL0 test guest"); steps 7 and 8
+ * are one such instruction per MMIO form.  Every step has its own noinline
+ * function so it shows up as a symbol when stepping. */
 #include "vtl0_guest.h"
 #include "x86_insn.h"
 
@@ -51,13 +52,78 @@ static __attribute__((noinline)) void step_mmio_write(uint32_t vp)
     *p = VTL0_MMIO_PATTERN | vp;
 }
 
-/* Step 7: a synthetic MSR read. */
+/* Step 7: the other MMIO loads, one instruction each (its form is in vtl0_guest.h next to
+ * its offset): 1, 2, 4 and 8 bytes, zero- and sign-extending, into a high-byte register and
+ * into the low 16 bits.  Each destination starts as VTL0_MMIO_PRELOAD, so the record shows
+ * which of its bits the load replaced. */
+static __attribute__((noinline)) void step_mmio_loads(uint32_t vp, volatile struct vtl0_result *r)
+{
+    uint64_t slot = VTL0_MMIO_BASE + VTL0_MMIO_STRIDE * vp;
+    uint64_t v;
+
+    v = VTL0_MMIO_PRELOAD;
+    __asm__ volatile("movzbl %c[off](%[p]), %k[v]"
+                     : [v] "+c"(v) : [p] "S"(slot), [off] "i"(VTL0_MMIO_ZX8_OFF) : "memory");
+    r->mmio_zx8 = (uint32_t)v;
+    v = VTL0_MMIO_PRELOAD;
+    __asm__ volatile("movb %c[off](%[p]), %h[v]"
+                     : [v] "+c"(v) : [p] "S"(slot), [off] "i"(VTL0_MMIO_HI8_OFF) : "memory");
+    r->mmio_hi8 = v;
+    v = VTL0_MMIO_PRELOAD;
+    __asm__ volatile("movswq %c[off](%[p]), %[v]"
+                     : [v] "+c"(v) : [p] "S"(slot), [off] "i"(VTL0_MMIO_SX16_OFF) : "memory");
+    r->mmio_sx16 = v;
+    v = VTL0_MMIO_PRELOAD;
+    __asm__ volatile("movslq %c[off](%[p]), %[v]"
+                     : [v] "+c"(v) : [p] "S"(slot), [off] "i"(VTL0_MMIO_SX32_OFF) : "memory");
+    r->mmio_sx32 = v;
+    v = VTL0_MMIO_PRELOAD;
+    __asm__ volatile("movw %c[off](%[p]), %w[v]"
+                     : [v] "+c"(v) : [p] "S"(slot), [off] "i"(VTL0_MMIO_U16_OFF) : "memory");
+    r->mmio_u16 = v;
+
+    /* 8 bytes at base + index * 8 + disp8, into a REX register (REX.W, R and X all set). */
+    register uint64_t wide __asm__("r11") = VTL0_MMIO_PRELOAD;
+    register uint64_t index __asm__("r8") = (uint64_t)vp * (VTL0_MMIO_STRIDE / 8);
+    __asm__ volatile("movq %c[off](%[base],%[index],8), %[v]"
+                     : [v] "+r"(wide)
+                     : [base] "S"(VTL0_MMIO_BASE), [index] "r"(index), [off] "i"(VTL0_MMIO_LOAD64_OFF)
+                     : "memory");
+    r->mmio_u64 = wide;
+}
+
+/* Step 8: the other MMIO stores: a REX byte register, a high-byte register, a 16-bit
+ * immediate, a 32-bit immediate sign-extended to 8 bytes and an 8-byte register at
+ * base + index * 8 + disp8.  The registers hold VTL0_MMIO_PATTERN64 ^ vp. */
+static __attribute__((noinline)) void step_mmio_stores(uint32_t vp)
+{
+    uint64_t slot = VTL0_MMIO_BASE + VTL0_MMIO_STRIDE * vp;
+    uint64_t q = VTL0_MMIO_PATTERN64 ^ vp;
+    register uint64_t q9 __asm__("r9") = q;
+    register uint64_t q10 __asm__("r10") = q;
+
+    __asm__ volatile("movb %b[q], %c[off](%[p])"
+                     : : [q] "r"(q9), [p] "S"(slot), [off] "i"(VTL0_MMIO_STORE8_OFF) : "memory");
+    __asm__ volatile("movb %h[q], %c[off](%[p])"
+                     : : [q] "c"(q), [p] "S"(slot), [off] "i"(VTL0_MMIO_HI8_STORE_OFF) : "memory");
+    __asm__ volatile("movw %[imm], %c[off](%[p])"
+                     : : [imm] "i"(VTL0_MMIO_IMM16), [p] "S"(slot), [off] "i"(VTL0_MMIO_IMM16_OFF) : "memory");
+    __asm__ volatile("movq %[imm], %c[off](%[p])"
+                     : : [imm] "i"((int32_t)VTL0_MMIO_IMM32), [p] "S"(slot), [off] "i"(VTL0_MMIO_IMM64_OFF)
+                     : "memory");
+    __asm__ volatile("movq %[q], %c[off](%[base],%[index],8)"
+                     : : [q] "r"(q10), [base] "D"(VTL0_MMIO_BASE),
+                         [index] "d"((uint64_t)vp * (VTL0_MMIO_STRIDE / 8)), [off] "i"(VTL0_MMIO_STORE64_OFF)
+                     : "memory");
+}
+
+/* Step 9: a synthetic MSR read. */
 static __attribute__((noinline)) void step_rdmsr(volatile struct vtl0_result *r)
 {
     r->msr_value = rdmsr(VTL0_TEST_MSR);
 }
 
-/* Called by vtl0_entry on every VP; returns into the hlt loop (step 9).
+/* Called by vtl0_entry on every VP; returns into the hlt loop (step 11).
  * The record is volatile so its stores happen in program order: done last. */
 void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa)
 {
@@ -73,6 +139,8 @@ void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa)
     step_port_in(r);
     step_mmio_read(vp, r);
     step_mmio_write(vp);
+    step_mmio_loads(vp, r);
+    step_mmio_stores(vp);
     step_rdmsr(r);
-    r->done = 1;                                /* step 8 */
+    r->done = 1;                                /* step 10 */
 }

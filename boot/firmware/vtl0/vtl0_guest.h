@@ -13,14 +13,33 @@
 #define VTL0_CPUID_LEAF      0x40000000u     /* hypervisor vendor leaf */
 #define VTL0_TEST_PORT       0x440u          /* 32-bit OUT then 32-bit IN */
 #define VTL0_OUT_PATTERN     0xc0de0000u     /* | vp_index, written to the test port */
-#define VTL0_MMIO_BASE       0xfed00000ull   /* unmapped GPA; VP n uses base + 8 n */
-#define VTL0_MMIO_STRIDE     8u
-#define VTL0_MMIO_READ_OFF   0u              /* 32-bit load */
-#define VTL0_MMIO_WRITE_OFF  4u              /* 32-bit store */
+#define VTL0_MMIO_BASE       0xfed00000ull   /* unmapped GPA; VP n's slot is base + 64 n */
+#define VTL0_MMIO_STRIDE     64u
 #define VTL0_MMIO_PATTERN    0xa5a50000u     /* | vp_index, stored to the write address */
 #define VTL0_TEST_MSR        0x40000000u     /* HV_X64_MSR_GUEST_OS_ID */
 #define VTL0_RESULT_MAGIC    0x564f544cu     /* "LTOV" in memory */
-#define VTL0_RESULT_SIZE     64u             /* record n at results + 64 n */
+#define VTL0_RESULT_SIZE     128u            /* record n at results + 128 n */
+
+/* MMIO instruction forms: each one's offset in the VP's slot.  A load of s bytes
+ * reads (0xf00d0000 | offset in the range) truncated to s bytes (the host's device). */
+#define VTL0_MMIO_READ_OFF      0x00u  /* 32-bit load (plain C: mov eax, [reg]) */
+#define VTL0_MMIO_WRITE_OFF     0x04u  /* 32-bit store of VTL0_MMIO_PATTERN | vp (plain C) */
+#define VTL0_MMIO_LOAD64_OFF    0x08u  /* mov r11, [rsi + r8*8 + 8]: SIB + disp8 */
+#define VTL0_MMIO_STORE64_OFF   0x10u  /* mov [rdi + rdx*8 + 0x10], r10: SIB + disp8 */
+#define VTL0_MMIO_IMM64_OFF     0x18u  /* mov qword [rsi + 0x18], imm32 (sign-extended) */
+#define VTL0_MMIO_ZX8_OFF       0x20u  /* movzx ecx, byte [rsi + 0x20] */
+#define VTL0_MMIO_HI8_OFF       0x21u  /* mov ch, byte [rsi + 0x21] */
+#define VTL0_MMIO_SX16_OFF      0x22u  /* movsx rcx, word [rsi + 0x22] */
+#define VTL0_MMIO_SX32_OFF      0x24u  /* movsxd rcx, dword [rsi + 0x24] */
+#define VTL0_MMIO_U16_OFF       0x28u  /* mov cx, word [rsi + 0x28] */
+#define VTL0_MMIO_IMM16_OFF     0x2au  /* mov word [rsi + 0x2a], imm16 */
+#define VTL0_MMIO_STORE8_OFF    0x2cu  /* mov byte [rsi + 0x2c], r9b */
+#define VTL0_MMIO_HI8_STORE_OFF 0x2du  /* mov byte [rsi + 0x2d], ch */
+/* What those stores write and the loads' destinations hold before each load. */
+#define VTL0_MMIO_PATTERN64  0x8877665544332211ull  /* ^ vp: r9, rcx, r10 of the stores */
+#define VTL0_MMIO_PRELOAD    0x0123456789abcdefull  /* each load's destination before it */
+#define VTL0_MMIO_IMM16      0x5aa5u
+#define VTL0_MMIO_IMM32      0xa5a5a5a5u            /* stored as 0xffffffffa5a5a5a5 */
 
 /* One VP's record.  magic and vp_index are written first, each field as its
  * step completes, done = 1 last: a host reading done == 1 sees the rest. */
@@ -31,11 +50,19 @@ struct vtl0_result {
     uint32_t cpuid_ecx;
     uint32_t cpuid_edx;
     uint32_t in_value;     /* IN EAX, 0x440 */
-    uint32_t mmio_value;   /* 32-bit load from VTL0_MMIO_BASE + 8 n */
+    uint32_t mmio_value;   /* 32-bit load from the slot + VTL0_MMIO_READ_OFF */
     uint32_t pad;
     uint64_t msr_value;    /* RDMSR 0x40000000, EDX:EAX */
     uint32_t done;         /* 1 once every step above has run */
-    uint8_t  reserved[20];
+    /* The other MMIO loads (offsets above); the 64-bit ones are the whole destination
+     * register, which held VTL0_MMIO_PRELOAD before the load. */
+    uint32_t mmio_zx8;     /* ECX after movzx ecx, byte */
+    uint64_t mmio_hi8;     /* RCX after mov ch, byte */
+    uint64_t mmio_sx16;    /* RCX after movsx rcx, word */
+    uint64_t mmio_sx32;    /* RCX after movsxd rcx, dword */
+    uint64_t mmio_u16;     /* RCX after mov cx, word */
+    uint64_t mmio_u64;     /* R11 after mov r11, qword */
+    uint8_t  reserved[40];
 };
 
 _Static_assert(offsetof(struct vtl0_result, magic) == 0, "magic");
@@ -48,7 +75,13 @@ _Static_assert(offsetof(struct vtl0_result, mmio_value) == 24, "mmio_value");
 _Static_assert(offsetof(struct vtl0_result, pad) == 28, "pad");
 _Static_assert(offsetof(struct vtl0_result, msr_value) == 32, "msr_value");
 _Static_assert(offsetof(struct vtl0_result, done) == 40, "done");
-_Static_assert(offsetof(struct vtl0_result, reserved) == 44, "reserved");
+_Static_assert(offsetof(struct vtl0_result, mmio_zx8) == 44, "mmio_zx8");
+_Static_assert(offsetof(struct vtl0_result, mmio_hi8) == 48, "mmio_hi8");
+_Static_assert(offsetof(struct vtl0_result, mmio_sx16) == 56, "mmio_sx16");
+_Static_assert(offsetof(struct vtl0_result, mmio_sx32) == 64, "mmio_sx32");
+_Static_assert(offsetof(struct vtl0_result, mmio_u16) == 72, "mmio_u16");
+_Static_assert(offsetof(struct vtl0_result, mmio_u64) == 80, "mmio_u64");
+_Static_assert(offsetof(struct vtl0_result, reserved) == 88, "reserved");
 _Static_assert(sizeof(struct vtl0_result) == VTL0_RESULT_SIZE, "record size");
 
 #endif
