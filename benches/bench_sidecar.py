@@ -3,16 +3,21 @@
   goal at 1024: <= 50 ms median, and >= 100x faster than one Unicorn instance per vCPU (the
   baseline tests, run after the pooled ones: each reports speedup_vs_pooled from this run).
 - one sidecar -> Linux CPU conversion; goal <= 1 ms median.
+- AP bring-up per guest RAM variant (private anonymous, shared memfd without / with huge pages on
+  shmem; see bench_memory.RAM_VARIANTS), each reporting vs_private from this run:
+    .venv/bin/pytest benches/bench_sidecar.py --benchmark-only -s -k guest_ram
     .venv/bin/pytest benches/bench_sidecar.py --benchmark-only --benchmark-json=sidecar.json
 """
 import pytest
 
+from hclsim.benches.bench_memory import RAM_VARIANTS, guest_ram_variant
 from hclsim.config import BootConfig
 from hclsim.machine import Machine
 from hclsim.sidecar import layout as sl
 
 SIZES = [8, 64, 256, 1024, 2048]
 POOLED_MEDIAN_S = {}   # vCPUs -> median of test_ap_bring_up in this run
+RAM_MEDIAN_S = {}      # (variant, vCPUs) -> median of test_ap_bring_up_guest_ram in this run
 
 
 def _at_sidecar_entry(cpus: int) -> Machine:
@@ -53,6 +58,19 @@ def test_ap_bring_up(benchmark, cpus):
     POOLED_MEDIAN_S[cpus] = benchmark.stats.stats.median
 
 
+@pytest.mark.parametrize("ram", RAM_VARIANTS)
+@pytest.mark.parametrize("cpus", SIZES[:4])
+def test_ap_bring_up_guest_ram(benchmark, ram, cpus):
+    with guest_ram_variant(ram):
+        _bring_up(benchmark, cpus, rounds=5)
+    RAM_MEDIAN_S[ram, cpus] = median = benchmark.stats.stats.median
+    benchmark.extra_info["guest_ram"] = ram
+    if ("private", cpus) in RAM_MEDIAN_S:
+        ratio = median / RAM_MEDIAN_S["private", cpus]
+        benchmark.extra_info["vs_private"] = round(ratio, 3)
+        print(f"\n{cpus} vCPUs, {ram} guest RAM: {median * 1e3:.1f} ms, {ratio:.2f}x private")
+
+
 def test_sidecar_to_linux_conversion(benchmark):
     m = Machine(BootConfig(cpus=64))
     r = m.run_to_handoff()
@@ -66,12 +84,13 @@ def test_run_vp_round_trip_with_intercept(benchmark):
     """RUN_VP command -> VTL return -> VTL0 CPUID -> intercept -> VTL2 -> IDLE + attention."""
     import numpy as np
 
-    from hclsim.cpu import intercepts
-    from hclsim.sidecar.vp_loop import TestDevices, VpRunner
+    from hclsim.hv import intercepts
+    from hclsim.sidecar.vp_loop import VpRunner
+    from hclsim.devices.vtl0_test import TestDevices
     m = Machine(BootConfig(cpus=8))
     r = m.run_to_handoff()
     sc, cpu = r.linux.sidecar, 3
-    VpRunner(m, sc, cpu, TestDevices())  # primes VTL0's shared registers
+    VpRunner(m.partition, sc, cpu, TestDevices())  # primes VTL0's shared registers
     gps = np.asarray(sc.node_of(cpu).command_page(cpu)["cpu_context"]["gps"])
     gps[0] = 0x40000000                  # EAX for the guest's CPUID; VTL0 RIP stays on it
 

@@ -16,6 +16,7 @@ from hclsim.cpu import engine as eng
 from hclsim.cpu.cpuid import build_cpuid_table
 from hclsim.cpu.fault import GuestFaultError, Symbolizer, fault_report
 from hclsim.hv.hypervisor import INSTRUCTIONS_PER_100NS, Hypervisor
+from hclsim.hv.partition import Partition
 from hclsim.cpu import pool
 from hclsim.cpu.exit_sites import VTL0_SITE_KINDS, find_exit_sites
 from hclsim.boot.vtl0_guest import IMAGE_GPA, initial_state, load_vtl0_guest
@@ -129,8 +130,6 @@ class Machine:
                 digest.update(b"vtl0" + seg.vaddr.to_bytes(8, "little") + seg.data)
                 if seg.executable:
                     vtl0_sites.update(find_exit_sites(seg.data, IMAGE_GPA + seg.vaddr, VTL0_SITE_KINDS))
-            for i, state in enumerate(self.hv.vps):
-                state.vtl0_registers = initial_state(self.vtl0_guest, i)
         self.engine.load_code(digest.hexdigest())
         self.vps = [Vp(i, apic) for i, apic in enumerate(self.hv.apic_ids)]
         self.bsp = self.vps[0]
@@ -138,6 +137,10 @@ class Machine:
         self.bsp.state = RUNNABLE
         self.scheduler = Scheduler(self.engine, self.hv, self.vps, msr_sites, pause_sites, {self.image.kernel_entry},
                                    vtl0_sites)
+        self.partition = Partition(self.mem, self.hv, self.vps, self.scheduler)
+        if self.vtl0_guest is not None:
+            for i in range(cfg.cpus):
+                self.partition.set_vtl0_state(i, initial_state(self.vtl0_guest, i))
         self.timings["build_image_ms"] = (time.perf_counter() - t1) * 1e3
 
     # ---- devices -------------------------------------------------------------------------
@@ -192,7 +195,7 @@ class Machine:
                                 vtl2_base=lay.vtl2_base, vtl2_size=lay.vtl2_size,
                                 initrd=self.initrd.data if self.initrd else None)
         self.timings["handoff_check_ms"] = (time.perf_counter() - t1) * 1e3
-        self.linux = Kernel(self, handoff)
+        self.linux = Kernel(self.partition, handoff)
         counters = self.engine.counters()
         counters.update(msr_exits=self.scheduler.msr_exits + counters["msr_fast_exits"], hypercalls=len(self.hv.hypercall_log),
                         vp_switches=self.scheduler.switches, ipis=self.hv.ipis_sent)

@@ -78,11 +78,12 @@ def run_action(args, machine, result) -> dict:
             out["gpa"] = f"{(gpa_page << 12) | (args.gva & 0xFFF):#x}"
         return out
     if args.action == "run-vp":
-        from hclsim.sidecar.vp_loop import TestDevices, vtl0_runner
+        from hclsim.sidecar.vp_loop import vtl0_runner
+        from hclsim.devices.vtl0_test import TestDevices
         if machine.vtl0_guest is None:
             raise HclsimError("no VTL0 guest is loaded")
         results = machine.vtl0_guest.results(machine.mem)
-        runner = vtl0_runner(machine, args.cpu, TestDevices())
+        runner = vtl0_runner(machine.linux, args.cpu, TestDevices())
         seen = runner.run_until_halted(lambda: results[args.cpu]["done"] == 1)
         rec = results[args.cpu]
         return {"cpu": args.cpu, "done": bool(rec["done"]),

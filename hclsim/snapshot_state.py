@@ -32,8 +32,8 @@ DERIVED = {
     "Vp": {"index", "apic_id", "context"},
     "Scheduler": {"engine", "hv", "vps", "msr_sites", "pause_sites", "vtl0_sites", "engine_factory",
                   "vp_engines", "stop_addresses"},
-    "LinuxCpus": {"machine", "sidecar", "_lock"},
-    "Sidecar": {"machine", "nodes", "scanner"},
+    "LinuxCpus": {"partition", "sidecar", "_lock"},
+    "Sidecar": {"partition", "nodes", "scanner"},
 }
 # The fast path's per-run state; its other header slots are pointers and the buffer's layout.
 FASTPATH_SLOTS = ("H_ICOUNT", "H_BLOCKS", "H_IO_FAST", "H_IO_SLOW", "H_CPUID_EXITS", "H_APIC_ID",
@@ -241,7 +241,7 @@ def _apply_linux(machine, saved: dict, bsp_context: bytes | None) -> None:
     handoff = check_handoff(machine.mem, HandoffRegs(**{k: regs[k] for k in HANDOFF_REGS}),
                             kernel_entry=machine.image.kernel_entry, vtl2_base=lay.vtl2_base,
                             vtl2_size=lay.vtl2_size, initrd=machine.initrd.data if machine.initrd else None)
-    machine.linux = linux = Kernel(machine, handoff)
+    machine.linux = linux = Kernel(machine.partition, handoff)
     apply_attrs(linux.cpus, saved["cpus"], machine.vps)
     if ("sidecar" in saved) != (linux.sidecar is not None):
         raise SnapshotStateError("snapshot's sidecar driver does not match the restored device tree")

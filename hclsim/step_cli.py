@@ -356,9 +356,10 @@ class StepShell(cmd.Cmd):
         if linux is None or linux.sidecar is None:
             raise DebugError("no sidecar driver yet: continue to the kernel handoff first (and run the sidecar)")
         from hclsim.sidecar import layout as sl
-        from hclsim.sidecar.vp_loop import TestDevices, VpRunner
+        from hclsim.sidecar.vp_loop import VpRunner
+        from hclsim.devices.vtl0_test import TestDevices
         cpu = int(words[1])
-        VpRunner(self.target.machine, linux.sidecar, cpu, TestDevices())  # VTL0's initial registers
+        VpRunner(linux.partition, linux.sidecar, cpu, TestDevices())  # VTL0's initial registers
         linux.sidecar.start(cpu, sl.COMMAND_RUN_VP)
         self.say(f"RUN_VP started on CPU {cpu}")
 

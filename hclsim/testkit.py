@@ -215,10 +215,11 @@ class BootRun:
         """Run the VTL0 test guest on CPU cpu to its end, intercept by intercept (RUN_VP through
         the sidecar, or directly on a Linux CPU): its intercepts, result record, COM1 output and
         test-device accesses."""
-        from hclsim.sidecar.vp_loop import TestDevices, vtl0_runner
+        from hclsim.sidecar.vp_loop import vtl0_runner
+        from hclsim.devices.vtl0_test import TestDevices
         m = self.machine
         results = m.vtl0_guest.results(m.mem)
-        runner = vtl0_runner(m, cpu, TestDevices())
+        runner = vtl0_runner(m.linux, cpu, TestDevices())
         seen = runner.run_until_halted(lambda: results[cpu]["done"] == 1)
         record = {name: int(results[cpu][name]) for name in results.dtype.names if name not in ("pad", "reserved")}
         return {"cpu": cpu,

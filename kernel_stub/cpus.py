@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hclsim import HclsimError
-from hclsim.hv.vtl import HV_REGISTERS
+from hclsim.defs.hvdef import VTL0
 from hclsim.sidecar import layout as sl
 
 
@@ -36,7 +36,7 @@ def parse_boot_cpus(cmdline: str) -> list[int] | None:
 
 @dataclass
 class LinuxCpus:
-    machine: object
+    partition: object                    # hv.partition.Partition
     sidecar: object                      # sidecar.client.Sidecar, or None without a sidecar
     online: set = field(default_factory=set)
     conversions_ms: list = field(default_factory=list)
@@ -46,12 +46,12 @@ class LinuxCpus:
 
     def boot(self, boot_cpus: list[int] | None) -> None:
         """Bring up the boot CPUs (all CPUs when the sidecar does not run)."""
-        cpus = boot_cpus if boot_cpus is not None else range(len(self.machine.vps))
+        cpus = boot_cpus if boot_cpus is not None else range(self.partition.vp_count)
         for cpu in cpus:
             self._bring_up(cpu)
 
     def _bring_up(self, cpu: int) -> None:
-        self.machine.scheduler.mark_external(self.machine.vps[cpu])
+        self.partition.give_to_linux(cpu)
         self.online.add(cpu)
 
     def _restore_vtl0(self, node, cpu: int) -> None:
@@ -61,15 +61,13 @@ class LinuxCpus:
         if cpu not in self.sidecar.vtl0_in_context:
             return
         gps = np.asarray(node.command_page(cpu)["cpu_context"]["gps"])
-        regs = self.machine.hv.vps[cpu].vtl0_registers
-        for name, value in zip(sl.CPU_CONTEXT_GPS, gps):
-            regs[HV_REGISTERS[name]] = int(value)
+        self.partition.set_registers(cpu, {name: int(v) for name, v in zip(sl.CPU_CONTEXT_GPS, gps)}, vtl=VTL0)
         self.sidecar.vtl0_in_context.discard(cpu)
 
     def online_cpu(self, cpu: int, timeout: float = 30.0) -> float:
         """`echo 1 > /sys/devices/system/cpu/cpuN/online`; returns the conversion time (ms)."""
         with self._lock:
-            if not 0 <= cpu < len(self.machine.vps):
+            if not 0 <= cpu < self.partition.vp_count:
                 raise CpuOnlineError(f"CPU {cpu} does not exist")
             if cpu in self.online:
                 raise CpuOnlineError(f"CPU {cpu} is already online")

@@ -30,13 +30,13 @@ def dt_sidecar_nodes(dtb: bytes) -> list[tuple[int, int, int]]:
 @dataclass
 class Kernel:
     """What the booted stand-in kernel knows and runs."""
-    machine: object
+    partition: object                  # hv.partition.Partition: the VPs and guest memory
     handoff: object
     cpus: LinuxCpus = None
     sidecar: Sidecar | None = None
 
     def __post_init__(self):
         nodes = dt_sidecar_nodes(self.handoff.dtb)
-        self.sidecar = Sidecar.from_device_tree(self.machine, nodes) if nodes else None
-        self.cpus = LinuxCpus(self.machine, self.sidecar)
+        self.sidecar = Sidecar.from_device_tree(self.partition, nodes) if nodes else None
+        self.cpus = LinuxCpus(self.partition, self.sidecar)
         self.cpus.boot(parse_boot_cpus(self.handoff.cmdline) if self.sidecar else None)

@@ -4,7 +4,7 @@ command pages (reference section 2, "Linux side").
 One SidecarNode per `sidecar@` node of the device tree the shim built (= /dev/mshv_vtl_sidecar<i>):
 START (async: CAS IDLE->RUN, IPI the request vector), STOP (CAS RUN->STOP, IPI), RUN (START and
 wait for IDLE), INFO, and read() of the CPUs that stopped. Waiting means running the simulated
-sidecar CPUs (the machine's scheduler) until the condition holds, as the real driver sleeps until
+sidecar CPUs (Partition.run) until the condition holds, as the real driver sleeps until
 the sidecar's response IPI.
 """
 import struct
@@ -87,20 +87,21 @@ class SidecarNode:
 
 
 class Sidecar:
-    """All sidecar nodes of a booted machine, and the driver operations on their CPUs."""
+    """All sidecar nodes of a booted machine, and the driver operations on their CPUs. It needs of
+    the partition (hv/partition.py) only guest memory, IPIs and running the sidecar CPUs."""
 
-    def __init__(self, machine, nodes: list[SidecarNode]):
-        self.machine = machine
+    def __init__(self, partition, nodes: list[SidecarNode]):
+        self.partition = partition
         self.nodes = nodes
         self.stopped: dict[int, list[int]] = {n.index: [] for n in nodes}
-        self.scanner = AttentionScanner(machine.mem, nodes, len(machine.vps))
+        self.scanner = AttentionScanner(partition.mem, nodes, partition.vp_count)
         self.completed: set[int] = set()
         self.vtl0_in_context: set[int] = set()   # CPUs that ran RUN_VP: see LinuxCpus.online_cpu
 
     @classmethod
-    def from_device_tree(cls, machine, dt_sidecars) -> "Sidecar":
+    def from_device_tree(cls, partition, dt_sidecars) -> "Sidecar":
         """dt_sidecars: [(control gpa, shmem base, shmem size)] from the Linux DT, in node order."""
-        return cls(machine, [SidecarNode(machine.mem, i, c, b, s) for i, (c, b, s) in enumerate(dt_sidecars)])
+        return cls(partition, [SidecarNode(partition.mem, i, c, b, s) for i, (c, b, s) in enumerate(dt_sidecars)])
 
     def node_of(self, cpu: int) -> SidecarNode:
         for node in self.nodes:
@@ -117,7 +118,7 @@ class Sidecar:
         """IPI the CPU with its node's request vector; its completion is awaited from now on."""
         self.scanner.expect(cpu)
         self.completed.discard(cpu)
-        self.machine.hv.raise_interrupt(cpu, int(node.control["request_vector"]))
+        self.partition.raise_interrupt(cpu, int(node.control["request_vector"]))
 
     def _poll(self) -> None:
         for cpu in self.scanner.poll():
@@ -129,7 +130,7 @@ class Sidecar:
         def done():
             self._poll()
             return cpu in self.completed
-        stop = self.machine.run_sidecar(until=done, timeout=timeout)
+        stop = self.partition.run(until=done, timeout=timeout)
         if not done():
             status = sl.CPU_STATUS_NAMES.get(self.node_of(cpu).cpu_status(cpu), "?")
             raise SidecarError(f"CPU {cpu} did not report back (status {status}): {stop.reason} {stop.detail}".rstrip())

@@ -1,64 +1,36 @@
 """Running a VP's VTL0 from the host, the way the VM worker's VP loop does it (reference
-section 5): run until an intercept, emulate the intercepted instruction, write the VP's registers
-back, run again. On a sidecar CPU each run is a RUN_VP command through the sidecar (VpRunner);
-on a Linux CPU (the BSP, onlined CPUs) the host runs VTL0 directly, as mshv_vtl's RUN_VP does
-(LinuxVpRunner). vtl0_runner() picks the right one.
+section 5): run until an intercept, emulate the intercepted instruction with the devices on the
+VP loop's bus, write the VP's registers back, run again. On a sidecar CPU each run is a RUN_VP
+command through the sidecar (VpRunner); on a Linux CPU (the BSP, onlined CPUs) the host runs VTL0
+directly, as mshv_vtl's RUN_VP does (LinuxVpRunner). vtl0_runner() picks the right one.
 
-The devices here are the VTL0 test guest's: COM1 output, the test port (0x440) and the MMIO test
-range at 0xFED00000. Shared registers travel in the command page's cpu_context; RIP is private to
-VTL0 and is set with SET_VP_REGISTERS.
+The runners take the partition (hv/partition.py), not the machine, and the devices to complete
+intercepts with: anything with a `bus` (devices/bus.py), e.g. devices/vtl0_test.TestDevices. Shared registers travel in
+the command page's cpu_context; RIP is private to VTL0 and is set with SET_VP_REGISTERS.
 """
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from hclsim.cpu import mmio_emulate
+from hclsim.defs.hvdef import GPR_NAMES, VTL0, HvRegister
 from hclsim.hv import intercepts
-from hclsim.cpu.cpuid import cpuid_lookup
 from hclsim.hv.scheduler import VpRunError
-from hclsim.defs.hvdef import GPR_NAMES, REGISTER_BY_NAME as HV_REGISTERS, HvRegister
 from hclsim.sidecar import layout as sl
 from hclsim.sidecar.client import registers_request
 
 GPS = sl.CPU_CONTEXT_GPS
-TEST_PORT, MMIO_BASE = 0x440, 0xFED00000
-TEST_PORT_VALUE = 0x1234ABCD
-
-
-@dataclass
-class TestDevices:
-    """What the VTL0 test guest talks to; records every access."""
-    com1: bytearray = field(default_factory=bytearray)
-    port_writes: list = field(default_factory=list)
-    mmio_writes: list = field(default_factory=list)
-
-    def port_in(self, port: int, size: int) -> int:
-        return TEST_PORT_VALUE if port == TEST_PORT else (1 << (8 * size)) - 1
-
-    def port_out(self, port: int, size: int, value: int) -> None:
-        if port == 0x3F8:
-            self.com1.append(value & 0xFF)
-        else:
-            self.port_writes.append((port, value))
-
-    def mmio_read(self, gpa: int, size: int) -> int:
-        return (0xF00D0000 | (gpa - MMIO_BASE)) if MMIO_BASE <= gpa < MMIO_BASE + 0x1000 else 0xFFFFFFFF
-
-    def mmio_write(self, gpa: int, size: int, value: int) -> None:
-        self.mmio_writes.append((gpa, value))
-
+VTL0_GPRS = tuple(GPR_NAMES.values())   # rax..r15, rip, rflags
 
 class VpRunner:
     """Runs VTL0 of one sidecar CPU until it halts (its last intercept is handled)."""
 
-    def __init__(self, machine, sidecar, cpu: int, devices: TestDevices):
-        self.machine, self.sidecar, self.cpu, self.devices = machine, sidecar, cpu, devices
+    def __init__(self, partition, sidecar, cpu: int, devices):
+        self.partition, self.sidecar, self.cpu, self.devices = partition, sidecar, cpu, devices
         self.intercepts: list[dict] = []
         # GPRs are shared between the VTLs: the sidecar loads VTL0's from the command page on
         # every VTL return, so the VP's initial values start there (as the VMM sets a VP's
         # registers before its first run).
-        initial = machine.hv.vps[cpu].vtl0_registers
         self._set_gps(sidecar.node_of(cpu).command_page(cpu),
-                      {reg: initial.get(name, 0) for name, reg in GPR_NAMES.items() if reg in GPS})
+                      partition.registers(cpu, VTL0, [n for n in GPS if n in VTL0_GPRS]))
 
     def _gps(self, page) -> dict:
         return dict(zip(GPS, (int(v) for v in np.asarray(page["cpu_context"]["gps"]))))
@@ -83,7 +55,7 @@ class VpRunner:
         def returned():
             sc._poll()
             return self.cpu in sc.completed or finished()
-        self.machine.run_sidecar(until=returned)
+        self.partition.run(until=returned)
         if self.cpu not in sc.completed:
             sc.stop(self.cpu)  # VTL0 is done (halted): preempt it with the request IPI
         sc.wait(self.cpu)
@@ -95,7 +67,7 @@ class VpRunner:
         msg = intercepts.parse(bytes(np.asarray(page["intercept_message"])))
         self.intercepts.append(msg)
         regs = self._gps(page)
-        updates = emulate(self.machine, self.cpu, self.devices, msg, regs)
+        updates = emulate(self.partition, self.cpu, self.devices, msg, regs)
         self._set_gps(page, updates)
         self._set_rip(msg["rip"] + msg["instruction_length"])
         return msg
@@ -114,66 +86,69 @@ class VpRunner:
 
 class LinuxVpRunner:
     """Runs VTL0 of a Linux CPU until it halts: the host enters VTL0 itself and gets each
-    intercept straight back (no sidecar in between); the VP's VTL0 registers are the
-    hypervisor's copy (HvRegister names, as GET/SET_VP_REGISTERS see them)."""
+    intercept straight back (no sidecar in between); VTL0's registers are read and written
+    through the partition."""
 
-    def __init__(self, machine, cpu: int, devices: TestDevices):
-        self.machine, self.cpu, self.devices = machine, cpu, devices
+    def __init__(self, partition, cpu: int, devices):
+        self.partition, self.cpu, self.devices = partition, cpu, devices
         self.intercepts: list[dict] = []
 
     def step(self, done=None) -> dict | None:
         """One run of VTL0; handles its intercept. None if VTL0 halted instead."""
-        m = self.machine
-        raw = m.scheduler.run_external_vtl0(m.vps[self.cpu])
+        p = self.partition
+        raw = p.run_vtl0(self.cpu)
         if raw is None:
             return None
         msg = intercepts.parse(raw)
         self.intercepts.append(msg)
-        regs = m.hv.vps[self.cpu].vtl0_registers
-        values = {name: regs.get(reg, 0) for reg, name in GPR_NAMES.items()}
-        for name, value in emulate(m, self.cpu, self.devices, msg, values).items():
-            regs[HV_REGISTERS[name]] = value & 0xFFFFFFFFFFFFFFFF
-        regs[HvRegister.Rip] = msg["rip"] + msg["instruction_length"]
+        updates = emulate(p, self.cpu, self.devices, msg, p.registers(self.cpu, VTL0, VTL0_GPRS))
+        updates["rip"] = msg["rip"] + msg["instruction_length"]
+        p.set_registers(self.cpu, updates, vtl=VTL0)
         return msg
 
     run_until_halted = VpRunner.run_until_halted
 
 
-def vtl0_runner(machine, cpu: int, devices: TestDevices):
-    """The VP loop for cpu: through the sidecar if it is a sidecar CPU, directly on Linux CPUs."""
-    linux = machine.linux
+def vtl0_runner(linux, cpu: int, devices):
+    """The VP loop for cpu of the booted stand-in kernel (kernel_stub.kernel.Kernel, None before
+    the handoff): through the sidecar if it is a sidecar CPU, directly on Linux CPUs."""
     if linux is None:
         raise VpRunError("the kernel has not taken the handoff yet")
     if cpu in linux.cpus.online:
-        return LinuxVpRunner(machine, cpu, devices)
+        return LinuxVpRunner(linux.partition, cpu, devices)
     if linux.sidecar is None or not any(n.owns(cpu) for n in linux.sidecar.nodes):
         raise VpRunError(f"no CPU {cpu}")
-    return VpRunner(machine, linux.sidecar, cpu, devices)
+    return VpRunner(linux.partition, linux.sidecar, cpu, devices)
 
 
-def emulate(machine, cpu: int, devices: TestDevices, msg: dict, regs: dict) -> dict:
-    """The register updates that complete the intercepted instruction (regs: GPRs by name)."""
+def emulate(partition, cpu: int, devices, msg: dict, regs: dict) -> dict:
+    """The register updates that complete the intercepted instruction (regs: GPRs by name), with
+    the devices on devices.bus and the CPUID/MSR answers of the partition."""
     kind = msg["type"]
+    bus = devices.bus
     if kind == intercepts.MSG_CPUID:
-        table = machine.engine.state.cpuid_table
-        a, b, c, d = cpuid_lookup(table, regs["rax"] & 0xFFFFFFFF, regs["rcx"] & 0xFFFFFFFF,
-                                  machine.vps[cpu].apic_id)
-        return {"rax": int(a), "rbx": int(b), "rcx": int(c), "rdx": int(d)}
+        a, b, c, d = partition.cpuid(cpu, regs["rax"], regs["rcx"])
+        return {"rax": a, "rbx": b, "rcx": c, "rdx": d}
     if kind == intercepts.MSG_IO_PORT:
         size = msg["size"]
+        mask = (1 << (8 * size)) - 1
         if msg["access"] == intercepts.ACCESS_READ:
-            mask = (1 << (8 * size)) - 1
-            return {"rax": (regs["rax"] & ~mask) | (devices.port_in(msg["port"], size) & mask)}
-        devices.port_out(msg["port"], size, regs["rax"] & ((1 << (8 * size)) - 1))
+            return {"rax": (regs["rax"] & ~mask) | bus.pio_read(msg["port"], size)}
+        bus.pio_write(msg["port"], size, regs["rax"] & mask)
         return {}
     if kind == intercepts.MSG_MSR:
-        value = machine.hv.rdmsr(machine.engine, cpu, msg["msr"])
+        value = partition.rdmsr(cpu, msg["msr"])
         return {"rax": value & 0xFFFFFFFF, "rdx": value >> 32}
     if kind == intercepts.MSG_UNMAPPED_GPA:
-        # The test guest's MMIO instructions: `mov eax, [rax]` and `mov [rax], edi`.
-        if msg["access"] == intercepts.ACCESS_READ:
-            return {"rax": devices.mmio_read(msg["gpa"], 4)}
-        devices.mmio_write(msg["gpa"], 4, regs["rdi"] & 0xFFFFFFFF)
-        return {}
+        # Decode the intercepted instruction (mov/movzx/movsx/movsxd, any size and addressing).
+        access = mmio_emulate.decode(msg["instruction_bytes"], msg["rip"])
+        if access.write != (msg["access"] == intercepts.ACCESS_WRITE) or access.length != msg["instruction_length"]:
+            raise mmio_emulate.MmioEmulationError(
+                f"CPU {cpu}: {access.text!r} at {msg['rip']:#x} does not match its intercept message "
+                f"(access {msg['access']}, {msg['instruction_length']} bytes)")
+        if access.write:
+            bus.mmio_write(msg["gpa"], access.size, mmio_emulate.store_value(access, regs))
+            return {}
+        return mmio_emulate.complete_read(access, bus.mmio_read(msg["gpa"], access.size), regs)
     raise VpRunError(f"unhandled intercept {kind:#x} on CPU {cpu}")
 

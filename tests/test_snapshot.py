@@ -76,9 +76,10 @@ def test_mid_bring_up_with_1024_cpus_and_4_gib(hclsim_machine, hclsim_snapshot):
 
 def _drive_linux(machine) -> dict:
     """Sidecar work after the handoff: VTL0 on CPU 5 through its intercepts, CPU 6 onlined."""
-    from hclsim.sidecar.vp_loop import TestDevices, VpRunner
+    from hclsim.sidecar.vp_loop import VpRunner
+    from hclsim.devices.vtl0_test import TestDevices
     results = machine.vtl0_guest.results(machine.mem)
-    runner = VpRunner(machine, machine.linux.sidecar, 5, TestDevices())
+    runner = VpRunner(machine.partition, machine.linux.sidecar, 5, TestDevices())
     seen = runner.run_until_halted(lambda: results[5]["done"] == 1)
     machine.linux.cpus.online_cpu(6)
     return {"intercepts": seen, "record": bytes(results[5]), "online": sorted(machine.linux.cpus.online),
@@ -223,7 +224,7 @@ def test_state_from_a_different_hclsim_is_refused(saved, tmp_path):
 # restores: a new attribute must be added to one of them (and restored if it is run state).
 MACHINE_REBUILT = {"config", "on_serial", "timings", "kernel", "initrd", "shim_path", "shim", "sidecar_path",
                    "sidecar", "layout", "host_dt", "hv", "mem", "engine", "image", "symbolize", "vtl0_guest",
-                   "vps", "bsp", "scheduler", "bus"}
+                   "vps", "bsp", "scheduler", "bus", "partition"}
 MACHINE_RESTORED = {"serial", "linux"}
 # Engine attributes: hooks, handlers and caches set up by Engine()/Machine(), and restored state.
 ENGINE_REBUILT = {"mem", "cpuid_table", "io_handler", "hypercall_handler", "after_run", "exits", "uc", "_uch",

@@ -2,39 +2,29 @@
 watchpoints, catchpoints, and stepping/continuing under the deterministic scheduler. This is
 the API `hclsim step` and the gdb remote stub are built on.
 
-VP state is read wherever it lives: the engine for the loaded VP, a VP's saved context (lent to
-the engine for the read, then the loaded VP's state is put back), or the VTL0 register set the
-hypervisor keeps while a VP runs VTL2.
+VP state is read and written through the partition (hv/partition.py), which knows where it
+lives.
 """
 import math
 import time
-from contextlib import contextmanager
 
 import capstone
-from unicorn import x86_const as x86
 
-from hclsim.cpu.engine import MSR_EFER
 from hclsim.cpu.pagetable import LEVEL_NAMES, translate, walk_steps
+from hclsim.hv.partition import REGISTER_NAMES, PartitionError
 from hclsim.hv.vp import EXTERNAL, HALTED, NOT_STARTED
-from hclsim.defs.hvdef import HvRegister
-from hclsim.hv.vtl import HV_REGISTERS
 from hclsim.debug.events import START, DebugError, StopEvent  # noqa: F401 (DebugError, StopEvent: re-exported)
 from hclsim.debug.images import ImageMap
 from hclsim.debug.runner import Runner
 from hclsim.debug.stops import EXIT_CATCHES, NextBreakpoint, StopPoints
 from hclsim.debug.watch import Watchpoints
 
-REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12",
-                  "r13", "r14", "r15", "rip", "rflags", "cs", "ss", "ds", "es", "fs", "gs", "fs_base",
-                  "gs_base", "cr0", "cr2", "cr3", "cr4", "efer")
 REGISTER_ALIASES = {"pc": "rip", "sp": "rsp", "fp": "rbp", "eflags": "rflags"}
 RUN_EVENTS = ("vtl-switch", "intercept")
 EVENTS = RUN_EVENTS + EXIT_CATCHES
 CR0_PG = 1 << 31
 PAGE = 4096
 MAX_INSN = 15
-# VTL0 registers as the hypervisor keeps them (HV register names) while the VP runs VTL2.
-VTL0_NAMES = HV_REGISTERS
 
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
@@ -99,64 +89,19 @@ class DebugTarget:
         label = f"VP {vp.index} {role} VTL{self.machine.hv.vps[vp.index].vtl}"
         return label + " halted" if vp.state == HALTED else label
 
-    @contextmanager
-    def _borrowed(self, vp, write: bool = False):
-        """The engine holding vp's saved context for a moment (the loaded VP is put back)."""
-        uc = self.machine.engine.uc
-        live = uc.context_save()
-        uc.context_restore(vp.context)
-        try:
-            yield self.machine.engine
-            if write:
-                uc.context_update(vp.context)
-        finally:
-            uc.context_restore(live)
-
-    # ---- registers --------------------------------------------------------------------------
+    # ---- registers: through the partition (hv/partition.py), wherever they live ---------------
     def registers(self, i=None) -> dict[str, int]:
         """The VP's registers in the VTL it runs now."""
-        vp = self._vp(i)
-        engine = self.machine.engine
-        if self.machine.scheduler.loaded is vp:
-            return self._ordered(engine.registers())
-        state = self.machine.hv.vps[vp.index]
-        if state.vtl == 0:
-            saved = state.vtl0_registers
-            return {n: saved.get(VTL0_NAMES[n], 0) if n in VTL0_NAMES else 0 for n in REGISTER_NAMES}
-        if vp.context is None:
-            return dict.fromkeys(REGISTER_NAMES, 0)  # not started: no state yet
-        with self._borrowed(vp) as e:
-            return self._ordered(e.registers())
-
-    @staticmethod
-    def _ordered(regs: dict) -> dict:
-        return {n: regs[n] for n in REGISTER_NAMES}
+        return self.machine.partition.registers(self._vp(i).index)
 
     def set_register(self, i, name: str, value: int) -> None:
         name = REGISTER_ALIASES.get(name.lower().lstrip("$"), name.lower().lstrip("$"))
         if name not in REGISTER_NAMES:
             raise DebugError(f"unknown register {name!r}: one of {', '.join(REGISTER_NAMES)}")
-        vp = self._vp(i)
-        value &= (1 << 64) - 1
-        if self.machine.scheduler.loaded is vp:
-            return self._write_register(self.machine.engine, name, value)
-        state = self.machine.hv.vps[vp.index]
-        if state.vtl == 0:
-            if name not in VTL0_NAMES:
-                raise DebugError(f"{name} of a VP in VTL0 is not kept while it is not running")
-            state.vtl0_registers[VTL0_NAMES[name]] = value
-            return
-        if vp.context is None:
-            raise DebugError(f"VP {vp.index} has not been started: it has no registers yet")
-        with self._borrowed(vp, write=True) as e:
-            self._write_register(e, name, value)
-
-    @staticmethod
-    def _write_register(engine, name: str, value: int) -> None:
-        if name == "efer":
-            engine.set_msr(MSR_EFER, value)
-        else:
-            engine.set_reg(name, value)
+        try:
+            self.machine.partition.set_registers(self._vp(i).index, {name: value})
+        except PartitionError as exc:
+            raise DebugError(str(exc)) from None
 
     # ---- memory ---------------------------------------------------------------------------
     def _paging(self, vp) -> tuple[bool, int]:
@@ -325,17 +270,7 @@ class DebugTarget:
 
     def _page_tables(self) -> set[int]:
         """CR3 of every VP's VTL2 and VTL0 (where paging is on), for virtual watchpoints."""
-        cr3s = set()
-        sched, engine = self.machine.scheduler, self.machine.engine
-        if sched.loaded is not None and engine.reg("cr0") & CR0_PG:
-            cr3s.add(engine.reg("cr3"))
-        for vp in self.machine.vps:
-            vtl0 = self.machine.hv.vps[vp.index].vtl0_registers
-            if vtl0.get(HvRegister.Cr0, 0) & CR0_PG:
-                cr3s.add(vtl0.get(HvRegister.Cr3, 0))
-            if vp.context is not None and vp.context.reg_read(x86.UC_X86_REG_CR0) & CR0_PG:
-                cr3s.add(vp.context.reg_read(x86.UC_X86_REG_CR3))
-        return cr3s
+        return self.machine.partition.paging_roots()
 
     # ---- code and symbols -------------------------------------------------------------------
     def symbolize(self, addr: int) -> str | None:
