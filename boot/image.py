@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from hclsim import HclsimError
 from hclsim.boot import layout
 from hclsim.boot.layout import PAGE_SIZE
+from hclsim.hv.vp import long_mode_context
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -152,13 +153,15 @@ class LoadedImage:
     initrd_size: int
     initrd_crc: int
 
-    def bsp_context(self) -> dict:
-        return {
-            "gdtr": (0, self.gdt, len(GDT_ENTRIES) * 8 - 1, 0), "cr3": self.pml4, "cr4": CR4_INITIAL,
-            "efer": EFER_INITIAL, "cr0": CR0_INITIAL, "cs": CODE64_SELECTOR, "ds": DATA_SELECTOR,
-            "es": DATA_SELECTOR, "fs": DATA_SELECTOR, "gs": DATA_SELECTOR, "ss": DATA_SELECTOR,
-            "rip": self.shim_entry, "rsi": self.params_gpa - self.shim_base, "rsp": 0, "rflags": 0x2,
-        }
+    def bsp_context(self):
+        """The BSP's starting context, as the IGVM file's VP context sets it."""
+        return long_mode_context(rip=self.shim_entry, rsp=0, cr3=self.pml4, gdt=(self.gdt, len(GDT_ENTRIES) * 8 - 1),
+                                 cr0=CR0_INITIAL, cr4=CR4_INITIAL, efer=EFER_INITIAL, cs=CODE64_SELECTOR,
+                                 ds=DATA_SELECTOR)
+
+    def bsp_registers(self) -> dict:
+        """General registers the shim starts with: RSI = the ShimParamsRaw offset from its base."""
+        return {"rsi": self.params_gpa - self.shim_base}
 
 
 def write_image(mem, lay: VtlLayout, *, shim, kernel, initrd: bytes | None, host_dt: bytes,

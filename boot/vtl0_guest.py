@@ -7,6 +7,7 @@ import numpy as np
 
 from hclsim.defs.hvdef import HvRegister
 from hclsim.hv import vtl
+from hclsim.hv.vp import long_mode_context
 
 IMAGE_GPA = 0x200000
 PML4_GPA, PDPT_GPA, GDT_GPA = 0x1000, 0x2000, 0x3000
@@ -70,6 +71,6 @@ def load_vtl0_guest(mem, image, vp_count: int, vtl2_base: int) -> Vtl0Guest:
 
 def initial_state(guest: Vtl0Guest, vp: int) -> dict:
     """VTL0 registers of vp at the guest's entry (RDI = VP index, RSI = count, RDX = results)."""
-    return vtl.vtl0_long_mode_state(
-        rip=guest.entry, rsp=STACKS_GPA + (vp + 1) * STACK_SIZE, cr3=PML4_GPA, gdt=GDT_GPA,
-        gprs={HvRegister.Rdi: vp, HvRegister.Rsi: guest.vp_count, HvRegister.Rdx: RESULTS_GPA})
+    ctx = long_mode_context(rip=guest.entry, rsp=STACKS_GPA + (vp + 1) * STACK_SIZE, cr3=PML4_GPA, gdt=(GDT_GPA, 0x1F),
+                            cr0=0x80000031, cr4=0x620, efer=0xD00, cs=0x10, ds=0x18)   # PG NE ET PE; PAE OSFXSR OSXMMEXCPT
+    return vtl.register_file(ctx, {HvRegister.Rdi: vp, HvRegister.Rsi: guest.vp_count, HvRegister.Rdx: RESULTS_GPA})

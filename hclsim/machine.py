@@ -133,7 +133,7 @@ class Machine:
         self.engine.load_code(digest.hexdigest())
         self.vps = [Vp(i, apic) for i, apic in enumerate(self.hv.apic_ids)]
         self.bsp = self.vps[0]
-        self.bsp.set_long_mode(self.engine, self.image.bsp_context())
+        self.bsp.set_long_mode(self.engine, self.image.bsp_context(), self.image.bsp_registers())
         self.bsp.state = RUNNABLE
         self.scheduler = Scheduler(self.engine, self.hv, self.vps, msr_sites, pause_sites, {self.image.kernel_entry},
                                    vtl0_sites)

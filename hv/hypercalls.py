@@ -127,18 +127,9 @@ VP_CONTEXT_CR3 = HvInitialVpContext.cr3.offset
 _CONTEXT_OFFSET = HvEnableVpVtlInput.context.offset
 
 
-def parse_vp_context(raw: bytes) -> dict:
-    """An HvInitialVpContext as the register dict Vp.set_long_mode takes (runs once per
-    distinct start context: Vp.start keeps templates)."""
-    c = HvInitialVpContext.from_buffer_copy(raw[:VP_CONTEXT_SIZE])
-    ctx = {"rip": c.rip, "rsp": c.rsp, "rflags": c.rflags}
-    for seg in ("cs", "ds", "es", "fs", "gs", "ss"):
-        ctx[seg] = getattr(c, seg).selector
-    for table in ("idtr", "gdtr"):
-        t = getattr(c, table)
-        ctx[table] = (0, t.base, t.limit, 0)
-    ctx["efer"], ctx["cr0"], ctx["cr3"], ctx["cr4"], ctx["pat"] = c.efer, c.cr0, c.cr3, c.cr4, c.msr_cr_pat
-    return ctx
+def parse_vp_context(raw: bytes) -> HvInitialVpContext:
+    """The HvInitialVpContext a StartVp or EnableVpVtl carried (raw: its 0xE0 bytes)."""
+    return HvInitialVpContext.from_buffer_copy(bytes(raw[:VP_CONTEXT_SIZE]).ljust(VP_CONTEXT_SIZE, b"\0"))
 
 
 def _context(header: bytes) -> bytes:

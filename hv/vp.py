@@ -3,9 +3,26 @@ pool can run it (context_save/restore cost microseconds; an engine costs millise
 from dataclasses import dataclass, field
 
 from hclsim.cpu import engine as eng, fastpath
+from hclsim.defs.hvdef import HvInitialVpContext
 from hclsim.hv import hypercalls
 
 MSR_PAT = 0x277
+PAT_DEFAULT = 0x0007040600070406   # the architectural reset value (WB WT UC- UC, twice)
+SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
+
+
+def long_mode_context(*, rip: int, rsp: int, cr3: int, gdt: tuple[int, int], cr0: int, cr4: int, efer: int,
+                      cs: int, ds: int, rflags: int = 0x2, idt: tuple[int, int] = (0, 0),
+                      pat: int = PAT_DEFAULT) -> HvInitialVpContext:
+    """A 64-bit starting context, as an HvInitialVpContext (what StartVirtualProcessor carries):
+    the one way a VP's initial state is built, for the BSP's image context, the VTL0 firmware's
+    state and the tests alike. gdt/idt: (base, limit); ds is loaded into every data segment."""
+    ctx = HvInitialVpContext(rip=rip, rsp=rsp, rflags=rflags, efer=efer, cr0=cr0, cr3=cr3, cr4=cr4, msr_cr_pat=pat)
+    for seg in SEGMENTS:
+        getattr(ctx, seg).selector = cs if seg == "cs" else ds
+    ctx.gdtr.base, ctx.gdtr.limit = gdt
+    ctx.idtr.base, ctx.idtr.limit = idt
+    return ctx
 
 
 # Run states.
@@ -37,22 +54,23 @@ class Vp:
         engine.set_reg("cr3", int.from_bytes(raw[hypercalls.VP_CONTEXT_CR3:][:8], "little"))  # flushes the TLB
         self.save(engine)
 
-    def set_long_mode(self, engine, ctx: dict) -> None:
-        """Give the VP a 64-bit starting context (the image's BSP context or a parsed StartVp
-        context) through engine, and keep it."""
+    def set_long_mode(self, engine, ctx: HvInitialVpContext, gprs: dict | None = None) -> None:
+        """Give the VP a 64-bit starting context (the image's BSP context or a StartVp's) and
+        general registers beyond it (the BSP's RSI), through engine, and keep it."""
         engine.uc.context_restore(engine.pristine)
-        engine.set_table("gdtr", ctx["gdtr"][1], ctx["gdtr"][2])
-        if "idtr" in ctx:
-            engine.set_table("idtr", ctx["idtr"][1], ctx["idtr"][2])
-        for name in ("cr3", "cr4"):
-            engine.set_reg(name, ctx[name])
-        engine.set_msr(eng.MSR_EFER, ctx["efer"])
-        engine.set_reg("cr0", ctx["cr0"])
-        if "pat" in ctx:
-            engine.set_msr(MSR_PAT, ctx["pat"])
-        for name in ("cs", "ss", "ds", "es", "fs", "gs", "rip", "rsi", "rsp", "rflags"):
-            if name in ctx:
-                engine.set_reg(name, ctx[name])
+        engine.set_table("gdtr", ctx.gdtr.base, ctx.gdtr.limit)
+        engine.set_table("idtr", ctx.idtr.base, ctx.idtr.limit)
+        engine.set_reg("cr3", ctx.cr3)
+        engine.set_reg("cr4", ctx.cr4)
+        engine.set_msr(eng.MSR_EFER, ctx.efer)
+        engine.set_reg("cr0", ctx.cr0)
+        engine.set_msr(MSR_PAT, ctx.msr_cr_pat)
+        for seg in SEGMENTS:
+            engine.set_reg(seg, getattr(ctx, seg).selector)
+        for name in ("rip", "rsp", "rflags"):
+            engine.set_reg(name, getattr(ctx, name))
+        for name, value in (gprs or {}).items():
+            engine.set_reg(name, value)
         self.save(engine)
 
     def load(self, engine) -> None:

@@ -24,13 +24,15 @@ ENTRY_REASON_VTL_CALL, ENTRY_REASON_INTERRUPT, ENTRY_REASON_INTERCEPT = (
     HV_VTL_ENTRY_REASON_VTL_CALL, HV_VTL_ENTRY_REASON_INTERRUPT, HV_VTL_ENTRY_REASON_INTERCEPT)
 
 
-def vtl0_long_mode_state(rip: int, rsp: int, cr3: int, gdt: int, gprs: dict | None = None) -> dict:
-    """A VTL0 context in 64-bit mode (what firmware would leave an OS loader with)."""
-    state = {R.Rip: rip, R.Rsp: rsp, R.Rflags: 0x2, R.Cr0: 0x80000031, R.Cr3: cr3, R.Cr4: 0x00000620,
-             R.Efer: 0xD00, R.Gdtr: (0, gdt, 0x1F, 0), R.Idtr: (0, 0, 0, 0),
-             R.Cs: 0x10, R.Es: 0x18, R.Ss: 0x18, R.Ds: 0x18, R.Fs: 0x18, R.Gs: 0x18}
-    for name, value in (gprs or {}).items():
-        state[name] = value
+def register_file(ctx, gprs: dict | None = None) -> dict:
+    """VTL0's register file (by HvRegister, as VpState.vtl0_registers keeps it) for a starting
+    context (an HvInitialVpContext, hv.vp.long_mode_context) and general registers by HvRegister."""
+    state = {R.Rip: ctx.rip, R.Rsp: ctx.rsp, R.Rflags: ctx.rflags, R.Cr0: ctx.cr0, R.Cr3: ctx.cr3, R.Cr4: ctx.cr4,
+             R.Efer: ctx.efer, R.Gdtr: (0, ctx.gdtr.base, ctx.gdtr.limit, 0),
+             R.Idtr: (0, ctx.idtr.base, ctx.idtr.limit, 0)}
+    for reg, seg in SEGMENT_NAMES.items():
+        state[reg] = getattr(ctx, seg).selector
+    state.update(gprs or {})
     return state
 
 

@@ -203,12 +203,11 @@ def test_mmio_accesses_reach_the_device(machine):
 
 
 def test_vps_are_contexts_multiplexed_on_one_engine(machine):
-    from hclsim.hv.vp import Vp
+    from hclsim.hv.vp import Vp, long_mode_context
     mem, e, *_ = machine
     load(mem, e, "1: mov eax, 0x0b\n mov ecx, 1\n cpuid\n add r12, rdx\n add r13, 1\n hlt\n jmp 1b")
-    ctx = {"gdtr": (0, GDT, 0x1F, 0), "cr3": e.reg("cr3"), "cr4": 0x40060, "efer": 0xD00,
-           "cr0": 0x80000021, "cs": 0x10, "ds": 0x18, "es": 0x18, "fs": 0x18, "gs": 0x18, "ss": 0x18,
-           "rip": CODE, "rsp": CODE + 0x10000, "rflags": 2}
+    ctx = long_mode_context(rip=CODE, rsp=CODE + 0x10000, cr3=e.reg("cr3"), gdt=(GDT, 0x1F), cr0=0x80000021,
+                            cr4=0x40060, efer=0xD00, cs=0x10, ds=0x18)
     vps = [Vp(i, 10 + i) for i in range(3)]
     for vp in vps:
         vp.set_long_mode(e, ctx)

@@ -138,7 +138,7 @@ def test_x2apic_msrs_and_ipis(hv):
         hv.wrmsr(e, 0, 0x830, 0x42 | (5 << 8))      # INIT: no INIT-SIPI in this platform
 
 
-def test_parse_vp_context_matches_the_numpy_layout():
+def test_parse_vp_context_reads_what_the_sidecar_writes():
     import numpy as np
     from hclsim.sidecar import layout as sl
     ctx = np.zeros(1, sl.hv_initial_vp_context)[0]
@@ -148,8 +148,8 @@ def test_parse_vp_context_matches_the_numpy_layout():
     ctx["idtr"]["base"], ctx["idtr"]["limit"] = 0x6000, 0x20F
     ctx["efer"], ctx["cr0"], ctx["cr3"], ctx["cr4"], ctx["msr_cr_pat"] = 0xD00, 0x80000021, 0x7000, 0x260, 0x0007040600070406
     parsed = hc.parse_vp_context(ctx.tobytes())
-    assert parsed["rip"] == 0x1111 and parsed["rsp"] == 0x2222 and parsed["rflags"] == 2
-    assert (parsed["cs"], parsed["ss"], parsed["gs"]) == (0x10, 0x18, 0x2B)
-    assert parsed["gdtr"] == (0, 0x5000, 0x1F, 0) and parsed["idtr"] == (0, 0x6000, 0x20F, 0)
-    assert (parsed["efer"], parsed["cr0"], parsed["cr3"], parsed["cr4"]) == (0xD00, 0x80000021, 0x7000, 0x260)
-    assert parsed["pat"] == 0x0007040600070406
+    assert parsed.rip == 0x1111 and parsed.rsp == 0x2222 and parsed.rflags == 2
+    assert (parsed.cs.selector, parsed.ss.selector, parsed.gs.selector) == (0x10, 0x18, 0x2B)
+    assert (parsed.gdtr.base, parsed.gdtr.limit, parsed.idtr.base, parsed.idtr.limit) == (0x5000, 0x1F, 0x6000, 0x20F)
+    assert (parsed.efer, parsed.cr0, parsed.cr3, parsed.cr4) == (0xD00, 0x80000021, 0x7000, 0x260)
+    assert parsed.msr_cr_pat == 0x0007040600070406

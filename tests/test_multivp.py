@@ -12,7 +12,7 @@ from hclsim.cpu.cpuid import build_cpuid_table
 from hclsim.cpu.exit_sites import find_exit_sites
 from hclsim.hv.hypervisor import Hypervisor
 from hclsim.hv.scheduler import STOP_IDLE, Scheduler
-from hclsim.hv.vp import HALTED, RUNNABLE, Vp
+from hclsim.hv.vp import HALTED, RUNNABLE, Vp, long_mode_context
 from hclsim.sidecar import layout as sl
 
 from .asmutil import assemble
@@ -127,9 +127,8 @@ def _run():
         sites = find_exit_sites(code, CODE)
         engine.load_code(("multivp", code))
         vps = [Vp(i, i) for i in range(4)]
-        bsp_ctx = {"gdtr": (0, GDT, 0x1F, 0), "cr3": cr3, "cr4": 0x40060, "efer": 0xD00, "cr0": 0x80000021,
-                   "cs": 0x10, "ds": 0x18, "es": 0x18, "fs": 0x18, "gs": 0x18, "ss": 0x18,
-                   "rip": CODE, "rsp": CODE + 0x30000, "rflags": 2}
+        bsp_ctx = long_mode_context(rip=CODE, rsp=CODE + 0x30000, cr3=cr3, gdt=(GDT, 0x1F), cr0=0x80000021,
+                                    cr4=0x40060, efer=0xD00, cs=0x10, ds=0x18)
         vps[0].set_long_mode(engine, bsp_ctx)
         vps[0].state = RUNNABLE
         sched = Scheduler(engine, hv, vps, {a: k for a, k in sites.items() if k != "pause"},
