@@ -7,11 +7,12 @@ leaf 1 EBX and leaves 0xB/0x1F EDX) are patched in by cpuid_lookup from the runn
 import numpy as np
 from numba import njit
 
+from hclsim.defs.hvdef import HvCpuidLeaf as L
 from hclsim.defs.platform import ISOLATION_NONE, ISOLATION_VBS
 
 ANY_SUBLEAF = -1
 MAX_BASIC_LEAF = 0x1F
-MAX_HV_LEAF = 0x4000000C
+MAX_HV_LEAF = L.IsolationConfiguration
 PHYSICAL_ADDRESS_BITS = 46
 
 
@@ -41,14 +42,14 @@ def build_cpuid_table(isolation: int, max_vps: int) -> np.ndarray:
         (0x80000000, ANY_SUBLEAF, 0x80000008, 0, 0, 0),
         (0x80000001, ANY_SUBLEAF, 0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)),  # SYSCALL, NX, LM
         (0x80000008, ANY_SUBLEAF, 0x3000 | PHYSICAL_ADDRESS_BITS, 0, 0, 0),
-        (0x40000000, ANY_SUBLEAF, MAX_HV_LEAF, micr, osof, t_hv),
-        (0x40000001, ANY_SUBLEAF, 0x31237648, 0, 0, 0),                 # "Hv#1"
-        (0x40000002, ANY_SUBLEAF, 26100, (10 << 16) | 0, 0, 0),
-        (0x40000003, ANY_SUBLEAF, 0x27E, hv_features_ebx, 0, (1 << 19)),
-        (0x40000004, ANY_SUBLEAF, (1 << 5) | (1 << 19), 0xFFFFFFFF, PHYSICAL_ADDRESS_BITS, 0),
-        (0x40000005, ANY_SUBLEAF, max_vps, max_vps, 0, 0),
-        (0x40000006, ANY_SUBLEAF, (1 << 3) | (1 << 24), 0, 0, 0),
-        (0x4000000C, ANY_SUBLEAF, 1, isolation & 0xF, 0, 0),           # paravisor present
+        (L.VendorAndMaxFunctions, ANY_SUBLEAF, MAX_HV_LEAF, micr, osof, t_hv),
+        (L.Interface, ANY_SUBLEAF, 0x31237648, 0, 0, 0),                 # "Hv#1"
+        (L.Version, ANY_SUBLEAF, 26100, (10 << 16) | 0, 0, 0),
+        (L.Features, ANY_SUBLEAF, 0x27E, hv_features_ebx, 0, (1 << 19)),
+        (L.EnlightenmentInfo, ANY_SUBLEAF, (1 << 5) | (1 << 19), 0xFFFFFFFF, PHYSICAL_ADDRESS_BITS, 0),
+        (L.ImplementationLimits, ANY_SUBLEAF, max_vps, max_vps, 0, 0),
+        (L.HardwareFeatures, ANY_SUBLEAF, (1 << 3) | (1 << 24), 0, 0, 0),
+        (L.IsolationConfiguration, ANY_SUBLEAF, 1, isolation & 0xF, 0, 0),  # paravisor present
     ]
     if isolation != ISOLATION_NONE:
         assert 0 <= isolation <= 3

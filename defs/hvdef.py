@@ -10,6 +10,20 @@ import ctypes
 import enum
 from ctypes import c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as u64
 
+# ---- CPUID leaves (section 1) ----------------------------------------------------------------
+
+
+class HvCpuidLeaf(enum.IntEnum):
+    VendorAndMaxFunctions = 0x40000000
+    Interface = 0x40000001
+    Version = 0x40000002
+    Features = 0x40000003
+    EnlightenmentInfo = 0x40000004
+    ImplementationLimits = 0x40000005
+    HardwareFeatures = 0x40000006
+    IsolationConfiguration = 0x4000000C
+
+
 # ---- synthetic MSRs (section 2) -------------------------------------------------------------
 HV_X64_MSR_GUEST_OS_ID = 0x40000000
 HV_X64_MSR_HYPERCALL = 0x40000001
@@ -164,6 +178,16 @@ class HvMessageType(enum.IntEnum):
     X64MsrIntercept = 0x80010001
     X64CpuidIntercept = 0x80010002
     X64Halt = 0x80010007
+
+
+# The short names reports and the CLI print for them.
+MESSAGE_SHORT_NAMES = {HvMessageType.UnmappedGpa: "unmapped-gpa", HvMessageType.X64IoPortIntercept: "io-port",
+                       HvMessageType.X64MsrIntercept: "msr", HvMessageType.X64CpuidIntercept: "cpuid",
+                       HvMessageType.X64Halt: "halt"}
+
+
+def message_name(message_type: int) -> str:
+    return MESSAGE_SHORT_NAMES.get(message_type, hex(message_type))
 
 
 HV_INTERCEPT_ACCESS_READ, HV_INTERCEPT_ACCESS_WRITE, HV_INTERCEPT_ACCESS_EXECUTE = 0, 1, 2

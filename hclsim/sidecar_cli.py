@@ -7,14 +7,11 @@ import sys
 import numpy as np
 
 from hclsim import HclsimError
-from hclsim.hv import intercepts
-from hclsim.defs.hvdef import CONTROL_NAMES, GPR_NAMES, HvRegister
+from hclsim.defs.hvdef import CONTROL_NAMES, GPR_NAMES, HvRegister, message_name
 from hclsim.sidecar import layout as sl
 from hclsim.sidecar.client import registers_request, registers_response
 
 REGISTER_NAMES = {name: hv for hv, name in {**GPR_NAMES, **CONTROL_NAMES, HvRegister.Efer: "efer"}.items()}
-MESSAGE_NAMES = {intercepts.MSG_IO_PORT: "io-port", intercepts.MSG_CPUID: "cpuid", intercepts.MSG_MSR: "msr",
-                 intercepts.MSG_UNMAPPED_GPA: "unmapped-gpa", intercepts.MSG_HALT: "halt"}
 
 
 def add_parser(sub, add_boot_options) -> None:
@@ -87,7 +84,7 @@ def run_action(args, machine, result) -> dict:
         seen = runner.run_until_halted(lambda: results[args.cpu]["done"] == 1)
         rec = results[args.cpu]
         return {"cpu": args.cpu, "done": bool(rec["done"]),
-                "intercepts": [{"type": MESSAGE_NAMES.get(m["type"], hex(m["type"])), "rip": f"{m['rip']:#x}",
+                "intercepts": [{"type": message_name(m["type"]), "rip": f"{m['rip']:#x}",
                                 **({"port": f"{m['port']:#x}"} if "port" in m else {}),
                                 **({"gpa": f"{m['gpa']:#x}"} if "gpa" in m else {}),
                                 **({"msr": f"{m['msr']:#x}"} if "msr" in m else {})} for m in seen],

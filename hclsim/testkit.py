@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hclsim.boot.layout import BootParams
 from hclsim.boot import fdt as fdtutil
+from hclsim.defs.hvdef import message_name
 from hclsim.report import boot_report
 from hclsim.sidecar import layout as sl
 
@@ -18,8 +19,7 @@ from hclsim.sidecar import layout as sl
 # process), not on the guest: left out of anything compared across runs.
 HOST_COUNTERS = ("block_count_misses",)
 E820_TYPES = {1: "ram", 2: "reserved", 3: "acpi", 4: "nvs", 5: "unusable"}
-MESSAGE_NAMES = {0x80000000: "unmapped-gpa", 0x80010000: "io-port", 0x80010001: "msr", 0x80010002: "cpuid",
-                 0x80010007: "halt"}
+
 
 
 def guest_counters(counters: dict) -> dict:
@@ -231,7 +231,7 @@ class BootRun:
 
 
 def _intercept(msg: dict) -> dict:
-    out = {"type": MESSAGE_NAMES.get(msg["type"], hex(msg["type"])), "rip": f"{msg['rip']:#x}"}
+    out = {"type": message_name(msg["type"]), "rip": f"{msg['rip']:#x}"}
     for key in ("port", "gpa", "msr"):
         if key in msg:
             out[key] = f"{msg[key]:#x}"
