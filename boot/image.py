@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from hclsim import HclsimError
 from hclsim.boot import layout
 from hclsim.boot.layout import PAGE_SIZE
+from hclsim.defs.platform import Region
 from hclsim.hv.vp import long_mode_context
 
 MiB = 1 << 20
@@ -35,17 +36,6 @@ class ImageError(HclsimError):
 
 def align_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
-
-
-@dataclass(frozen=True)
-class Region:
-    name: str
-    start: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ UART_PORT_COUNT = 8
 
 @dataclass(frozen=True)
 class Region:
-    """A named range of I/O ports or guest physical addresses: [start, start + length)."""
+    """A named range of I/O ports or guest physical addresses: [start, start + size)."""
     name: str
     start: int
-    length: int
+    size: int
 
     @property
     def end(self) -> int:
-        return self.start + self.length
+        return self.start + self.size
 
     def overlaps(self, other: "Region") -> bool:
         return self.start < other.end and other.start < self.end

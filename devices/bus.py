@@ -84,7 +84,7 @@ class Bus:
         new = [("pio", _Claim(r, device)) for r in getattr(device, "pio_regions", ())] + \
               [("mmio", _Claim(r, device)) for r in getattr(device, "mmio_regions", ())]
         for space, claim in new:
-            if claim.region.length <= 0:
+            if claim.region.size <= 0:
                 raise BusError(f"{self.name} bus: {claim.describe()} is empty")
             for other in self._claims[space] + [c for s, c in new if s == space and c is not claim]:
                 if claim.region.overlaps(other.region):
@@ -101,8 +101,8 @@ class Bus:
         return None
 
     def regions(self) -> list[tuple[str, str, str, int, int]]:
-        """(space, device, region, start, length) of every claim, in address order."""
-        return sorted(((s, c.device.name, c.region.name, c.region.start, c.region.length)
+        """(space, device, region, start, size) of every claim, in address order."""
+        return sorted(((s, c.device.name, c.region.name, c.region.start, c.region.size)
                        for s, claims in self._claims.items() for c in claims), key=lambda r: (r[0], r[3]))
 
     # ---- accesses ---------------------------------------------------------------------------
@@ -156,7 +156,7 @@ class Bus:
             native = getattr(c.device, "native_pio", None)
             if native is not None:
                 handler, state = native()
-                rows.append((c.region.start, c.region.length, handler, state))
+                rows.append((c.region.start, c.region.size, handler, state))
         engine.state.set_native_pio(rows)
         engine.io_handler = self.engine_io
         engine.after_run.append(self.flush)
