@@ -29,7 +29,7 @@ from hclsim.cpu.ram_pages import present_pages
 
 MEMFD_NAME = "hclsim-guest-ram"
 PAGE = 4096
-SCRUB_LIMIT = 64 << 20           # allocated bytes reset() zeroes in place rather than frees
+SCRUB_LIMIT = 256 << 20          # allocated bytes reset() zeroes in place rather than frees
 ENV_KIND = "HCLSIM_GUEST_RAM"    # "shared" (default) or "private"
 
 
