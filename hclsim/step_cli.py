@@ -14,6 +14,7 @@ from hclsim import HclsimError
 from hclsim.debug import display
 from hclsim.debug.events import BREAKPOINT, EVENT, FAULT, START, WATCHPOINT, DebugError, StopEvent
 from hclsim.debug.images import short_path
+from hclsim.debug.source_cmds import SourceCommands
 from hclsim.debug.target import EVENTS, REGISTER_NAMES, DebugTarget
 
 HISTORY = os.path.expanduser("~/.hclsim_history")
@@ -33,7 +34,7 @@ def add_parser(sub, add_boot_options) -> None:
                         "the boot options are the snapshot's")
 
 
-class StepShell(cmd.Cmd):
+class StepShell(SourceCommands, cmd.Cmd):
     prompt = "(hclsim) "
     intro = None
 
@@ -62,6 +63,8 @@ class StepShell(cmd.Cmd):
         self.serial_open = not text.endswith("\n")
 
     def onecmd(self, line: str) -> bool:
+        if line.strip():
+            self.forget_listing(line)
         try:
             return super().onecmd(line)
         except (HclsimError, ValueError) as exc:
@@ -76,7 +79,8 @@ class StepShell(cmd.Cmd):
         raise DebugError(f"unknown command {line.split()[0]!r} (help lists the commands)")
 
     def emptyline(self) -> None:
-        if self.lastcmd.split()[:1] and self.lastcmd.split()[0] in ("si", "stepi", "ni", "nexti", "x", "list"):
+        if self.lastcmd.split()[:1] and self.lastcmd.split()[0] in ("si", "stepi", "ni", "nexti", "x", "list",
+                                                                 "s", "step", "n", "next"):
             self.onecmd(self.lastcmd)  # gdb repeats these on Enter
 
     def _run(self, action):
@@ -166,6 +170,12 @@ class StepShell(cmd.Cmd):
         for a in addrs:
             self.target.add_breakpoint(a)
         n = self._add_point("break", addrs, arg.strip())
+        inside = self.target.instruction_at(self.target.current, addrs[0])
+        if inside is not None and inside[0] != addrs[0]:
+            start, length, text = inside
+            self.say(f"warning: {addrs[0]:#x} is inside the instruction at {display.location(self.target, start)} "
+                     f"({text}, {length} bytes): no VP ever executes from there; the instruction boundary is "
+                     f"{start:#x}")
         self.say(f"Breakpoint {n} at {display.location(self.target, addrs[0])}"
                  + (f" (and {len(addrs) - 1} alias{'es' if len(addrs) > 2 else ''})" if len(addrs) > 1 else ""))
 
@@ -231,14 +241,16 @@ class StepShell(cmd.Cmd):
 
     # ---- looking at things ----------------------------------------------------------------------
     def do_info(self, arg):
-        """info breakpoints | registers [NAMES] | threads | pagewalk ADDR"""
+        """info breakpoints | registers [NAMES] | threads | pagewalk ADDR | frame | line [LOC] | symbol ADDR"""
         words = arg.split()
         what, rest = (words[0], " ".join(words[1:])) if words else ("", "")
         table = {"breakpoints": self._info_breakpoints, "b": self._info_breakpoints, "break": self._info_breakpoints,
                  "registers": self._info_registers, "r": self._info_registers, "reg": self._info_registers,
-                 "threads": self._info_threads, "pagewalk": self._info_pagewalk}
+                 "threads": self._info_threads, "pagewalk": self._info_pagewalk, "frame": self._info_frame,
+                 "f": self._info_frame, "line": self._info_line, "symbol": self._info_symbol}
         if what not in table:
-            raise DebugError("info what? breakpoints, registers [NAMES], threads, pagewalk ADDR")
+            raise DebugError("info what? breakpoints, registers [NAMES], threads, pagewalk ADDR, frame, line [LOC], "
+                             "symbol ADDR")
         table[what](rest)
 
     def _info_breakpoints(self, _arg):
@@ -266,11 +278,12 @@ class StepShell(cmd.Cmd):
         self.say(*display.registers(regs, names, self.target.symbolize))
 
     def _info_threads(self, _arg):
+        """gdb's numbering, as the gdb stub's: thread N is VP N-1."""
         lines = ["  Id   Target                        Where"]
         for i in self.target.vp_indexes():
             rip = self.target.registers(i)["rip"]
             mark = "*" if i == self.target.current else " "
-            lines.append(f"{mark} {i:<4} {self.target.vp_label(i):<29} {display.location(self.target, rip)}")
+            lines.append(f"{mark} {i + 1:<4} {self.target.vp_label(i):<29} {display.location(self.target, rip)}")
         self.say(*lines)
 
     def _info_pagewalk(self, arg):
@@ -318,26 +331,19 @@ class StepShell(cmd.Cmd):
 
     do_disas = do_disassemble
 
-    def do_list(self, arg):
-        """list [LOC]: the source lines around RIP (or LOC)."""
-        addr = self.target.resolve(arg) if arg.strip() else self.target.registers(self.target.current)["rip"]
-        line = self.target.source_line(addr)
-        if line is None:
-            raise DebugError(f"no source line for {addr:#x}")
-        self.say(*display.source_listing(line[0], line[1]))
-
     def do_thread(self, arg):
-        """thread [N]: make VP N the current one (or show the current VP)."""
+        """thread [N]: make thread N (VP N-1, gdb's numbering) the current one, or show it."""
         if arg.strip():
             if not arg.strip().isdigit():
-                raise DebugError(f"thread takes a VP number, not {arg.strip()!r}")
+                raise DebugError(f"thread takes a thread number (VP + 1), not {arg.strip()!r}")
             n = int(arg)
-            if n not in self.target.vp_indexes():
-                raise DebugError(f"no VP {n} (VPs 0-{len(self.target.vp_indexes()) - 1})")
-            self.target.current = n
+            if n - 1 not in self.target.vp_indexes():
+                raise DebugError(f"no thread {n} (threads 1-{len(self.target.vp_indexes())}: VPs 0-"
+                                 f"{len(self.target.vp_indexes()) - 1})")
+            self.target.current = n - 1
         i = self.target.current
         rip = self.target.registers(i)["rip"]
-        self.say(f"[Current thread is VP {i}: {self.target.vp_label(i)}]", f"#0  {display.location(self.target, rip)}")
+        self.say(f"[Current thread is {i + 1} ({self.target.vp_label(i)})]", f"#0  {display.location(self.target, rip)}")
 
     def do_set(self, arg):
         """set $REG = VALUE: write a register of the current VP."""

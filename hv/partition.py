@@ -69,7 +69,7 @@ class Partition:
             saved = self._hv.vps[index].vtl0_registers
             return {n: saved.get(REGISTER_BY_NAME[n], 0) if n in REGISTER_BY_NAME else 0 for n in names}
         if vp.context is None:
-            return dict.fromkeys(names, 0)
+            return {n: self._start_registers(index).get(n, 0) for n in names}
         with self._borrowed(vp) as engine:
             regs = engine.registers()
         return {n: regs[n] for n in names}
@@ -95,6 +95,19 @@ class Partition:
             raise PartitionError(f"VP {index} has not been started: it has no registers yet")
         with self._borrowed(vp, write=True) as engine:
             self._write(engine, values)
+
+    def _start_registers(self, index: int) -> dict:
+        """A VP not run yet: the context a StartVirtualProcessor gave it, which it will start
+        with; nothing (zeros) if none is pending."""
+        ctx = self._hv.vps[index].start_context
+        if ctx is None:
+            return {}
+        regs = {n: getattr(ctx, n) for n in ("rip", "rsp", "rflags", "cr0", "cr3", "cr4", "efer")}
+        regs.update({seg: getattr(ctx, seg).selector for seg in ("cs", "ds", "es", "fs", "gs", "ss")})
+        return regs
+
+    def start_pending(self, index: int) -> bool:
+        return self._vp(index).context is None and self._hv.vps[index].start_pending
 
     def vtl0_state(self, index: int) -> dict:
         """VTL0's register file by HvRegister (what Get/SetVpRegisters on VTL0 reach)."""

@@ -64,3 +64,24 @@ def test_runaway_guest_times_out(tmp_path):
     elf = build_elf(source, tmp_path)
     with pytest.raises(GuestFaultError, match="timeout"):
         boot(BootConfig(shim=str(elf), timeout=0.5))
+
+
+def test_page_fault_error_code_is_derived_and_named(tmp_path):
+    read = _boot_shim(tmp_path, "    movabs $0x7f0000000000, %rax\n    mov (%rax), %rbx\n")
+    assert "#PF error code 0x0: not-present page, read, supervisor mode (derived" in read.report
+    write = _boot_shim(tmp_path, "    movabs $0x7f0000000000, %rax\n    movq $5, 8(%rax)\n")
+    assert "#PF error code 0x2: not-present page, write, supervisor mode" in write.report
+    fetch = _boot_shim(tmp_path, "    movabs $0x7f0000000000, %rax\n    jmp *%rax\n")
+    assert "#PF error code 0x10: not-present page, instruction fetch, supervisor mode" in fetch.report
+
+
+def test_fault_listing_starts_on_instruction_boundaries(tmp_path):
+    # Long instructions right before the fault: a decode from a few bytes back would start inside
+    # one of them; the listing decodes from the function's start instead.
+    body = ("    .type crash_here, @function\ncrash_here:\n" + "    movabs $0x1122334455667788, %rcx\n" * 6 +
+            "    movabs $0x7f0000000000, %rax\n    mov (%rax), %rbx\n    .size crash_here, .-crash_here\n")
+    err = _boot_shim(tmp_path, "    jmp crash_here\n" + body)   # no call: the test shim has no stack
+    code = err.report.split("code:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert code[-1].lstrip().startswith("=>") or any(l.lstrip().startswith("=>") for l in code)
+    before = [l for l in code if not l.lstrip().startswith("=>")][:4]
+    assert before and all("movabs" in l for l in before), code

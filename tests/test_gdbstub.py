@@ -126,7 +126,7 @@ def test_thread_stepi_steps_only_that_vp():
                   "thread 1", "p/x $pc", "thread 2", "p/x $pc", "stepi", "stepi", "p/x $pc", "thread 1", "p/x $pc",
                   "kill")
         assert re.search(r'Thread 2 "VP 1 sidecar VTL2" hit Breakpoint 1, ap_main \(\) at .*vp\.c', out), out
-        assert re.search(r'Thread 3 "VP 2 sidecar not started"', out), out
+        assert re.search(r'Thread 3 "VP 2 sidecar start pending \(StartVp\)"', out), out   # its StartVp waits
         vp0_before, vp1_before, vp1_after, vp0_after = values(out)
         assert vp1_after > vp1_before, out           # VP 1 ran two instructions ...
         assert vp0_after == vp0_before, out          # ... and VP 0, runnable too, did not run

@@ -92,16 +92,17 @@ def test_x_formats(shell):
 
 
 def test_breakpoints_threads_and_a_sidecar_ap(shell):
-    sh = shell("break sidecar:ap_main", "continue", "info threads", "thread 0", "info breakpoints",
-               "delete 1", "info breakpoints", "thread 2", "stepi", cpus=4)
+    sh = shell("break sidecar:ap_main", "continue", "info threads", "thread 1", "info breakpoints",
+               "delete 1", "info breakpoints", "thread 3", "stepi", cpus=4)
     assert not sh.failed, sh.output
     out = sh.output
     assert re.search(r"^Breakpoint 1 at 0xffffff8000[0-9a-f]+ <sidecar:ap_main> sidecar/vp\.c:\d+ \(and 1 alias\)$",
                      out, re.M)
     assert re.search(r"^Breakpoint 1, VP 1 stopped at 0xffffff8000[0-9a-f]+ <sidecar:ap_main>", out, re.M)
-    assert re.search(r"^\* 1    VP 1 sidecar VTL2 +0xffffff8000[0-9a-f]+ <sidecar:ap_main>", out, re.M)
-    assert re.search(r"^  0    VP 0 boot shim VTL2 +0x[0-9a-f]+ <sidecar:sidecar_main\+0x", out, re.M)
-    assert "[Current thread is VP 0: VP 0 boot shim VTL2]" in out
+    # gdb's thread numbering, as the gdb stub's: thread N is VP N-1
+    assert re.search(r"^\* 2    VP 1 sidecar VTL2 +0xffffff8000[0-9a-f]+ <sidecar:ap_main>", out, re.M)
+    assert re.search(r"^  1    VP 0 boot shim VTL2 +0x[0-9a-f]+ <sidecar:sidecar_main\+0x", out, re.M)
+    assert "[Current thread is 1 (VP 0 boot shim VTL2)]" in out
     assert re.search(r"^1    breakpoint +0xffffff8000[0-9a-f]+ <sidecar:ap_main>", out, re.M)
     assert "No breakpoints, watchpoints or catchpoints." in out
     assert sh.target.current == 2 or "VP 2 is not-started" in out  # VP 2 may not be started yet
@@ -187,3 +188,67 @@ def test_snapshot_after_the_handoff_is_refused(tmp_path):
     m.close()
     r = hclsim_step("--snapshot", str(tmp_path / "late.snap"), "-x", "quit")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "after the kernel handoff" in r.stderr
+
+
+def test_source_level_stepping_frames_and_print(shell):
+    sh = shell("break host_dt_parse", "continue", "bt", "info frame", "finish", "info line", "info symbol $rip",
+               "print &host", "print host", "print line_buf", "print/x $rsp",
+               "next", "step", "bt", "advance log_msg", "until", "print no_such_thing")
+    out = sh.output
+    assert re.search(r"^#0  0x[0-9a-f]+ <shim:host_dt_parse> shim/host_dt\.c:\d+$", out, re.M)
+    assert re.search(r"^#1  0x[0-9a-f]+ <shim:shim_main\+0x[0-9a-f]+> shim/main\.c:\d+$", out, re.M)
+    assert re.search(r"^#2  0x[0-9a-f]+ <shim:_start\+0x[0-9a-f]+> shim/start\.S:\d+$", out, re.M)
+    assert "(backtrace ends: no unwind information here)" in out          # assembly has no CFI
+    assert re.search(r"^Stack level 0, frame at 0x[0-9a-f]+:$", out, re.M) and " saved rip = 0x" in out
+    assert re.search(r"^Run till exit from #0  0x[0-9a-f]+ <shim:host_dt_parse>", out, re.M)
+    assert re.search(r"^Value returned is rax = 0x[0-9a-f]+$", out, re.M)
+    assert re.search(r'^Line \d+ of "shim/main\.c" starts at address 0x[0-9a-f]+ <shim:shim_main\+0x[0-9a-f]+> '
+                     r"and ends at 0x[0-9a-f]+\.$", out, re.M)
+    assert re.search(r"^shim_main \+ \d+ in section \.text of shim$", out, re.M)
+    assert re.search(r"^\$1 = \(struct host_info \*\) 0x[0-9a-f]+ <shim:host>$", out, re.M)
+    # host_dt_parse filled `host` from the host device tree: 4 CPUs, APIC ids 0-3, the rest repeats
+    assert re.search(r"^\$2 = \{cpu_count = 4, cpus = \{\{apic_id = 0, numa = 0\}, \{apic_id = 1, numa = 0\}, .*"
+                     r"<repeats \d+ times>\}", out, re.M)
+    assert re.search(r'^\$3 = "\[INFO\] .*\\n"$', out, re.M)               # a char array as a C string
+    assert re.search(r"^\$4 = 0x[0-9a-f]+$", out, re.M)
+    assert re.search(r"^VP 0 stopped at 0x[0-9a-f]+ <shim:log_msg> shim/log\.c:\d+$", out, re.M)  # advance
+    assert "error: unknown symbol or address 'no_such_thing'" in out
+    assert out.count("error:") == 1, out
+
+
+def test_list_goes_on_and_back_and_help_has_no_internals(shell):
+    sh = shell("list shim_main", "list", "list -", "list -", "help")
+    out = sh.output
+    blocks = [b for b in re.split(r"\n(?=\d+ )", out) if b]
+    numbers = [int(l.split()[0]) for l in out.splitlines() if re.match(r"^\d+ ", l)]
+    first = numbers[:10]
+    assert numbers[10:20] == list(range(first[-1] + 1, first[-1] + 11))   # `list` again: the next ten
+    assert numbers[20:30] == first                                        # `list -`: back
+    assert numbers[30:40] == list(range(first[0] - 10, first[0]))        # and further back
+    assert "EOF" not in out and "step" in out and "finish" in out and "backtrace" in out
+    assert blocks
+    assert sh.completenames("fin") == ["finish"] and "EOF" not in sh.completenames("")
+    assert "shim_main" in sh.completedefault("shim_ma", "break shim_ma", 6, 13)
+    assert "shim:shim_main" in sh.completedefault("shim:shim_m", "break shim:shim_m", 6, 17)
+    assert "$rip" in sh.completedefault("$ri", "print $ri", 6, 9)
+
+
+def test_pending_starts_inside_instruction_breakpoints_and_call_targets(shell):
+    sh = shell("break sidecar:ap_main", "continue", "info threads", "thread 3", "info registers rip rsp",
+               "break *shim_main+1", "thread 1", "disassemble shim_main 40", cpus=4)
+    out = sh.output
+    # a VP whose StartVp waits for the scheduler shows the context it will start with, not zeros
+    assert re.search(r"^  3    VP 2 sidecar start pending \(StartVp\) 0xffffff8000[0-9a-f]+ <sidecar:ap_entry>", out, re.M)
+    assert re.search(r"^rip +0xffffff8000[0-9a-f]+ +<sidecar:ap_entry>$", out, re.M)
+    assert re.search(r"^warning: 0x[0-9a-f]+ is inside the instruction at 0x[0-9a-f]+ <shim:shim_main> .*"
+                     r"the instruction boundary is 0x[0-9a-f]+$", out, re.M)
+    assert re.search(r"\tcall 0x[0-9a-f]+ <shim:log_msg>$", out, re.M)       # call targets carry symbols
+
+
+def test_deleting_one_of_two_watchpoints_on_a_range_keeps_the_other(shell):
+    sh = shell("watch -phys 0x8500000 4", "watch -phys 0x8500000 4", "delete 1", "continue", "delete 2",
+               "info breakpoints")
+    out = sh.output
+    assert not sh.failed, out
+    assert re.search(r"^Hardware watchpoint 2: watch phys 0x8500000 len 4: write of 4 bytes at 0x8500000", out, re.M)
+    assert "No breakpoints, watchpoints or catchpoints." in out

@@ -166,10 +166,10 @@ def page_walk(target, vp: int, va: int) -> list[str]:
     return lines
 
 
-def source_listing(path: str, line: int, around: int = 5) -> list[str]:
+def source_range(path: str, first: int, last: int, mark: int | None = None) -> list[str]:
+    """Lines first..last of path (those that exist), numbered, the line mark marked."""
     if not os.path.isfile(path):
         raise DebugError(f"source file {path} is not here")
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read().splitlines()
-    first = max(1, line - around)
-    return [f"{n:<6}{'>' if n == line else ' '} {text[n - 1]}" for n in range(first, min(len(text), line + around) + 1)]
+    return [f"{n:<6}{'>' if n == mark else ' '} {text[n - 1]}" for n in range(max(1, first), min(len(text), last) + 1)]

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 import capstone
 from capstone import x86_const as csx
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
 
 from hclsim.boot.vtl0_guest import IMAGE_GPA
 from hclsim.hv.hypervisor import hypercall_page_bytes
 from hclsim.debug.events import DebugError
 from hclsim.debug.lines import line_table
+from hclsim.debug.variables import variables
 from hclsim.sidecar import layout as sl
 
 # Instructions that leave the guest for the hypervisor, by `catch exit` kind.
@@ -37,6 +40,21 @@ class Alias:
 
     def holds(self, addr: int) -> bool:
         return self.base <= addr < self.base + self.image.span
+
+
+@functools.lru_cache(maxsize=64)
+def _sections(path: str) -> tuple:
+    try:
+        with open(path, "rb") as f:
+            return tuple((s.name, s["sh_addr"], s["sh_size"]) for s in ELFFile(f).iter_sections()
+                         if s["sh_flags"] & 2 and s["sh_size"])          # SHF_ALLOC
+    except (OSError, ELFError):
+        return ()
+
+
+def section_name(path: str, offset: int) -> str | None:
+    """The allocated ELF section holding image offset offset ('.text', '.bss', ...)."""
+    return next((name for name, addr, size in _sections(path) if addr <= offset < addr + size), None)
 
 
 def short_path(path: str) -> str:
@@ -113,6 +131,14 @@ class ImageMap:
                 found.append(self.preferred(n).base + off)
         return found
 
+    def symbol_names(self) -> list[str]:
+        """Every symbol, bare and as image:name (for completion)."""
+        names = set()
+        for n in self.names:
+            for _addr, _size, sym in self.preferred(n).image.symbols:
+                names.update((sym, f"{n}:{sym}"))
+        return sorted(names)
+
     def function_span(self, addr: int) -> tuple[int, int] | None:
         """[start, end) of the sized symbol holding addr."""
         hit = self.at(addr)
@@ -131,6 +157,27 @@ class ImageMap:
             return None
         table = line_table(hit[0].image.path)
         return None if table is None else table.line_at(hit[1])
+
+    def line_span(self, addr: int) -> tuple[tuple[str, int], int, int] | None:
+        """((file, line), start, end) of the code of the source line addr is in."""
+        hit = self.at(addr)
+        table = None if hit is None else line_table(hit[0].image.path)
+        span = None if table is None else table.span_at(hit[1])
+        if span is None:
+            return None
+        return (span[0], span[1]), hit[0].base + span[2], hit[0].base + span[3]
+
+    def variable(self, name: str):
+        """(runtime address, variables.Variable) of a global variable, 'var' or 'image:var'."""
+        image, _, var = name.rpartition(":")
+        for n in self.names:
+            if image and n != image:
+                continue
+            alias = self.preferred(n)
+            found = variables(alias.image.path).get(var)
+            if found is not None:   # a PIE image's DW_OP_addr is an offset; the sidecar's an address
+                return (found.offset if found.offset >= alias.base else alias.base + found.offset), found
+        return None
 
     def line_addresses(self, file: str, line: int) -> list[int]:
         """Runtime addresses (preferred alias) of file:line; DebugError if unknown or ambiguous."""

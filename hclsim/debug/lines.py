@@ -25,6 +25,14 @@ class LineTable:
             return None
         return self.files[self.rows[i][1]], self.rows[i][2]
 
+    def span_at(self, offset: int) -> tuple[str, int, int, int] | None:
+        """(file, line, first offset, end offset) of the line-table row holding offset."""
+        i = bisect.bisect_right(self.offsets, offset) - 1
+        if i < 0 or self.rows[i][2] == 0:
+            return None
+        end = next((o for o in self.offsets[i + 1:] if o > self.offsets[i]), self.offsets[i] + 1)
+        return self.files[self.rows[i][1]], self.rows[i][2], self.offsets[i], end
+
     def matching_files(self, name: str) -> list[int]:
         """Indexes of the files whose path is name or ends with /name."""
         name = name.lstrip("./")

@@ -14,6 +14,7 @@ from hclsim.cpu.pagetable import LEVEL_NAMES, translate, walk_steps
 from hclsim.hv.partition import REGISTER_NAMES, PartitionError
 from hclsim.hv.vp import EXTERNAL, HALTED, NOT_STARTED
 from hclsim.debug.events import START, DebugError, StopEvent  # noqa: F401 (DebugError, StopEvent: re-exported)
+from hclsim.debug import frames
 from hclsim.debug.images import ImageMap
 from hclsim.debug.runner import Runner
 from hclsim.debug.stops import EXIT_CATCHES, NextBreakpoint, StopPoints
@@ -27,6 +28,16 @@ PAGE = 4096
 MAX_INSN = 15
 
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_cs.detail = True
+_BRANCHES = (capstone.CS_GRP_JUMP, capstone.CS_GRP_CALL)
+
+
+def _branch_target(insn) -> int | None:
+    """The immediate target of a call/jump/loop, if it has one."""
+    if not any(insn.group(g) for g in _BRANCHES):
+        return None
+    ops = insn.operands
+    return ops[0].imm & (2**64 - 1) if len(ops) == 1 and ops[0].type == capstone.x86.X86_OP_IMM else None
 
 
 class DebugTarget:
@@ -85,7 +96,8 @@ class DebugTarget:
             return f"VP {vp.index} Linux"
         role = "boot shim" if vp.index == 0 else ("sidecar" if self.machine.sidecar is not None else "AP")
         if vp.state == NOT_STARTED:
-            return f"VP {vp.index} {role} not started"
+            pending = self.machine.partition.start_pending(vp.index)
+            return f"VP {vp.index} {role} {'start pending (StartVp)' if pending else 'not started'}"
         label = f"VP {vp.index} {role} VTL{self.machine.hv.vps[vp.index].vtl}"
         return label + " halted" if vp.state == HALTED else label
 
@@ -341,9 +353,77 @@ class DebugTarget:
         out = []
         for insn in _cs.disasm(code, addr, count):
             text = f"{insn.mnemonic} {insn.op_str}".strip()
+            target = _branch_target(insn)
+            if target is not None and self.symbolize(target):
+                text += f" <{self.symbolize(target)}>"      # as gdb: call 0x84149d0 <log_msg>
             out.append((insn.address, bytes(insn.bytes), text, self.symbolize(insn.address),
                         self.source_line(insn.address)))
         return out
 
+    def instruction_at(self, i, addr: int) -> tuple[int, int, str] | None:
+        """(start, length, text) of the instruction covering addr, decoding its function from
+        the start; None when addr is outside any function (nothing to decode from)."""
+        span = self.function_span(addr)
+        if span is None or span[1] - span[0] > 1 << 16:
+            return None
+        try:
+            insns = self.disassemble(i, span[0], (addr - span[0]) + 1)
+        except DebugError:
+            return None
+        for a, raw, text, _sym, _line in insns:
+            if a <= addr < a + len(raw):
+                return a, len(raw), text
+            if a > addr:
+                break
+        return None
+
     def function_span(self, addr: int) -> tuple[int, int] | None:
         return self.images.function_span(addr)
+
+    def line_span(self, addr: int):
+        return self.images.line_span(addr)
+
+    def variable(self, name: str):
+        """(address, variables.Variable) of a global variable of the firmware, or None."""
+        return self.images.variable(name)
+
+    def backtrace(self, i=None, limit: int = frames.MAX_FRAMES) -> tuple[list, str]:
+        """(frames, why the walk ended): the VP's call stack from its DWARF CFI (frames.py)."""
+        vp = self._vp(i)
+        return frames.unwind(self.images, lambda va: int.from_bytes(self.read_memory(vp.index, va, 8), "little"),
+                             self.registers(vp.index), limit)
+
+    def finish(self, i=None, timeout: float | None = None) -> StopEvent:
+        """Run until the current function of VP i returns to its caller (the other VPs run)."""
+        vp = self._vp(i)
+        found, why = self.backtrace(vp.index, 2)
+        if len(found) < 2 or found[0].cfa is None:
+            raise DebugError(f"\"finish\" not meaningful here: {why}")
+        stop = self._turn(vp)
+        if stop is not None:
+            return self._stopped(stop)
+        back = NextBreakpoint(vp.index, found[0].cfa)
+        self.stops.add_breakpoint(found[1].pc, back)
+        try:
+            return self.cont(timeout)
+        finally:
+            self.stops.remove_breakpoint(found[1].pc, back)
+
+    def run_to(self, i, addresses: list[int], timeout: float | None = None) -> StopEvent:
+        """`advance`/`until LOC`: run until VP i reaches one of addresses, or its current
+        function returns (whichever comes first); the other VPs run meanwhile."""
+        vp = self._vp(i)
+        found, _why = self.backtrace(vp.index, 2)
+        stop = self._turn(vp)
+        if stop is not None:
+            return self._stopped(stop)
+        temps = [(a, NextBreakpoint(vp.index, 0)) for a in addresses]
+        if len(found) >= 2 and found[0].cfa is not None:
+            temps.append((found[1].pc, NextBreakpoint(vp.index, found[0].cfa)))
+        for a, t in temps:
+            self.stops.add_breakpoint(a, t)
+        try:
+            return self.cont(timeout)
+        finally:
+            for a, t in temps:
+                self.stops.remove_breakpoint(a, t)

@@ -52,6 +52,7 @@ class Watch:
     physical: bool
     pages: list = field(default_factory=list)    # (page of the watched address, its GPA page)
     hooks: list = field(default_factory=list)
+    users: int = 0              # watchpoints set on this same range and kind: removed with the last
 
     @property
     def key(self) -> tuple:
@@ -84,6 +85,7 @@ class Watchpoints:
         if physical and not self.machine.mem.contains(address, length):
             raise DebugError(f"GPA range [{address:#x}, {address + length:#x}) is outside guest RAM")
         watch = self.items.setdefault((address, length, kind, physical), Watch(address, length, kind, physical))
+        watch.users += 1
         self.sync()
         if not watch.pages:
             self.remove(address, length, kind, physical)
@@ -91,9 +93,14 @@ class Watchpoints:
         return watch
 
     def remove(self, address: int, length: int, kind: str, physical: bool) -> None:
-        watch = self.items.pop((address, length, kind, physical), None)
+        key = (address, length, kind, physical)
+        watch = self.items.get(key)
         if watch is None:
             raise DebugError(f"no {KIND_NAMES.get(kind, kind)} watchpoint at {address:#x} length {length}")
+        watch.users -= 1
+        if watch.users > 0:
+            return                  # another watchpoint on the same range still needs the hooks
+        del self.items[key]
         self._unhook(watch)
         self.sync()
 
