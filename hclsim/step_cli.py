@@ -353,21 +353,42 @@ class StepShell(SourceCommands, cmd.Cmd):
         self.target.set_register(self.target.current, name.strip(), self.target.resolve(value))
 
     def do_sidecar(self, arg):
-        """sidecar run-vp CPU: after the handoff, start RUN_VP on a sidecar CPU as the host does
-        (continue then runs its VTL0: catch vtl-switch / catch intercept)."""
+        """sidecar run-vp CPU: after the handoff, run CPU's VTL0 through the VP loop as `hclsim
+        sidecar run-vp` does (through the sidecar, or directly on a Linux CPU), showing each
+        intercept and the COM1 output. sidecar start-vp CPU: only start RUN_VP on a sidecar CPU
+        (continue then runs its VTL0 under the debugger: catch vtl-switch / catch intercept)."""
         words = arg.split()
-        if len(words) != 2 or words[0] != "run-vp" or not words[1].isdigit():
-            raise DebugError("usage: sidecar run-vp CPU")
-        linux = getattr(self.target.machine, "linux", None)
-        if linux is None or linux.sidecar is None:
-            raise DebugError("no sidecar driver yet: continue to the kernel handoff first (and run the sidecar)")
-        from hclsim.sidecar import layout as sl
-        from hclsim.sidecar.vp_loop import VpRunner
+        if len(words) != 2 or words[0] not in ("run-vp", "start-vp") or not words[1].isdigit():
+            raise DebugError("usage: sidecar run-vp CPU | sidecar start-vp CPU")
+        machine = self.target.machine
+        linux = getattr(machine, "linux", None)
+        if linux is None:
+            raise DebugError("no kernel yet: continue to the kernel handoff first")
         from hclsim.devices.vtl0_test import TestDevices
+        from hclsim.sidecar.vp_loop import VpRunner, vtl0_runner
         cpu = int(words[1])
-        VpRunner(linux.partition, linux.sidecar, cpu, TestDevices())  # VTL0's initial registers
-        linux.sidecar.start(cpu, sl.COMMAND_RUN_VP)
-        self.say(f"RUN_VP started on CPU {cpu}")
+        if words[0] == "start-vp":
+            from hclsim.sidecar import layout as sl
+            if linux.sidecar is None:
+                raise DebugError("no sidecar driver: the machine runs without a sidecar")
+            VpRunner(linux.partition, linux.sidecar, cpu, TestDevices())  # VTL0's initial registers
+            linux.sidecar.start(cpu, sl.COMMAND_RUN_VP)
+            self.say(f"RUN_VP started on CPU {cpu}")
+            return
+        if machine.vtl0_guest is None:
+            raise DebugError("no VTL0 guest is loaded")
+        from hclsim.defs.hvdef import message_name
+        results = machine.vtl0_guest.results(machine.mem)
+        devices = TestDevices()
+        runner = vtl0_runner(linux, cpu, devices)
+        seen = runner.run_until_halted(lambda: results[cpu]["done"] == 1)
+        lines = [f"CPU {cpu}: {len(seen)} intercepts, VTL0 {'done' if results[cpu]['done'] else 'not done'}"]
+        for m in seen:
+            extra = "".join(f" {k}={m[k]:#x}" for k in ("port", "gpa", "msr") if k in m)
+            lines.append(f"  {message_name(m['type'])} at {display.location(self.target, m['rip'])}{extra}")
+        com1 = bytes(devices.com1).decode("utf-8", "replace")
+        lines += [f"COM1: {line}" for line in com1.splitlines()] or ["COM1: (nothing)"]
+        self.say(*lines)
 
     def do_snapshot(self, arg):
         """snapshot FILE: save the whole machine as it stands (hclsim step --snapshot FILE, or

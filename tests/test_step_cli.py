@@ -138,7 +138,7 @@ def test_catch_pagewalk_disassemble_and_list(shell):
 
 
 def test_catch_vtl_switch_with_run_vp(shell):
-    sh = shell("continue", "sidecar run-vp 3", "catch vtl-switch", "continue", "info registers rip cr3",
+    sh = shell("continue", "sidecar start-vp 3", "catch vtl-switch", "continue", "info registers rip cr3",
                "catch intercept", "continue", cpus=8)
     assert not sh.failed, sh.output
     out = sh.output
@@ -147,6 +147,19 @@ def test_catch_vtl_switch_with_run_vp(shell):
                      out, re.M)
     assert re.search(r"^cr3 +0x1000$", out, re.M)
     assert re.search(r"^Catchpoint 1 \(VTL entry: \w+ intercept in VTL0 at 0x[0-9a-f]+\), VP 3 stopped at", out, re.M)
+
+
+def test_sidecar_run_vp_at_the_prompt_shows_intercepts_and_com1(shell):
+    sh = shell("continue", "sidecar run-vp 3", "sidecar run-vp 0", cpus=4)
+    out = sh.output
+    assert not sh.failed, out
+    assert re.search(r"^CPU 3: \d+ intercepts, VTL0 done$", out, re.M)
+    assert re.search(r"^  cpuid at 0x[0-9a-f]+ <vtl0:step_cpuid", out, re.M)
+    assert re.search(r"^  io-port at 0x[0-9a-f]+ <vtl0:step_port_out.* port=0x440$", out, re.M)
+    assert re.search(r"^  unmapped-gpa at 0x[0-9a-f]+ <vtl0:.* gpa=0xfed000c0$", out, re.M)   # VP 3's MMIO slot
+    assert "COM1: (nothing)" in out                                  # only VP 0 says hello
+    assert re.search(r"^CPU 0: \d+ intercepts, VTL0 done$", out, re.M)   # the BSP, a Linux CPU
+    assert "COM1: hello from VTL0 vp 0" in out
 
 
 def test_a_guest_fault_prints_the_report_and_keeps_the_prompt(shell):
