@@ -12,6 +12,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
@@ -63,6 +65,36 @@ class _UcMmr(ctypes.Structure):  # uc_x86_mmr, for GDTR/IDTR
 _CTL_TLB_FLUSH = (ucc.UC_CTL_IO_WRITE << 30) | ucc.UC_CTL_TLB_FLUSH
 
 _TABLES = {"gdtr": x86.UC_X86_REG_GDTR, "idtr": x86.UC_X86_REG_IDTR}
+
+_raw_context_save = native._raw.uc_context_save
+_raw_context_restore = native._raw.uc_context_restore
+
+
+def _old_exception_offset() -> int:
+    """Where a saved context (uc_context_save, header included) holds QEMU's "exception in
+    flight" (CPUX86State.old_exception, -1 when none). Unicorn never delivers an exception (the
+    interrupt hook ends the run), so nothing resets it: each one raised is remembered, and the
+    next is promoted as if raised while delivering it (#GP/#PF -> #DF; anything after #DF is a
+    triple fault, which ends emu_start silently, no hook called; unicorn#1883). Silent ones come
+    from Unicorn's own cache invalidation of virtual addresses the loaded page tables do not map
+    (every exit address at the end of every emu_start, hook_del of a hook that was translated,
+    ctl_remove_cache). Found by dividing by zero twice on a scratch engine: -1 -> 0 -> 8."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x1000)
+    uc.mem_write(0, b"\xf7\xf1")  # div ecx, with ecx = 0
+    uc.hook_add(ucc.UC_HOOK_INTR, lambda uc, intno, _: uc.emu_stop())
+    seen = [bytes(uc.context_save())]
+    for _ in range(2):
+        uc.emu_start(0, 0x1000)
+        seen.append(bytes(uc.context_save()))
+    found = [off for off in range(0, len(seen[0]) - 3, 4)
+             if [int.from_bytes(s[off:off + 4], "little", signed=True) for s in seen] == [-1, 0, 8]]
+    if len(found) != 1:
+        raise RuntimeError(f"cannot locate the x86 exception state in a Unicorn context: {found}")
+    return found[0]
+
+
+_OLD_EXCEPTION = _old_exception_offset()
 
 
 @dataclass
@@ -202,6 +234,10 @@ class Engine:
         self.uc.ctl_exits_enabled(True)
         self.set_exits(self.exits, force=True)
         self.pristine = self.uc.context_save()
+        self._scratch = self.uc.context_save()   # _run_once: the CPU state, to clear old_exception
+        self._scratch_ptr = self._scratch.context
+        self._old_exception = ctypes.c_int32.from_address(
+            ctypes.cast(self._scratch_ptr, ctypes.c_void_p).value + _OLD_EXCEPTION)
         self.long_mode_templates = {}   # Vp.start: StartVp contexts by all but CR3
         self.after_run = []             # callables run after every emu_start (device output flushes)
 
@@ -217,11 +253,71 @@ class Engine:
 
     def load_code(self, signature) -> None:
         """Declare what executable images the guest RAM now holds; translated blocks survive
-        only if they are the same images at the same addresses as last time."""
-        if signature != self.code_signature:
+        only if they are the same images at the same addresses as last time, and only those of
+        pages that still hold what they were translated from (see retire)."""
+        images, pages = self.code_signature or (None, None)
+        if signature != images or pages is None:
             self.uc.ctl_flush_tb()
             self.state.forget_blocks()
-            self.code_signature = signature
+        else:
+            self._drop_stale_code(pages)
+        self.code_signature = (signature, None)  # the pages are known once the machine is done
+
+    # A guest that writes over its own code (a stray pointer, a bad ShimParams offset), or a
+    # debugger poking it, makes Unicorn retranslate the changed code, and those translations
+    # outlive the machine: the next one writes the pristine images straight into RAM, which
+    # Unicorn does not see. So an engine going back to the pool notes, with its code signature,
+    # the pages its translated code (every block of the instruction-count cache) came from and
+    # their contents; load_code drops the translations and cached counts of the pages whose
+    # contents differ in the new machine's RAM (typically none; the sidecar's hypercall page,
+    # which it fills in at run time).
+    def retire(self) -> None:
+        """Called when the machine is done with the engine (pool.release), RAM still intact."""
+        if self.code_signature is None:
+            return
+        self.code_signature = (self.code_signature[0], self._code_pages())
+
+    def _code_pages(self) -> dict | None:
+        """{GPA page: (its bytes, [(first, end) VA spans of the blocks in it])}, or None when a
+        block cannot be placed (then the next machine translates everything anew)."""
+        table = self.state.block_table
+        keys = table[table[:, 0] != 0, 0].astype(np.uint64)
+        mask = np.uint64((1 << 48) - 1)
+        low = (keys - np.uint64(1)) & mask                       # key = (VA + 1) ^ (size << 48)
+        high = np.where(low & np.uint64(1 << 47), np.uint64(0xFFFF), np.uint64(0))
+        vas = low | (high << np.uint64(48))
+        sizes = ((keys >> np.uint64(48)) ^ high) & np.uint64(0xFFFF)
+        first = {}                   # VA page -> lowest start of a block reaching into it
+        for va, size in zip(vas.tolist(), sizes.tolist()):
+            for page in {va & ~0xFFF, (va + max(size, 1) - 1) & ~0xFFF & ((1 << 64) - 1)}:
+                first[page] = min(first.get(page, va), va)
+        # Page-table roots: the loaded VP's, and those of the VPs started from a context (each
+        # StartVp template keeps the first one's CR3; the sidecar maps its image alike in all).
+        roots = [self.reg("cr3")] + [ctx.reg_read(x86.UC_X86_REG_CR3) for ctx in self.long_mode_templates.values()]
+        ram = self.mem.array()
+        found = {}
+        for va, start in first.items():
+            gpa = next((pa for pa in (translate(ram, cr3, va) for cr3 in roots) if pa >= 0), -1)
+            if gpa < 0 and va + 0x1000 <= self.mem.size:
+                gpa = va  # executed with paging off, or identity-mapped (the VTL0 test guest)
+            if gpa < 0 or gpa + 0x1000 > self.mem.size:
+                return None
+            found.setdefault(gpa & ~0xFFF, []).append((start, va + 0x1000))
+        return {gpa: (self.mem.read(gpa, 0x1000), spans) for gpa, spans in found.items()}
+
+    def _drop_stale_code(self, pages: dict) -> None:
+        stale = [(gpa, spans) for gpa, (data, spans) in pages.items() if self.mem.read(gpa, 0x1000) != data]
+        if not stale:
+            return
+        # ctl_remove_cache takes the CPU's view of an address: with paging off (the pristine
+        # context) that is the GPA, and every translation from the page goes, whatever its VA.
+        saved = self.uc.context_save()
+        self.uc.context_restore(self.pristine)
+        for gpa, spans in stale:
+            self.uc.ctl_remove_cache(gpa, gpa + 0x1000)
+            for start, end in spans:  # the counts of the blocks reaching into the page
+                self.state.invalidate_blocks(start, end)
+        self.uc.context_restore(saved)
 
     def close(self):
         SLOW_IO.engines.pop(native.uc_handle(self.uc), None)
@@ -418,6 +514,11 @@ class Engine:
         self._stop_reason = None
         self._fault = None
         rip = self.reg("rip")
+        # No exception is in flight at an instruction boundary (see _old_exception_offset).
+        _raw_context_save(self._uch, self._scratch_ptr)
+        if self._old_exception.value != -1:
+            self._old_exception.value = -1
+            _raw_context_restore(self._uch, self._scratch_ptr)
         if timeout_us:
             WATCHDOG.arm(self, timeout_us / 1e6)
         try:

@@ -33,6 +33,7 @@ def acquire(memory_size: int, cpuid_table, **handlers) -> tuple[GuestMemory, Eng
 
 def release(mem: GuestMemory, engine: Engine) -> None:
     """Return a pair for reuse (or drop it when enough are idle)."""
+    engine.retire()
     engine.io_handler = engine.hypercall_handler = None
     engine.after_run = []
     with _lock:

@@ -250,3 +250,18 @@ def test_vp_switch_does_not_keep_the_previous_vps_translations(machine):
         exit = e.run()
         assert exit.kind == eng.EXIT_HLT, exit
         assert e.reg("rax") == value
+
+
+def test_silent_faults_of_cache_invalidation_do_not_escalate_guest_faults(machine):
+    """Unicorn drops translations by virtual address through the loaded page tables (for
+    ctl_remove_cache, hook_del of a translated hook, every exit address after every run); on an
+    unmapped one it raises a #PF nobody sees, which QEMU remembers as in flight. Two of them made
+    the guest's next exception a triple fault: emu_start returned without the interrupt hook."""
+    mem, e, *_ = machine
+    load(mem, e, "mov rax, 0x800000000000\n mov rbx, [rax]\n hlt")  # non-canonical: #GP
+    for _ in range(3):
+        for _ in range(2):
+            e.uc.ctl_remove_cache(0x7F0000000000, 0x7F0000000001)  # not mapped here
+        e.set_reg("rip", CODE)
+        exit = e.run()
+        assert (exit.kind, exit.vector, exit.rip) == (eng.EXIT_FAULT, 13, CODE + 10)
