@@ -33,6 +33,10 @@ class FirmwareBuildError(HclsimError):
     pass
 
 
+class CacheDirError(HclsimError):
+    """The cache folder cannot hold builds: not a folder, cannot be created or written."""
+
+
 @dataclass(frozen=True)
 class FirmwareSpec:
     """One freestanding image: its sources, linker script and how it is linked."""
@@ -64,6 +68,30 @@ def cache_dir() -> Path:
         return Path(base)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "hclsim"
+
+
+def _cache_label(path: Path) -> str:
+    return f"cache folder {path} ($HCLSIM_CACHE)" if os.environ.get("HCLSIM_CACHE") else f"cache folder {path}"
+
+
+def check_cache_dir() -> Path:
+    """cache_dir(), created if missing, or CacheDirError saying why it cannot hold the builds
+    (a file in the way, a path under /proc or a regular file, no write access). Used before a
+    boot starts and before a build writes there."""
+    path = cache_dir()
+    try:
+        if path.exists() and not path.is_dir():
+            raise CacheDirError(f"{_cache_label(path)} is not a folder; point HCLSIM_CACHE at a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except CacheDirError:
+        raise
+    except OSError as e:
+        raise CacheDirError(f"{_cache_label(path)} cannot be used: {e.strerror or e}; "
+                            "point HCLSIM_CACHE at a writable folder") from None
+    return path
 
 
 def _tool(name: str) -> str:
@@ -109,14 +137,28 @@ def source_hash(spec: FirmwareSpec) -> str:
     return h.hexdigest()[:16]
 
 
+def cached_path(spec: FirmwareSpec) -> Path:
+    """Where spec's ELF is (or will be) cached."""
+    return cache_dir() / "firmware" / f"{spec.name}-{source_hash(spec)}" / f"{spec.name}.elf"
+
+
 def build(spec: FirmwareSpec, force: bool = False, verbose: bool = False) -> Path:
     """The path of spec's ELF, building it into the cache unless an identical build is there."""
-    out = cache_dir() / "firmware" / f"{spec.name}-{source_hash(spec)}" / f"{spec.name}.elf"
+    out = cached_path(spec)
     if out.exists() and not force:
         return out
     gcc = _tool("gcc")
     _tool("ld")
-    out.parent.parent.mkdir(parents=True, exist_ok=True)
+    check_cache_dir()
+    try:
+        out.parent.parent.mkdir(parents=True, exist_ok=True)
+        return _build_into(spec, out, gcc, verbose)
+    except OSError as e:
+        raise CacheDirError(f"{_cache_label(cache_dir())} cannot be used: {e.strerror or e}; "
+                            "point HCLSIM_CACHE at a writable folder") from None
+
+
+def _build_into(spec: FirmwareSpec, out: Path, gcc: str, verbose: bool) -> Path:
     # Build in a private directory and rename into place: parallel test workers may race here.
     with tempfile.TemporaryDirectory(dir=out.parent.parent) as tmp:
         tmp = Path(tmp)
@@ -135,7 +177,10 @@ def build(spec: FirmwareSpec, force: bool = False, verbose: bool = False) -> Pat
 def _run(cmd: list[str], verbose: bool) -> None:
     if verbose:
         print(" ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:  # found on PATH but cannot be run
+        raise FirmwareBuildError(f"firmware build failed: cannot run {cmd[0]}: {e.strerror or e}") from None
     if proc.returncode != 0:
         first = next((l for l in proc.stderr.splitlines() if "error" in l), proc.stderr.strip()[:300])
         raise FirmwareBuildError(f"firmware build failed: {first}")

@@ -106,6 +106,9 @@ def _write_cpus(sw: libfdt.FdtSw, cpus) -> None:
         sw.property_u32("#address-cells", 1)
         sw.property_u32("#size-cells", 0)
         for cpu in cpus:  # order is VP-index order (the shim checks it)
+            if not (0 <= cpu.apic_id < 1 << 32 and 0 <= cpu.numa_node < 1 << 32):
+                raise HostDtError(f"host cpu APIC id {cpu.apic_id:#x} NUMA node {cpu.numa_node}: reg and "
+                                  f"numa-node-id are 32-bit cells")
             with sw.add_node(f"cpu@{cpu.apic_id:x}"):
                 sw.property_string("device_type", "cpu")
                 sw.property_u32("reg", cpu.apic_id)
@@ -114,6 +117,8 @@ def _write_cpus(sw: libfdt.FdtSw, cpus) -> None:
 
 
 def _write_memory(sw: libfdt.FdtSw, mem: HostMemory) -> None:
+    if not (0 <= mem.base < 1 << 64 and 0 <= mem.size < 1 << 64):
+        raise HostDtError(f"host memory range base {mem.base:#x} size {mem.size:#x}: reg holds 64-bit cells")
     with sw.add_node(f"memory@{mem.base:x}"):
         sw.property_string("device_type", "memory")
         sw.property("reg", mem.base.to_bytes(8, "big") + mem.size.to_bytes(8, "big"))
@@ -144,9 +149,39 @@ def _write_buses(sw: libfdt.FdtSw, config: HostConfig) -> None:
                 sw.property_u32("current-speed", config.com3_speed)
 
 
+def bootargs_bytes(bootargs: str) -> bytes:
+    """/chosen/bootargs as stored: the text's UTF-8, where a surrogate escape (an undecodable byte
+    of a command-line argument, as Python passes them) stands for that byte. A device-tree string
+    ends at its NUL, so a NUL inside is refused rather than cutting the line short."""
+    raw = bootargs.encode("utf-8", "surrogateescape")
+    if b"\0" in raw:
+        raise HostDtError(f"host bootargs: NUL byte at offset {raw.find(0)} (a device-tree string "
+                          f"cannot hold one)")
+    return raw
+
+
+def _finished(sw: libfdt.FdtSw):
+    """sw.as_fdt(), growing the buffer when fdt_finish has no room for FDT_END (pylibfdt retries
+    every other call itself, but not that one: a property that fills the buffer to the byte
+    gave FDT_ERR_NOSPACE)."""
+    while True:
+        try:
+            return sw.as_fdt()
+        except libfdt.FdtException as exc:
+            if exc.err != -libfdt.NOSPACE:
+                raise
+            sw.resize(len(sw.as_bytearray()) + sw.INC_SIZE)
+
+
 def write_host_dt(config: HostConfig, max_size: int = HOST_DT_MAX_SIZE) -> bytes:
     """The packed host device tree blob; HostDtError if it is bigger than max_size."""
-    sw = libfdt.FdtSw()
+    bootargs = bootargs_bytes(config.bootargs)
+    if len(bootargs) > max_size:  # cannot fit: say so before building (the writer grows 1 KiB a step)
+        raise HostDtError(f"host bootargs are {len(bootargs)} bytes, more than the {max_size} bytes of the "
+                          f"parameter region")
+    # Room for everything up front: pylibfdt grows a full buffer by 1 KiB and copies it each time.
+    sw = libfdt.FdtSw(4096 + 160 * len(config.cpus) + 160 * len(config.memory) + len(bootargs)
+                      + len(config.entropy))
     sw.finish_reservemap()
     with sw.add_node(""):
         sw.property_u32("#address-cells", 2)
@@ -156,14 +191,14 @@ def write_host_dt(config: HostConfig, max_size: int = HOST_DT_MAX_SIZE) -> bytes
         for mem in config.memory:
             _write_memory(sw, mem)
         with sw.add_node("chosen"):
-            sw.property_string("bootargs", config.bootargs)
+            sw.property("bootargs", bootargs + b"\0")
         with sw.add_node("openhcl"):
             sw.property_string("compatible", "microsoft,openhcl")
             sw.property_string("memory-allocation-mode", "host")
             with sw.add_node("entropy"):
                 sw.property("reg", bytes(config.entropy))
         _write_buses(sw, config)
-    tree = sw.as_fdt()
+    tree = _finished(sw)
     tree.pack()
     blob = bytes(tree.as_bytearray())
     if len(blob) > max_size:
@@ -211,7 +246,10 @@ def read_host_dt(blob) -> HostConfig:
     try:
         tree = fdtr.open_fdt(blob)
         chosen = fdtr.node(tree, "/chosen")
-        bootargs = "" if chosen is None else fdtr.prop_str(tree, chosen, "bootargs", "")
+        raw = None if chosen is None else fdtr.prop(tree, chosen, "bootargs", required=False)
+        if raw is not None and not raw.endswith(b"\0"):
+            raise fdtr.FdtError("/chosen bootargs is not a NUL-terminated string")
+        bootargs = "" if raw is None else raw[:-1].decode("utf-8", "surrogateescape")
         entropy_off = fdtr.node(tree, "/openhcl/entropy")
         entropy = b"" if entropy_off is None else fdtr.prop(tree, entropy_off, "reg")
         speed = _read_com3_speed(tree)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from hclsim import HclsimError
 from hclsim.boot import layout
 from hclsim.boot.layout import PAGE_SIZE
+from hclsim.cpu.cpuid import PHYSICAL_ADDRESS_BITS
 from hclsim.defs.platform import Region
 from hclsim.hv.vp import long_mode_context
 
@@ -28,6 +29,7 @@ CR4_INITIAL = 0x00040060        # OSXSAVE | MCE | PAE
 EFER_INITIAL = 0xD00            # NXE | LMA | LME
 PTE_PRESENT_RW_ACCESSED = 0x23  # P | RW | A
 PTE_DIRTY_PS = 0xC0             # D | PS (large leaf)
+MAX_GPA = 1 << PHYSICAL_ADDRESS_BITS  # the guest physical address width CPUID reports
 
 
 class ImageError(HclsimError):
@@ -68,6 +70,8 @@ def plan_layout(vtl2_base: int, min_size: int, kernel_span: int, kernel_align: i
                 shim_span: int, initrd_size: int, sidecar_size: int = 0, free_needed: int = 0) -> VtlLayout:
     """Place the regions low to high from vtl2_base; grow the VTL2 size (2 MiB steps) to fit,
     leaving at least free_needed bytes of VTL2 RAM for the shim to allocate (sidecar nodes)."""
+    _check_layout_inputs(vtl2_base, min_size, kernel_span, kernel_align, shim_span, initrd_size, sidecar_size,
+                         free_needed)
     regions = []
     cursor = vtl2_base
 
@@ -97,7 +101,28 @@ def plan_layout(vtl2_base: int, min_size: int, kernel_span: int, kernel_align: i
             break
         size += ALIGN_2M
     regions.append(Region("page_tables", cursor, pt_pages * PAGE_SIZE))
+    if vtl2_base + size > MAX_GPA:
+        raise ImageError(f"VTL2 range [{vtl2_base:#x}, {vtl2_base + size:#x}) would end beyond the "
+                         f"{PHYSICAL_ADDRESS_BITS}-bit guest physical address space ({MAX_GPA:#x}): the images "
+                         f"(kernel {kernel_span:#x}, initrd {initrd_size:#x}, shim {shim_span:#x}, sidecar "
+                         f"{sidecar_size:#x} bytes) or the VTL2 size are too large")
     return VtlLayout(vtl2_base, size, tuple(regions), pt_pages)
+
+
+def _check_layout_inputs(vtl2_base, min_size, kernel_span, kernel_align, shim_span, initrd_size, sidecar_size,
+                         free_needed) -> None:
+    """What the planner can place: sizes within the guest physical address space, alignments
+    powers of two (align_up with anything else puts the kernel at an odd address)."""
+    if kernel_align <= 0 or kernel_align & (kernel_align - 1):
+        raise ImageError(f"kernel alignment {kernel_align:#x} is not a power of two")
+    if vtl2_base < 0 or vtl2_base % ALIGN_2M:
+        raise ImageError(f"VTL2 base {vtl2_base:#x} is not 2 MiB aligned")
+    for name, value in (("VTL2 size", min_size), ("kernel span", kernel_span), ("kernel alignment", kernel_align),
+                        ("shim span", shim_span), ("initrd size", initrd_size), ("sidecar size", sidecar_size),
+                        ("sidecar node memory", free_needed), ("VTL2 base", vtl2_base)):
+        if not 0 <= value <= MAX_GPA:
+            raise ImageError(f"{name} {value:#x} is outside the {PHYSICAL_ADDRESS_BITS}-bit guest physical "
+                             f"address space")
 
 
 def write_page_tables(mem, lay: VtlLayout) -> int:
@@ -109,20 +134,22 @@ def write_page_tables(mem, lay: VtlLayout) -> int:
     pdpts, pds = {}, {}
     base, end = lay.vtl2_base, lay.vtl2_base + lay.vtl2_size
     table = PTE_PRESENT_RW_ACCESSED
-    for addr in range(base, end, ALIGN_2M):
+    addr = base
+    while addr < end:
         g = addr // GiB
         if g // 512 not in pdpts:
             pdpts[g // 512] = next(pages)
             mem.write_u64(pml4 + (g // 512) * 8, pdpts[g // 512] | table)
         pdpt = pdpts[g // 512]
-        if g * GiB >= base and (g + 1) * GiB <= end:
-            if addr % GiB == 0:  # whole aligned GiB inside VTL2: one 1 GiB leaf
-                mem.write_u64(pdpt + (g % 512) * 8, (g * GiB) | table | PTE_DIRTY_PS)
+        if g * GiB >= base and (g + 1) * GiB <= end:  # whole aligned GiB inside VTL2: one 1 GiB leaf
+            mem.write_u64(pdpt + (g % 512) * 8, (g * GiB) | table | PTE_DIRTY_PS)
+            addr = (g + 1) * GiB
             continue
         if g not in pds:
             pds[g] = next(pages)
             mem.write_u64(pdpt + (g % 512) * 8, pds[g] | table)
         mem.write_u64(pds[g] + ((addr >> 21) & 511) * 8, addr | table | PTE_DIRTY_PS)
+        addr += ALIGN_2M
     return pml4
 
 
@@ -186,7 +213,10 @@ def write_image(mem, lay: VtlLayout, *, shim, kernel, initrd: bytes | None, host
         raise ImageError(f"host device tree is {len(host_dt)} bytes; the parameter region holds {r['parameters'].size}")
     mem.write(r["parameters"].start, host_dt)
 
-    text = static_cmdline.encode()
+    text = static_cmdline.encode("utf-8", "surrogateescape")  # a surrogate escape is the byte it stands for
+    if len(text) > layout.PARAVISOR_CMDLINE_MAX:
+        raise ImageError(f"static command line is {len(text)} bytes, more than the {layout.PARAVISOR_CMDLINE_MAX} "
+                         f"of the ParavisorCommandLine")
     cmdline = layout.ParavisorCommandLine(policy=cmdline_policy, static_command_line_len=len(text))
     ctypes.memmove(cmdline.static_command_line, text, len(text))
     mem.write_struct(r["cmdline"].start, cmdline)

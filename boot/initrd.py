@@ -10,6 +10,7 @@ import ctypes
 import gzip
 import lzma
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ _HEADER = 110                          # 6-byte magic + 13 eight-digit hex field
 _TRAILER = b"TRAILER!!!"
 LZ4_FRAME_MAGIC = b"\x04\x22\x4d\x18"
 COMPRESSIONS = ("none", "gzip", "xz", "zstd", "lz4", "bzip2", "lzma")
+_HEX_FIELDS = re.compile(rb"[0-9A-Fa-f]{104}")
+_HEX_FIELDS_ONE = re.compile(rb"[0-9A-Fa-f]{8}")
+_FIELD_NAMES = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor",
+                "rdevmajor", "rdevminor", "namesize", "check")
 
 
 class InitrdError(HclsimError):
@@ -117,13 +122,19 @@ def _cpio_end(view: memoryview, pos: int, what: str) -> int:
             raise InitrdError(f"{what}: truncated (cpio header at {pos:#x} runs past the end, no {_TRAILER.decode()})")
         if view[pos:pos + 6] not in NEWC_MAGICS:
             raise InitrdError(f"{what}: bad cpio header at {pos:#x} (magic {bytes(view[pos:pos + 6])!r})")
-        try:
-            fields = [int(bytes(view[pos + 6 + 8 * i:pos + 14 + 8 * i]), 16) for i in range(13)]
-        except ValueError:
-            raise InitrdError(f"{what}: bad cpio header at {pos:#x} (non-hex field)") from None
+        header = bytes(view[pos + 6:pos + _HEADER])
+        if not _HEX_FIELDS.fullmatch(header):
+            # Exactly 8 hex digits each (int() would take a sign, spaces or '_': a namesize of
+            # -1 walks backwards for ever).
+            bad = next(i for i in range(13) if not _HEX_FIELDS_ONE.fullmatch(header[8 * i:8 * i + 8]))
+            raise InitrdError(f"{what}: bad cpio header at {pos:#x} (field {_FIELD_NAMES[bad]} "
+                              f"{header[8 * bad:8 * bad + 8]!r} is not 8 hex digits)")
+        fields = [int(header[8 * i:8 * i + 8], 16) for i in range(13)]
         filesize, namesize = fields[6], fields[11]
         name_end = pos + _HEADER + namesize
-        if namesize == 0 or name_end > n:
+        if namesize == 0:
+            raise InitrdError(f"{what}: bad cpio header at {pos:#x} (namesize 0: every entry has a name)")
+        if name_end > n:
             raise InitrdError(f"{what}: truncated (entry name at {pos:#x} runs past the end)")
         data_end = _align4(name_end) + filesize
         if bytes(view[pos + _HEADER:name_end - 1]) == _TRAILER:

@@ -5,7 +5,6 @@ Also holds the compressed-stream decoder shared with boot/initrd.py: both use th
 Linux's lib/decompress.c recognises, detected by magic the same way.
 """
 import bz2
-import io
 import lzma
 import re
 import struct
@@ -13,15 +12,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import lief
 import lz4.block
 import lz4.frame
 import zstandard
 
 from hclsim import HclsimError
 from hclsim.boot.layout import BOOT_FLAG_MAGIC, HDRS_MAGIC, SETUP_HEADER_OFFSET, SetupHeader, from_bytes
-
-lief.logging.disable()  # bad input becomes a KernelError line, not lief's stderr chatter
 
 ELF_MAGIC = b"\x7fELF"
 DEFAULT_ALIGNMENT = 2 * 1024 * 1024  # Linux's CONFIG_PHYSICAL_ALIGN default on x86_64
@@ -108,8 +104,8 @@ def decompress_stream(data, offset: int = 0) -> tuple[str, bytes, int]:
         return name, out, offset + len(buf) - len(dec.unused_data)
     except CompressedStreamError:
         raise
-    except (zlib.error, lzma.LZMAError, OSError, EOFError, RuntimeError, ValueError,
-            zstandard.ZstdError) as exc:
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, RuntimeError, ValueError, MemoryError,
+            zstandard.ZstdError, lz4.block.LZ4BlockError) as exc:
         raise CompressedStreamError(f"corrupt {name} data: {_one_line(exc)}") from None
 
 
@@ -202,6 +198,13 @@ def _load_bzimage(path: Path, raw: bytes) -> KernelImage:
         raise KernelError(f"{what}: the decompressed bzImage payload is not an ELF vmlinux")
     segments, entry, version = _parse_vmlinux(vmlinux, f"{what} (decompressed {compression} payload)")
     alignment = hdr.kernel_alignment or DEFAULT_ALIGNMENT
+    # A power of two (boot loaders and the decompressor round the load address with a mask);
+    # CONFIG_PHYSICAL_ALIGN is 2..16 MiB on x86_64, and no image can need more than it spans.
+    if alignment & (alignment - 1):
+        raise KernelError(f"{what}: bzImage kernel_alignment {alignment:#x} is not a power of two")
+    if alignment > KERNEL_IMAGE_SIZE:
+        raise KernelError(f"{what}: bzImage kernel_alignment {alignment:#x} is larger than an x86_64 kernel "
+                          f"image can be (KERNEL_IMAGE_SIZE, 1 GiB)")
     return _image(path, "bzimage", segments, entry, alignment, version, compression,
                   _header_info(hdr, raw, setup_size))
 
@@ -223,60 +226,112 @@ def _header_info(hdr: SetupHeader, raw: bytes, setup_size: int) -> dict:
 
 _BANNER = re.compile(rb"Linux version \d[^\n\0]*")
 
+# ELF64 as the x86_64 boot path reads it (elf(5)): header, program headers, PT_LOAD segments.
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+EM_X86_64 = 62
+ET_EXEC, ET_DYN = 2, 3
+PT_LOAD, PT_INTERP = 1, 3
+PF_X, PF_W, PF_R = 1, 2, 4
+# Where an x86_64 vmlinux is linked: __START_KERNEL_map and up (the kernel half of the address
+# space starts at 0xffff800000000000; user programs live below 0x800000000000).
+KERNEL_HALF = 0xFFFF800000000000
+# arch/x86/include/asm/page_64_types.h: the kernel image (_text to _end) is at most 1 GiB with
+# KASLR (512 MiB without); vmlinux.lds.S asserts it, so no real kernel spans more.
+KERNEL_IMAGE_SIZE = 1 << 30
+_MACHINES = {0: "NONE", 2: "SPARC", 3: "386", 8: "MIPS", 20: "PPC", 21: "PPC64", 22: "S390", 40: "ARM",
+             42: "SH", 43: "SPARCV9", 50: "IA_64", 62: "X86_64", 183: "AARCH64", 243: "RISCV", 258: "LOONGARCH"}
+_TYPES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
+
+
+def _machine_name(machine: int) -> str:
+    return _MACHINES.get(machine, f"e_machine {machine:#x}")
+
+
+def _flags(flags: int) -> str:
+    return "".join(c for bit, c in ((PF_R, "R"), (PF_W, "W"), (PF_X, "E")) if flags & bit) or "none"
+
 
 def _parse_vmlinux(raw: bytes, what: str) -> tuple[tuple, int, str | None]:
-    """(segments, entry offset, banner) of an x86_64 vmlinux, segments placed by p_paddr (lief)."""
+    """(segments, entry offset, banner) of an x86_64 vmlinux, segments placed by p_paddr.
+
+    Every header field the placement depends on is checked here (not left to a general ELF
+    library, which reads past bad tables or warns), so bad input is one KernelError line."""
     if len(raw) < 64 or raw[:4] != ELF_MAGIC:
         problem = "truncated ELF header" if raw[:4] == ELF_MAGIC else "not an ELF file"
         raise KernelError(f"{what}: {problem} ({len(raw)} bytes)")
-    if raw[4] == 2:  # ELF64: lief reads past a short program header table without complaint
-        phoff, = struct.unpack_from("<Q", raw, 32)
-        phentsize, phnum = struct.unpack_from("<HH", raw, 54)
-        if phoff + phnum * phentsize > len(raw):
-            raise KernelError(f"{what}: truncated: program headers end at {phoff + phnum * phentsize:#x}, "
-                              f"file has {len(raw):#x}")
-    elf = lief.ELF.parse(io.BytesIO(raw))
-    if elf is None:
-        raise KernelError(f"{what}: malformed ELF (lief could not parse it)")
-    hdr = elf.header
-    if hdr.identity_class != lief.ELF.Header.CLASS.ELF64 or hdr.machine_type != lief.ELF.ARCH.X86_64:
-        raise KernelError(f"{what}: wrong machine: {hdr.machine_type.__name__} {hdr.identity_class.__name__}, "
-                          f"need x86_64 ELF64")
-    if hdr.file_type not in (lief.ELF.Header.FILE_TYPE.EXEC, lief.ELF.Header.FILE_TYPE.DYN):
-        raise KernelError(f"{what}: ELF type {hdr.file_type.__name__} is not an executable")
+    ident, e_type, machine, _version, entry, phoff, _shoff, _flags_, _ehsize, phentsize, phnum, *_ = \
+        _EHDR.unpack_from(raw)
+    elf_class = {1: "ELF32", 2: "ELF64"}.get(ident[4], f"ELF class {ident[4]}")
+    if machine != EM_X86_64 or ident[4] != 2:
+        raise KernelError(f"{what}: wrong machine: {_machine_name(machine)} {elf_class}, need x86_64 ELF64")
+    if ident[5] != 1:
+        raise KernelError(f"{what}: not a little-endian ELF (EI_DATA {ident[5]}), need x86_64 ELF64")
+    if e_type not in (ET_EXEC, ET_DYN):
+        raise KernelError(f"{what}: ELF type {_TYPES.get(e_type, hex(e_type))} is not an executable")
+    if phnum == 0:
+        raise KernelError(f"{what}: no PT_LOAD segments (no program headers)")
+    if phentsize != _PHDR.size:
+        raise KernelError(f"{what}: malformed ELF: e_phentsize {phentsize}, ELF64 program headers are {_PHDR.size} bytes")
+    if phoff + phnum * phentsize > len(raw):
+        raise KernelError(f"{what}: truncated: program headers end at {phoff + phnum * phentsize:#x}, "
+                          f"file has {len(raw):#x}")
     loads = []
-    for seg in elf.segments:
-        if seg.type != lief.ELF.Segment.TYPE.LOAD or seg.virtual_size == 0:
+    for i in range(phnum):
+        p_type, flags, offset, vaddr, paddr, filesz, memsz, _align = _PHDR.unpack_from(raw, phoff + i * phentsize)
+        if p_type == PT_INTERP:
+            interp = raw[offset:offset + min(filesz, 256)].split(b"\0")[0].decode("ascii", "replace") \
+                if offset < len(raw) else "?"
+            raise KernelError(f"{what}: not a kernel: a dynamically linked program (PT_INTERP {interp!r})")
+        if p_type != PT_LOAD or memsz == 0:
             continue
-        filesz = seg.physical_size
-        if seg.file_offset + filesz > len(raw) or filesz > seg.virtual_size:
-            raise KernelError(f"{what}: truncated: PT_LOAD at {seg.physical_address:#x} needs file bytes "
-                              f"up to {seg.file_offset + filesz:#x}, file has {len(raw):#x}")
-        data = raw[seg.file_offset:seg.file_offset + filesz]
-        loads.append((seg.physical_address, seg.virtual_address, seg.virtual_size, data))
-    entry = elf.entrypoint
+        if filesz > memsz:
+            raise KernelError(f"{what}: malformed ELF: PT_LOAD at {paddr:#x} has p_filesz {filesz:#x} larger "
+                              f"than p_memsz {memsz:#x}")
+        if offset + filesz > len(raw):
+            raise KernelError(f"{what}: truncated: PT_LOAD at {paddr:#x} needs file bytes up to "
+                              f"{offset + filesz:#x}, file has {len(raw):#x}")
+        for name, addr in (("physical", paddr), ("virtual", vaddr)):
+            if addr + memsz > 1 << 64:
+                raise KernelError(f"{what}: malformed ELF: PT_LOAD at {name} {addr:#x} + {memsz:#x} bytes wraps "
+                                  f"past the top of the address space")
+        loads.append((paddr, vaddr, memsz, raw[offset:offset + filesz], flags))
     if not loads:
         raise KernelError(f"{what}: no PT_LOAD segments")
     loads.sort()
-    for (pa, _, memsz, _), (next_pa, _, _, _) in zip(loads, loads[1:]):
+    for (pa, _, memsz, _, _), (next_pa, _, _, _, _) in zip(loads, loads[1:]):
         if pa + memsz > next_pa:
             raise KernelError(f"{what}: PT_LOAD segments overlap at physical {next_pa:#x}")
     base = loads[0][0]
-    entry_pa = _entry_physical(entry, loads)
-    if entry_pa is None:
+    span = max(pa + memsz for pa, _, memsz, _, _ in loads) - base
+    if span > KERNEL_IMAGE_SIZE:
+        raise KernelError(f"{what}: PT_LOAD segments span {span:#x} bytes from physical {base:#x}, more than an "
+                          f"x86_64 kernel image can (KERNEL_IMAGE_SIZE, 1 GiB)")
+    found = _entry_physical(entry, loads)
+    if found is None:
         raise KernelError(f"{what}: entry point {entry:#x} is outside every PT_LOAD segment")
-    segments = tuple(KernelSegment(pa - base, bytes(data), memsz) for pa, _va, memsz, data in loads)
+    entry_pa, (_, vaddr, _, _, flags) = found
+    if not flags & PF_X:
+        raise KernelError(f"{what}: entry point {entry:#x} is in a segment that is not executable "
+                          f"(p_flags {_flags(flags)})")
+    if vaddr < KERNEL_HALF:
+        raise KernelError(f"{what}: not a kernel: its entry code is linked at {vaddr:#x}, in user space "
+                          f"(an x86_64 vmlinux is linked at {KERNEL_HALF:#x} and above)")
+    segments = tuple(KernelSegment(pa - base, bytes(data), memsz) for pa, _va, memsz, data, _ in loads)
     return segments, entry_pa - base, _find_banner(loads)
 
 
-def _entry_physical(entry: int, loads) -> int | None:
-    # vmlinux's e_entry is already physical (phys_startup_64); other linkers give a virtual one.
-    for pa, _va, memsz, _ in loads:
+def _entry_physical(entry: int, loads):
+    """(physical entry, its segment): vmlinux's e_entry is already physical (phys_startup_64);
+    other linkers give a virtual one."""
+    for seg in loads:
+        pa, _va, memsz = seg[:3]
         if pa <= entry < pa + memsz:
-            return entry
-    for pa, va, memsz, _ in loads:
+            return entry, seg
+    for seg in loads:
+        pa, va, memsz = seg[:3]
         if va <= entry < va + memsz:
-            return pa + (entry - va)
+            return pa + (entry - va), seg
     return None
 
 
@@ -284,7 +339,7 @@ def _find_banner(loads) -> str | None:
     # Since 6.1 a vmlinux holds two banners: a weak placeholder from init/version.c ("... # SMP")
     # and the linked one from init/version-timestamp.c with the build number ("#1 SMP"), which is
     # what Linux prints. Prefer a banner with a build number.
-    found = [m.group() for *_, data in loads for m in _BANNER.finditer(data)]
+    found = [m.group() for seg in loads for m in _BANNER.finditer(seg[3])]
     best = next((b for b in found if re.search(rb"#\d", b)), found[0] if found else None)
     return best.decode("ascii", "replace").strip() if best else None
 

@@ -66,13 +66,14 @@ class E820Entry:
 class Handoff:
     boot_params_gpa: int
     boot_params: bytes
-    cmdline: str
+    cmdline: str                  # the command line as text (UTF-8; any other byte as \xNN)
     e820: tuple[E820Entry, ...]
     initrd_gpa: int
     initrd_size: int
     dtb: bytes
     dt: dict
     setup_data: tuple[tuple[int, int, int], ...]  # (gpa, type, len)
+    cmdline_bytes: bytes = b""    # exactly what the shim wrote (what Linux parses)
 
 
 def _fail(msg: str):
@@ -149,7 +150,66 @@ def _check_header(bp: BootParams) -> None:
         _fail(f"boot_params.e820_entries: {bp.e820_entries} > {E820_MAX_ENTRIES_ZEROPAGE}")
 
 
-def _read_cmdline(mem: GuestMemory, bp: BootParams, vtl2: Vtl2Range) -> tuple[int, str]:
+# ---- the kernel command line as Linux reads it -------------------------------------------------
+
+def linux_isspace(byte: int) -> bool:
+    """lib/ctype.c's isspace(): tab, newline, \\v, \\f, CR, space, and 0xA0 (Latin-1 NBSP)."""
+    return byte == 0x20 or 0x09 <= byte <= 0x0D or byte == 0xA0
+
+
+@dataclass(frozen=True)
+class KernelParam:
+    """One parameter as lib/cmdline.c's next_arg() splits it: name, value (None without '='),
+    and where its bytes (quotes included) lie in the line."""
+    name: bytes
+    value: bytes | None
+    start: int
+    end: int
+
+
+def kernel_params(line: bytes) -> tuple[list[KernelParam], bytes | None]:
+    """The parameters Linux's parse_args() hands to the kernel, and the rest after a "--" (for
+    init) or None. Spaces are isspace() bytes; a '"' toggles quoting (a leading one quotes the
+    whole parameter and is dropped, as is a closing one); the name ends at the first '=' after
+    its first byte; a value's surrounding quotes are dropped."""
+    params, i, n = [], 0, len(line)
+    while True:
+        while i < n and linux_isspace(line[i]):
+            i += 1
+        if i >= n:
+            return params, None
+        start, quoted = i, line[i] == 0x22
+        args = i + quoted
+        in_quote, equals, j = quoted, 0, args
+        while j < n and not (linux_isspace(line[j]) and not in_quote):
+            if equals == 0 and j > args and line[j] == 0x3D:
+                equals = j
+            if line[j] == 0x22:
+                in_quote = not in_quote
+            j += 1
+        token = bytes(line[args:j])
+        if equals:
+            eq = equals - args
+            vstart, vend = eq + 1, len(token)
+            opened = token[vstart:vstart + 1] == b'"'
+            vstart += opened
+            if (opened or quoted) and token.endswith(b'"'):
+                vend -= 1
+            name, value = token[:eq], token[vstart:max(vstart, vend)]
+        else:
+            name, value = token[:-1] if quoted and token.endswith(b'"') else token, None
+        if value is None and name == b"--":
+            return params, line[j + 1:] if j < n else b""
+        params.append(KernelParam(name, value, start, j))
+        i = j + 1
+
+
+def param_is(param: KernelParam, name: str) -> bool:
+    """parameq(): names compare with '-' and '_' the same."""
+    return param.name.replace(b"-", b"_") == name.encode().replace(b"-", b"_")
+
+
+def _read_cmdline(mem: GuestMemory, bp: BootParams, vtl2: Vtl2Range) -> tuple[int, bytes]:
     ptr = bp.hdr.cmd_line_ptr | bp.ext_cmd_line_ptr << 32
     vtl2.require("boot_params.hdr.cmd_line_ptr", ptr)
     # cmdline_size excludes the NUL (boot protocol), so the NUL may sit at offset cmdline_size.
@@ -159,12 +219,9 @@ def _read_cmdline(mem: GuestMemory, bp: BootParams, vtl2: Vtl2Range) -> tuple[in
     if end < 0:
         _fail(f"boot_params.hdr.cmdline_size: command line at {ptr:#x} has no NUL within "
               f"{bp.hdr.cmdline_size} bytes (or before the end of VTL2)")
-    text = raw[:end]
-    bad = next((i for i, c in enumerate(text) if not 0x20 <= c <= 0x7E), None)
-    if bad is not None:
-        _fail(f"boot_params.hdr.cmd_line_ptr: command line byte {text[bad]:#04x} at offset {bad} "
-              f"is not printable ASCII")
-    return ptr, text.decode("ascii")
+    # Any other byte is fine: Linux copies the line as it is (boot_command_line) and splits it at
+    # isspace() bytes; nothing in it is refused, UTF-8 or Latin-1 from a trusted host included.
+    return ptr, raw[:end]
 
 
 def _check_initrd(mem: GuestMemory, bp: BootParams, vtl2: Vtl2Range, initrd: bytes | None) -> tuple[int, int]:
@@ -414,6 +471,11 @@ def dt_summary(blob) -> dict:
         raise HandoffError(f"handoff: dtb {e}") from None
 
 
+def cmdline_text(raw: bytes) -> str:
+    """The command line for reports and logs: UTF-8 text, any other byte as \\xNN."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
 # ---- the whole handoff -------------------------------------------------------------------------
 
 def check_handoff(mem: GuestMemory, regs: HandoffRegs, *, kernel_entry: int, vtl2_base: int, vtl2_size: int,
@@ -451,6 +513,6 @@ def check_handoff(mem: GuestMemory, regs: HandoffRegs, *, kernel_entry: int, vtl
         summary = _summarize(tree)
     except fdtr.FdtError as e:
         _fail(f"dtb {e}")
-    return Handoff(boot_params_gpa=regs.rsi, boot_params=raw, cmdline=cmdline, e820=e820,
+    return Handoff(boot_params_gpa=regs.rsi, boot_params=raw, cmdline=cmdline_text(cmdline), e820=e820,
                    initrd_gpa=initrd_gpa, initrd_size=initrd_size, dtb=bytes(tree.as_bytearray()),
-                   dt=summary, setup_data=chain)
+                   dt=summary, setup_data=chain, cmdline_bytes=cmdline)

@@ -3,7 +3,7 @@ described in the device tree (`/bus/sidecar@...`, compatible "microsoft,openhcl-
 from dataclasses import dataclass
 
 from hclsim.boot import fdt as fdtutil
-from hclsim.kernel_stub.cpus import LinuxCpus, parse_boot_cpus
+from hclsim.kernel_stub.cpus import LinuxCpus, boot_cpu_plan
 from hclsim.sidecar.client import Sidecar
 
 SIDECAR_COMPATIBLE = "microsoft,openhcl-sidecar"
@@ -39,4 +39,5 @@ class Kernel:
         nodes = dt_sidecar_nodes(self.handoff.dtb)
         self.sidecar = Sidecar.from_device_tree(self.partition, nodes) if nodes else None
         self.cpus = LinuxCpus(self.partition, self.sidecar)
-        self.cpus.boot(parse_boot_cpus(self.handoff.cmdline) if self.sidecar else None)
+        self.cpus.boot(boot_cpu_plan(self.handoff.dt["cpus"], self.handoff.cmdline_bytes, self.partition,
+                                     self.sidecar))

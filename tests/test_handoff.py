@@ -319,7 +319,6 @@ VIOLATIONS = {
     "cmd_line_ptr outside": (lambda s: s.patch_bp(hdr__cmd_line_ptr=0x1000), "boot_params.hdr.cmd_line_ptr"),
     "ext_cmd_line_ptr": (lambda s: s.patch_bp(ext_cmd_line_ptr=1), "boot_params.hdr.cmd_line_ptr"),
     "cmdline unterminated": (lambda s: s.patch_bp(hdr__cmdline_size=10), "boot_params.hdr.cmdline_size"),
-    "cmdline not ascii": (corrupt(CMDLINE_GPA + 3, b"\x01"), "boot_params.hdr.cmd_line_ptr"),
     # initrd
     "ramdisk_size": (lambda s: s.patch_bp(hdr__ramdisk_size=len(INITRD) - 1), "boot_params.hdr.ramdisk_size"),
     "ext_ramdisk_size": (lambda s: s.patch_bp(ext_ramdisk_size=1), "boot_params.hdr.ramdisk_size"),

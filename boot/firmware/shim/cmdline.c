@@ -103,6 +103,91 @@ static void append_line(struct cmdline_buf *c, const char *s, uint32_t len)
     cmdline_append(c, s, n);
 }
 
+/* How Linux reads its command line (lib/cmdline.c next_arg, lib/ctype.c): spaces are
+ * isspace() bytes, 0xA0 included; a '"' starts or ends a quoted stretch, a leading one
+ * quotes the whole parameter; the name ends at the first '=' after its first byte. */
+static int linux_isspace(unsigned char ch)
+{
+    return ch == ' ' || (ch >= '\t' && ch <= '\r') || ch == 0xa0;
+}
+
+struct kparam {
+    uint32_t start, end;        /* the parameter's bytes in the line, quotes included */
+    uint32_t name, name_len;    /* its name (after a leading quote, before '=') */
+    int has_value;
+};
+
+/* The parameter starting at line[i] (not a space, i < n). */
+static void next_param(const char *line, uint32_t i, uint32_t n, struct kparam *k)
+{
+    int quoted = line[i] == '"', in_quote = quoted;
+    uint32_t args = i + (uint32_t)quoted, equals = 0, j;
+    k->start = i;
+    for (j = args; j < n; j++) {
+        if (linux_isspace((unsigned char)line[j]) && !in_quote)
+            break;
+        if (equals == 0 && j > args && line[j] == '=')
+            equals = j;
+        if (line[j] == '"')
+            in_quote = !in_quote;
+    }
+    k->end = j;
+    k->name = args;
+    k->has_value = equals != 0;
+    if (equals)
+        k->name_len = equals - args;
+    else
+        k->name_len = j - args - (quoted && j > args && line[j - 1] == '"');
+}
+
+/* parameq(): names compare with '-' and '_' the same. */
+static int param_is(const char *line, const struct kparam *k, const char *name)
+{
+    uint32_t n = (uint32_t)strlen(name);
+    if (k->name_len != n)
+        return 0;
+    for (uint32_t i = 0; i < n; i++) {
+        char a = line[k->name + i] == '-' ? '_' : line[k->name + i];
+        if (a != (name[i] == '-' ? '_' : name[i]))
+            return 0;
+    }
+    return 1;
+}
+
+/* Drops every boot_cpus parameter (and the spaces before it) from buf[from..len), up to a
+ * "--" (after which the rest goes to init): which CPUs Linux brings up is the shim's decision
+ * (the sidecar holds the others), whatever the static or host lines say. Everything else is
+ * kept byte for byte. Returns the new length. */
+static uint32_t drop_boot_cpus(char *buf, uint32_t from, uint32_t len)
+{
+    uint32_t out = from, copied = from, i = from, dropped = 0;
+    while (i < len) {
+        uint32_t gap = i;
+        while (i < len && linux_isspace((unsigned char)buf[i]))
+            i++;
+        if (i == len)
+            break;
+        struct kparam k;
+        next_param(buf, i, len, &k);
+        if (!k.has_value && k.name_len == 2 && buf[k.name] == '-' && buf[k.name + 1] == '-')
+            break;
+        if (param_is(buf, &k, "boot_cpus")) {
+            memmove(buf + out, buf + copied, gap - copied);
+            out += gap - copied;
+            copied = k.end;
+            dropped++;
+        }
+        i = k.end;
+    }
+    memmove(buf + out, buf + copied, len - copied);
+    out += len - copied;
+    buf[out] = '\0';
+    if (dropped)
+        log_info("kernel command line: %u boot_cpus= dropped from the static/host lines (the shim decides the "
+                 "boot CPUs)", dropped);
+    return out;
+}
+
 uint32_t build_kernel_cmdline(char *buf, uint32_t cap, const struct kcmd_inputs *in)
 {
     struct cmdline_buf c = { buf, cap, 0 };
@@ -125,8 +210,10 @@ uint32_t build_kernel_cmdline(char *buf, uint32_t cap, const struct kcmd_inputs 
     if (in->boot_cpus)
         append_line(&c, in->boot_cpus, 0xffffffffu);
 
+    uint32_t shim_part = c.len;
     append_line(&c, in->static_line, in->static_len);
     if (in->host_line)
         append_line(&c, in->host_line, 0xffffffffu);
+    c.len = drop_boot_cpus(buf, shim_part, c.len);
     return c.len;
 }

@@ -1,5 +1,9 @@
 /* Validating FDT reader.  The host's tree is not measured, so nothing in it
- * is used before fdt_validate has checked every offset, size and token. */
+ * is used before fdt_validate has checked every offset, size and token: it
+ * refuses at least every blob libfdt's fdt_check_full refuses (header and
+ * block bounds, versions, tokens, names, property lengths and name offsets,
+ * nesting, nothing after the root node) and a few more (no root node,
+ * misaligned blocks, deep nesting, properties outside a node). */
 #include "fdt.h"
 #include "util.h"
 
@@ -45,6 +49,8 @@ const char *fdt_validate(struct fdt_view *v, const void *blob, uint64_t region_s
         return "version older than 16";
     if (last_comp > 17)
         return "last_comp_version newer than 17";
+    if (version < last_comp)
+        return "version older than its last_comp_version";
     if (version < 17)
         st_size = off_st <= total ? total - off_st : 0; /* v16 has no size_dt_struct */
     if (off_st < FDT_HEADER_SIZE || (uint64_t)off_st + st_size > total)
@@ -79,10 +85,11 @@ const char *fdt_validate(struct fdt_view *v, const void *blob, uint64_t region_s
             return "structure block has no FDT_END";
         uint32_t t = tok(v, off);
         off += 4;
+        /* Like libfdt's fdt_check_full: once the root node has closed, only FDT_END. */
+        if (seen_root && depth == 0 && t != FDT_END)
+            return "data after the root node";
         switch (t) {
         case FDT_BEGIN_NODE: {
-            if (depth == 0 && seen_root)
-                return "more than one root node";
             uint32_t room = st_size - off;
             size_t n = str_nlen((const char *)v->st + off, room);
             if (n >= room)

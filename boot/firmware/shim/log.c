@@ -7,6 +7,7 @@
  * replayed from the ring. */
 #include "log.h"
 #include "hw.h"
+#include "shim.h"
 #include "serial.h"
 #include "hclsim_abi.h"
 
@@ -25,6 +26,7 @@ static const char *const level_names[] = { "INFO", "WARN", "ERROR", "PANIC" };
 
 void log_init(void *buf, uint64_t size)
 {
+    shim_params_check_log((uint64_t)(uintptr_t)buf, size);
     if (!buf || size < sizeof(struct shim_log_header) + 64)
         return;
     if (size - sizeof(struct shim_log_header) > 0xffffffffu)

@@ -6,7 +6,8 @@
 
 enum log_level { LOG_INFO, LOG_WARN, LOG_ERROR, LOG_PANIC };
 
-/* Start the ring in [buf, buf + size); too small a region leaves it off. */
+/* Start the ring in [buf, buf + size) (ShimParamsRaw's log buffer: checked against the other
+ * regions before the first write); too small a region leaves it off. */
 void log_init(void *buf, uint64_t size);
 void log_msg(enum log_level level, const char *fmt, ...) PRINTF_LIKE(2, 3);
 /* Serial is allowed from now on: set up the UART and replay the ring. */

@@ -48,7 +48,7 @@ static void check_inside(const struct vtl2_map *m, uint64_t start, uint64_t size
 void shim_main(const struct shim_params_raw *p, uint64_t base)
 {
     struct boot_times times = { 0, 0, 0, 0 };
-
+    shim_params_check(p, base); /* before anything is written through it (log_init checks its ring) */
     log_init(at(base, p->log_buffer_start), p->log_buffer_size);
     times.boot_start = hv_reftime();
     log_info("openhcl boot shim: base 0x%llx, params 0x%llx, reftime %llu", (unsigned long long)base,
@@ -228,6 +228,9 @@ void shim_main(const struct shim_params_raw *p, uint64_t base)
         panic("stack cookie smashed: 0x%llx", (unsigned long long)shim_stack_bottom[0]);
     uint64_t entry = base + (uint64_t)p->kernel_entry_offset;
     check_inside(&vtl2, entry, 1, "kernel entry");
+    /* Linux finds its own image and the initrd in e820 RAM. */
+    check_ram(&vtl2, entry, 1, "kernel entry");
+    check_ram(&vtl2, initrd, p->initrd_size, "initrd");
     log_info("boot: kernel entry 0x%llx, boot_params 0x%llx, %u cpus, e820 %u entries, dtb %u bytes, "
              "cmdline %u bytes, reftime %llu..%llu",
              (unsigned long long)entry, (unsigned long long)(uintptr_t)&boot_params, host.cpu_count,

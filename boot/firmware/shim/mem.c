@@ -26,6 +26,19 @@ void *memcpy(void *dst, const void *src, size_t n)
     return dst;
 }
 
+/* Overlap allowed: forwards when the destination is below the source (each load comes
+ * before the store that could overwrite it), else backwards a byte at a time. */
+void *memmove(void *dst, const void *src, size_t n)
+{
+    if ((uintptr_t)dst <= (uintptr_t)src)
+        return memcpy(dst, src, n);
+    uint8_t *d = dst;
+    const uint8_t *s = src;
+    while (n--)
+        d[n] = s[n];
+    return dst;
+}
+
 int memcmp(const void *a, const void *b, size_t n)
 {
     const uint8_t *x = a, *y = b;

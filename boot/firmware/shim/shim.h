@@ -57,6 +57,15 @@ struct vtl2_map {
     struct vtl2_piece pieces[MAX_VTL2_PIECES];
 };
 
+/* params.c: panics unless every region ShimParamsRaw names lies in the used
+ * VTL2 range, clear of the shim image and of each other (before anything is
+ * written; a panic this early reports through the crash MSRs). The log
+ * buffer is left to shim_params_check_log, which log_init calls before its
+ * first write. */
+struct shim_params_raw;
+void shim_params_check(const struct shim_params_raw *p, uint64_t base);
+void shim_params_check_log(uint64_t start, uint64_t size);
+
 /* host_dt.c: parses the (validated) host tree; panics on bad content. */
 struct fdt_view;
 void host_dt_parse(const struct fdt_view *v, struct host_info *out);
@@ -66,6 +75,9 @@ void vtl2_map_init(struct vtl2_map *m, uint64_t start, uint64_t size);
 void vtl2_map_add(struct vtl2_map *m, uint64_t start, uint64_t size, uint32_t type, const char *what);
 /* Sorts, checks and splits; binds the range to its host memory node. */
 void vtl2_map_finish(struct vtl2_map *m, const struct host_info *host);
+/* params.c: panics unless [start, start + size) lies in one piece of VTL2 RAM (what the e820
+ * map calls RAM). */
+void check_ram(const struct vtl2_map *m, uint64_t start, uint64_t size, const char *what);
 
 /* cmdline.c */
 int cmdline_has_token(const char *line, uint32_t len, const char *token);
