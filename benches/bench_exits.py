@@ -13,6 +13,7 @@ from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
+from hclsim.benches.goals import check_goal
 from hclsim.cpu import fastpath, native
 from hclsim.cpu.cpuid import build_cpuid_table, cpuid_lookup
 from hclsim.cpu.engine import SLOW_IO
@@ -84,3 +85,5 @@ def test_exit_cost(benchmark, kind, mode):
                                     python_over_numba=per_python / per_numba)
         print(f"\n{kind}: numba {per_numba * 1e9:.1f} ns/exit, python {per_python * 1e9:.1f} ns/exit, "
               f"ratio {per_python / per_numba:.1f}x")
+        check_goal(benchmark, f"{kind} exit: Python hook / numba cfunc", per_python / per_numba, 8,
+                   at_most=False, unit="x")

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from hclsim.benches.goals import check_goal
 from hclsim.cpu import pool
 from hclsim.cpu.memory import ENV_KIND
 
@@ -127,3 +128,7 @@ def test_memory_per_idle_vcpu(benchmark):
         print(f"{name:>10}: RssAnon+RssShmem 8 vCPUs {s['RssAnon'] + s['RssShmem']} KiB, 2048 vCPUs "
               f"{l['RssAnon'] + l['RssShmem']} KiB (memfd {l['memfd_kib']} KiB): {r['per_vcpu_kib']:.1f} KiB per idle "
               f"vCPU ({r['vs_private']:.2f}x private; VmRSS {r['vmrss_per_vcpu_kib']:.1f} KiB)")
+    for name, r in result.items():
+        if "per_vcpu_kib" in r:
+            check_goal(benchmark, f"host memory per idle sidecar vCPU, {name} guest RAM", r["per_vcpu_kib"], 64,
+                       unit=" KiB")

@@ -7,6 +7,7 @@ import io
 
 import pytest
 
+from hclsim.benches.goals import check_goal, median_s
 from hclsim.config import BootConfig
 from hclsim.debug.target import DebugTarget
 from hclsim.machine import Machine
@@ -27,6 +28,9 @@ def test_stepi_at_the_prompt(benchmark):
         shell.onecmd("stepi")  # the first step of a session retranslates everything once
         benchmark.pedantic(lambda: shell.onecmd("stepi"), rounds=300, warmup_rounds=5)
         assert not shell.failed
+        median = median_s(benchmark)
+        check_goal(benchmark, "stepi at the prompt (median)", None if median is None else median * 1e3, 1,
+                   unit=" ms")
     finally:
         target.close()
         machine.close()
@@ -73,7 +77,11 @@ def test_boot_under_the_debugger(benchmark, mode):
         if target is not None:
             target.close()
         machine.close()
-    _medians[mode] = benchmark.stats.stats.median
+    _medians[mode] = median_s(benchmark)
     benchmark.extra_info["instructions"] = result.counters["instructions"]
-    if mode != "plain" and "plain" in _medians:
-        benchmark.extra_info["ratio_vs_plain"] = round(_medians[mode] / _medians["plain"], 3)
+    if mode != "plain" and _medians.get("plain") and _medians[mode]:
+        ratio = _medians[mode] / _medians["plain"]
+        benchmark.extra_info["ratio_vs_plain"] = round(ratio, 3)
+        if mode == "never-hit-breakpoint":
+            check_goal(benchmark, "64-vCPU boot under the debugger, never-hit breakpoint, vs plain", ratio, 1.05,
+                       strict=True, unit="x")

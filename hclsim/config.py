@@ -1,4 +1,5 @@
 """What a user asks of one simulated boot (the `hclsim boot` options), validated once."""
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -6,8 +7,11 @@ from hclsim import HclsimError
 from hclsim.boot.layout import CMDLINE_POLICY_BY_NAME, MAX_CPU_COUNT, MAX_NUMA_NODES
 from hclsim.defs.platform import ISOLATION_BY_NAME
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+TiB = 1 << 40
+SIZE_SUFFIXES = {"": 1, "k": KiB, "m": MiB, "g": GiB}
 
 
 class ConfigError(HclsimError):
@@ -15,12 +19,40 @@ class ConfigError(HclsimError):
 
 
 def parse_size(text: str) -> int:
-    """'512M', '1G', '64MiB', '0x8000000' or plain bytes."""
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([kKmMgG]?)(i?[bB])?\s*", str(text))
+    """'512M', '1G', '64MiB', '0x8000000' or plain bytes (suffixes K, M, G; binary units)."""
+    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([a-zA-Z]*)\s*", str(text))
     if not m:
-        raise ConfigError(f"invalid size {text!r}: use e.g. 512M, 1G or a byte count")
-    value = int(m.group(1), 0)
-    return value * {"": 1, "k": 1 << 10, "m": MiB, "g": GiB}[m.group(2).lower()]
+        raise ConfigError(f"invalid size {text!r}: use a byte count or a number with K, M or G, e.g. 512M, 1G, 0x8000000")
+    suffix = m.group(2).lower()
+    unit = re.fullmatch(r"([kmg]?)(?:i?b)?", suffix) if suffix not in ("b", "ib") else re.fullmatch(r"()b", suffix)
+    if unit is None:
+        raise ConfigError(f"invalid size {text!r}: unknown unit {m.group(2)!r} (use K, M or G, e.g. 512M, 1G)")
+    return int(m.group(1), 0) * SIZE_SUFFIXES[unit.group(1)]
+
+
+def format_size(value: int) -> str:
+    """A size (or an address) for people: '64 MiB', '1 GiB', '1537 MiB', '68 KiB', '132.7 MiB',
+    '307 bytes'."""
+    units = ((TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB"))
+    for i, (unit, name) in enumerate(units):
+        if value >= unit:
+            if value % unit == 0:
+                return f"{value // unit} {name}"
+            if i + 1 < len(units) and value % units[i + 1][0] == 0 and value // units[i + 1][0] < 10240:
+                return f"{value // units[i + 1][0]} {units[i + 1][1]}"
+            return f"{value / unit:.4g} {name}"
+    return f"{value} byte{'s' if value != 1 else ''}"
+
+
+def max_guest_memory() -> int:
+    """Guest RAM the simulated CPUs can address: 2^(CPUID 0x80000008 physical address bits)."""
+    from hclsim.cpu.cpuid import PHYSICAL_ADDRESS_BITS
+    return 1 << PHYSICAL_ADDRESS_BITS
+
+
+def cmdline_bytes(text: str) -> bytes:
+    """A command line as the bytes the firmware gets (argv's undecodable bytes kept as they were)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -46,6 +78,7 @@ class BootConfig:
     timeout: float = 120.0            # wall-clock seconds before a running guest is stopped
 
     def validated(self) -> "BootConfig":
+        """self, or ConfigError naming the option and what it must be (nothing is built yet)."""
         if not 1 <= self.cpus <= MAX_CPU_COUNT:
             raise ConfigError(f"--cpus {self.cpus}: must be 1..{MAX_CPU_COUNT}")
         if not 1 <= self.numa_nodes <= min(MAX_NUMA_NODES, self.cpus):
@@ -55,14 +88,38 @@ class BootConfig:
         if self.cmdline_policy not in CMDLINE_POLICY_BY_NAME:
             raise ConfigError(f"--cmdline-policy {self.cmdline_policy!r}: one of {', '.join(CMDLINE_POLICY_BY_NAME)}")
         if self.vtl2_base % (2 * MiB) or self.vtl2_size % (2 * MiB):
-            raise ConfigError("VTL2 base and size must be 2 MiB aligned")
-        if self.memory % (2 * MiB):
-            raise ConfigError(f"--memory {self.memory:#x}: must be a multiple of 2 MiB")
-        if len(self.static_cmdline.encode()) > 4092:
+            raise ConfigError(f"--vtl2-size {format_size(self.vtl2_size)} at {format_size(self.vtl2_base)}: "
+                              "VTL2 base and size must be multiples of 2 MiB")
+        if self.memory <= 0 or self.memory % (2 * MiB):
+            raise ConfigError(f"--memory {format_size(self.memory)}: must be a positive multiple of 2 MiB")
+        if self.memory > max_guest_memory():
+            raise ConfigError(f"--memory {format_size(self.memory)}: more than the guest can address "
+                              f"({format_size(max_guest_memory())}, its physical address width)")
+        vtl2_end = self.vtl2_base + self.vtl2_size
+        if vtl2_end > self.memory:
+            raise ConfigError(f"--memory {format_size(self.memory)} cannot hold VTL2 ({format_size(self.vtl2_size)} "
+                              f"at {format_size(self.vtl2_base)}, --vtl2-size): ask for --memory "
+                              f"{vtl2_end // MiB}M or more, or a smaller --vtl2-size")
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0) or math.isnan(self.timeout):
+            raise ConfigError(f"--timeout {self.timeout}: must be a positive number of seconds")
+        if len(cmdline_bytes(self.static_cmdline)) > 4092:
             raise ConfigError("--static-cmdline is longer than the 4092-byte ParavisorCommandLine")
+        # Linux takes every byte of its command line but the NUL that ends it (so does the shim).
+        for option, text in (("--static-cmdline", self.static_cmdline), ("--host-bootargs", self.host_bootargs)):
+            if "\0" in text:
+                raise ConfigError(f"{option} {text!r}: a NUL byte would end the kernel command line there")
         if self.host_cpu_order is not None and sorted(self.host_cpu_order) != list(range(self.cpus)):
             raise ConfigError("host_cpu_order must be a permutation of the VP indexes")
         return self
+
+    def check_layout(self, vtl2_base: int, vtl2_size: int) -> None:
+        """ConfigError when the VTL2 region the images need (grown past --vtl2-size) does not fit
+        in --memory: the RAM is never grown behind the user's back."""
+        end = vtl2_base + vtl2_size
+        if end > self.memory:
+            raise ConfigError(f"--memory {format_size(self.memory)} cannot hold VTL2: the images need "
+                              f"{format_size(vtl2_size)} at {format_size(vtl2_base)}; ask for --memory "
+                              f"{-(-end // MiB)}M or more")
 
     def with_(self, **changes) -> "BootConfig":
         return replace(self, **changes)

@@ -78,7 +78,8 @@ class Machine:
                                             self.shim.span, len(initrd_bytes),
                                             sidecar_size=self.sidecar.span if self.sidecar else 0,
                                             free_needed=node_memory_bytes(nodes))
-        memory = max(cfg.memory, self.layout.vtl2_base + self.layout.vtl2_size)
+        cfg.check_layout(self.layout.vtl2_base, self.layout.vtl2_size)   # RAM is never grown behind the user
+        memory = cfg.memory
         host = build_host_config(cfg.cpus, cfg.numa_nodes, memory, self.layout.vtl2_base,
                                  self.layout.vtl2_size, bootargs=cfg.host_bootargs, com3=cfg.com3)
         if cfg.host_cpu_order is not None:

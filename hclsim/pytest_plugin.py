@@ -10,14 +10,17 @@ Options:
   --hclsim-update-golden   rewrite golden files instead of comparing
   --hclsim-shim PATH       boot shim for every machine the fixtures make (default: shipped)
   --hclsim-sidecar PATH    sidecar kernel likewise
-Machines are closed at teardown. Nothing here imports the simulator until a fixture is used,
-so the plugin costs nothing in sessions that do not use it.
+Machines are closed at teardown. A test that fails on a guest fault (GuestFaultError) shows
+the fault's whole report (registers, page walk, code around RIP, last serial lines: what
+`hclsim boot` prints and saves as fault.txt) in its failure. Nothing here imports the simulator
+until a fixture is used, so the plugin costs nothing in sessions that do not use it.
 """
 import difflib
 import functools
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,36 @@ def pytest_configure(config):
         value = config.getoption(option)
         if value is not None and not Path(value).is_file():
             raise pytest.UsageError(f"{option} {value}: no such file")
+
+
+def _guest_fault(exc):
+    """The GuestFaultError exc is or was raised from (its __cause__ / __context__ chain)."""
+    fault = sys.modules.get("hclsim.cpu.fault")
+    seen = set()
+    while fault is not None and exc is not None and id(exc) not in seen:
+        if isinstance(exc, fault.GuestFaultError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failure caused by a guest fault carries the fault's whole report as a section."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is None or not report.failed:
+        return
+    err = _guest_fault(call.excinfo.value)
+    if err is None or not getattr(err, "report", None):
+        return
+    section = ("hclsim guest fault report", err.report)
+    longrepr = report.longrepr
+    if hasattr(longrepr, "addsection"):
+        longrepr.addsection(*section)
+    else:
+        report.sections.append(section)
 
 
 def pytest_report_header(config):
@@ -89,7 +122,9 @@ def hclsim_machine(request, _hclsim_machines):
     from hclsim.machine import Machine
 
     def make(config=None, on_serial=None, **fields):
-        return _hclsim_machines.track(Machine(_boot_config(request.config, config, fields), on_serial=on_serial))
+        cfg = _boot_config(request.config, config, fields)
+        # Machine refuses a VTL2 that does not fit --memory: RAM is never grown behind the test's back.
+        return _hclsim_machines.track(Machine(cfg, on_serial=on_serial))
     return make
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 from hclsim.boot.layout import BootParams
 from hclsim.boot import fdt as fdtutil
 from hclsim.defs.hvdef import message_name
-from hclsim.report import boot_report
+from hclsim.report import E820_TYPE_NAMES, boot_report, e820_type_name, memory_type_name
 from hclsim.sidecar import layout as sl
 
 # Counters that depend on the engine's translation cache (pooled engines, earlier boots in the
 # process), not on the guest: left out of anything compared across runs.
 HOST_COUNTERS = ("block_count_misses",)
-E820_TYPES = {1: "ram", 2: "reserved", 3: "acpi", 4: "nvs", 5: "unusable"}
+E820_TYPES = E820_TYPE_NAMES  # the names report.json uses too
 
 
 
@@ -111,10 +111,10 @@ def _struct_dict(obj) -> dict:
 
 def boot_params_fields(raw: bytes) -> dict:
     """The zero page's fields (setup header nested under 'hdr'; byte arrays as hex when not
-    all zero; the e820 table as its used entries)."""
+    all zero; the e820 table as its used entries, types by name as in report.json)."""
     bp = BootParams.from_buffer_copy(raw)
     fields = _struct_dict(bp)
-    fields["e820_table"] = [{"addr": e.addr, "size": e.size, "type": e.type}
+    fields["e820_table"] = [{"addr": e.addr, "size": e.size, "type": e820_type_name(e.type)}
                             for e in list(bp.e820_table)[:bp.e820_entries]]
     return fields
 
@@ -151,8 +151,15 @@ class BootRun:
 
     @property
     def e820(self) -> list[dict]:
-        return [{"addr": f"{e.addr:#x}", "size": f"{e.size:#x}", "type": E820_TYPES.get(e.type, str(e.type))}
+        return [{"addr": f"{e.addr:#x}", "size": f"{e.size:#x}", "type": e820_type_name(e.type)}
                 for e in self.result.handoff.e820]
+
+    @property
+    def openhcl_memory(self) -> list[dict]:
+        """The device tree's /openhcl memory ranges with their memory type by name (VTL0,
+        VTL2_RAM, SIDECAR_NODE, ...: boot.layout.MEMORY_VTL_TYPE), as report.json names them."""
+        return [{"base": f"{base:#x}", "size": f"{size:#x}", "type": memory_type_name(kind)}
+                for base, size, kind in self.result.handoff.dt.get("openhcl_memory", [])]
 
     @property
     def dtb(self) -> bytes:

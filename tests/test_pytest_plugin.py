@@ -85,3 +85,39 @@ def test_example_suite_catches_a_changed_shim(tmp_path):
     done = run_pytest(str(EXAMPLE), "-k", "test_shim_log", "--hclsim-shim", str(changed), cwd=REPO)
     assert done.returncode == 1
     assert "-[INFO] openhcl boot shim: base" in done.stdout and "+[INFO] openhcl boot SHIM: base" in done.stdout
+
+
+FAULT_SUITE = '''
+import os
+
+def test_boot_faults(hclsim_boot):
+    hclsim_boot(cpus=2, shim=os.environ["HCLSIM_TEST_SHIM"])
+
+def test_machine_faults_in_run_to_handoff(hclsim_machine):
+    hclsim_machine(shim=os.environ["HCLSIM_TEST_SHIM"]).run_to_handoff()
+
+def test_expected_fault_passes(hclsim_boot):
+    import pytest
+    from hclsim.cpu.fault import GuestFaultError
+    with pytest.raises(GuestFaultError):
+        hclsim_boot(shim=os.environ["HCLSIM_TEST_SHIM"])
+'''
+
+
+def test_a_guest_fault_in_a_test_shows_the_whole_report(tmp_path):
+    """The same report `hclsim boot` prints (and saves as fault.txt): registers, page walk,
+    code around RIP, last serial lines, in the failure of the test that met the fault."""
+    from .asmutil import build_elf, com3_print
+    shim = build_elf(".globl _start\n.text\n_start:\n" + com3_print("[INFO] about to fault\n")
+                     + "    movabs $0x7f0000000000, %rax\nbad_load:\n    mov (%rax), %rbx\n", tmp_path)
+    (tmp_path / "test_faults_here.py").write_text(FAULT_SUITE)
+    env = dict(os.environ, HCLSIM_TEST_SHIM=str(shim))
+    env.pop("PYTEST_XDIST_WORKER", None)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-p", "no:randomly"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert done.returncode == 1 and "2 failed, 1 passed" in out, out + done.stderr
+    assert out.count("hclsim guest fault report") == 2
+    for part in ("guest fault: #PF at RIP 0x", "registers:", "page walk for 0x7f0000000000", "code:",
+                 "=> 0x", "shim:bad_load", "last serial lines:", "[INFO] about to fault"):
+        assert part in out, part
