@@ -18,6 +18,16 @@ def hclsim_step(*args, timeout=120):
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def log_gpa() -> int:
+    """GPA of the shim's log buffer (its first write: SHIM_LOG_MAGIC), from the image layout."""
+    m = Machine(BootConfig(cpus=4))
+    try:
+        return m.image.log_gpa
+    finally:
+        m.close()
+
+
 @pytest.fixture
 def shell():
     """shell(*commands, cpus=4) -> the output of running them at a fresh prompt."""
@@ -108,19 +118,20 @@ def test_breakpoints_threads_and_a_sidecar_ap(shell):
     assert sh.target.current == 2 or "VP 2 is not-started" in out  # VP 2 may not be started yet
 
 
-def test_watchpoints(shell):
-    sh = shell("watch -phys 0x8500000 4", "continue", "delete", "watch sidecar:node_count 4", "continue",
-               "info breakpoints", "rwatch phys 0x8500000", "awatch 0x8500000 2")
+def test_watchpoints(shell, log_gpa):
+    g = f"{log_gpa:#x}"
+    sh = shell(f"watch -phys {g} 4", "continue", "delete", "watch sidecar:node_count 4", "continue",
+               "info breakpoints", f"rwatch phys {g}", f"awatch {g} 2")
     assert not sh.failed, sh.output
     out = sh.output
-    assert "Hardware watchpoint 1: phys 0x8500000 len 4" in out
-    assert re.search(r"^Hardware watchpoint 1: watch phys 0x8500000 len 4: write of 4 bytes at 0x8500000: "
+    assert f"Hardware watchpoint 1: phys {g} len 4" in out
+    assert re.search(rf"^Hardware watchpoint 1: watch phys {g} len 4: write of 4 bytes at {g}: "
                      r"0x0 -> 0x474f4c53 by the instruction at 0x[0-9a-f]+$", out, re.M)
     assert re.search(r"^VP 0 stopped at 0x[0-9a-f]+ <shim:log_init\+0x[0-9a-f]+> shim/log\.c:\d+$", out, re.M)
     assert re.search(r"^Hardware watchpoint 2: watch 0xffffff8000[0-9a-f]+ len 4: write of 4 bytes", out, re.M)
     assert re.search(r"^2    hw watchpoint   0xffffff8000[0-9a-f]+ len 4$", out, re.M)
-    assert "Hardware read watchpoint 3: phys 0x8500000 len 8" in out
-    assert "Hardware access (read/write) watchpoint 4: 0x8500000 len 2" in out
+    assert f"Hardware read watchpoint 3: phys {g} len 8" in out
+    assert f"Hardware access (read/write) watchpoint 4: {g} len 2" in out
 
 
 def test_catch_pagewalk_disassemble_and_list(shell):
@@ -258,10 +269,11 @@ def test_pending_starts_inside_instruction_breakpoints_and_call_targets(shell):
     assert re.search(r"\tcall 0x[0-9a-f]+ <shim:log_msg>$", out, re.M)       # call targets carry symbols
 
 
-def test_deleting_one_of_two_watchpoints_on_a_range_keeps_the_other(shell):
-    sh = shell("watch -phys 0x8500000 4", "watch -phys 0x8500000 4", "delete 1", "continue", "delete 2",
+def test_deleting_one_of_two_watchpoints_on_a_range_keeps_the_other(shell, log_gpa):
+    g = f"{log_gpa:#x}"
+    sh = shell(f"watch -phys {g} 4", f"watch -phys {g} 4", "delete 1", "continue", "delete 2",
                "info breakpoints")
     out = sh.output
     assert not sh.failed, out
-    assert re.search(r"^Hardware watchpoint 2: watch phys 0x8500000 len 4: write of 4 bytes at 0x8500000", out, re.M)
+    assert re.search(rf"^Hardware watchpoint 2: watch phys {g} len 4: write of 4 bytes at {g}", out, re.M)
     assert "No breakpoints, watchpoints or catchpoints." in out
