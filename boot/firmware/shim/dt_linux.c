@@ -94,7 +94,7 @@ uint32_t write_linux_dt(void *buf, uint32_t cap, const struct host_info *host, c
     fdtw_prop_u32(w, "#address-cells", 1);
     fdtw_prop_u32(w, "#size-cells", 0);
     for (uint32_t i = 0; i < host->cpu_count; i++) {
-        fmt(name, sizeof(name), "cpu@%u", i);
+        fmt(name, sizeof(name), "cpu@%x", host->cpus[i].apic_id);   /* the unit address is reg, in hex */
         fdtw_node_begin(w, name);
         fdtw_prop_str(w, "device_type", "cpu");
         fdtw_prop_u32(w, "reg", host->cpus[i].apic_id);
