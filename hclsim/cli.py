@@ -369,12 +369,38 @@ def _report_fault(args, exc, report: dict) -> int:
 def _boot_gdb(args) -> int:
     if args.wait_gdb and not args.gdb:
         raise UsageError(f"--wait-gdb (-S) needs --gdb HOST:PORT (or -s: {DEFAULT_GDB_ADDRESS})")
-    if args.out or args.json:
-        raise UsageError("--gdb runs an interactive session: it writes no report (drop --out/--json)")
-    config = config_from_args(args)
+    if args.json:
+        raise UsageError("--gdb runs an interactive session: it prints no JSON report (drop --json; --out works)")
+    config = config_from_args(args)              # checks the --out folder too, before the boot
     from hclsim.debug.gdbserver import serve_boot
     console = Console(echo=not args.quiet, progress=False)
-    return serve_boot(config, args.gdb, args.wait_gdb, False, on_serial=console.serial if not args.quiet else None)
+    finish = (lambda machine, target: _gdb_outputs(args.out, machine, target)) if args.out else None
+    return serve_boot(config, args.gdb, args.wait_gdb, False, on_serial=console.serial if not args.quiet else None,
+                      finish=finish)
+
+
+def _gdb_outputs(out, machine, target) -> None:
+    """--gdb --out: what the session's run left, as `hclsim boot --out` writes it: report.json,
+    the serial logs, linux.dtb, boot_params.bin and shim.log once the kernel took the handoff;
+    else the serial logs, the shim log and, after a fault, fault.txt."""
+    from hclsim.boot import image as vtl_image
+    from hclsim.report import boot_report, write_outputs
+    result = target.boot_result
+    serial = {k: bytes(v) for k, v in machine.serial.items()}
+    if result is not None:
+        h = result.handoff
+        wrote = write_outputs(out, boot_report(result), serial, dtb=h.dtb, boot_params=h.boot_params,
+                              shim_log=result.shim_log)
+    else:
+        from dataclasses import asdict
+        config = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                  for k, v in asdict(machine.config).items() if k != "host_cpu_order"}
+        report = {"status": "no-handoff", "config": config,
+                  "serial_lines": {k: v.count(b"\n") for k, v in serial.items()}}
+        files = {"fault.txt": target.last_fault_report + "\n"} if target.last_fault_report else None
+        wrote = write_outputs(out, report, serial, shim_log=vtl_image.read_shim_log(machine.mem, machine.image),
+                              files=files)
+    print(f"hclsim: {_wrote(wrote)}", file=sys.stderr)
 
 
 def _print_summary(result, report) -> None:

@@ -1,5 +1,6 @@
 """The gdb remote stub end to end: the machine's real gdb (batch mode) against a real Machine
 served by GdbServer on a free port, and `hclsim boot --gdb` as a user runs it."""
+import json
 import os
 import re
 import socket
@@ -272,6 +273,25 @@ def test_cli_attach_after_the_boot_ran_then_detach():
         assert re.search(r'Thread 2 "VP 1[^"]*sidecar', out), out
         assert "detached" in out
         assert proc.wait(timeout=GDB_TIMEOUT) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_no_sidecar_ends_once_idle_and_gdb_is_gone_and_writes_out(tmp_path):
+    """--no-sidecar: after the handoff no VP is left to run; once gdb detached the run ends by
+    itself, and --out holds what `hclsim boot --out` writes."""
+    out = tmp_path / "out"
+    proc = hclsim_gdb("--cpus", "2", "--no-sidecar", "--gdb", "127.0.0.1:0", "--wait-gdb", "--out", str(out))
+    try:
+        port = _listening_port(proc)
+        gdb(port, "break shim_main", "continue", "detach")
+        assert proc.wait(timeout=GDB_TIMEOUT) == 0
+        err = proc.stderr.read()
+        assert "no sidecar VPs to run" in err and "every VP is idle" in err and "Traceback" not in err, err
+        report = json.loads((out / "report.json").read_text())
+        assert report["status"] == "handoff" and (out / "linux.dtb").stat().st_size > 0
+        assert (out / "serial.log").read_bytes().startswith(b"[INFO] ")
     finally:
         proc.kill()
         proc.wait()

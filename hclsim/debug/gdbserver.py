@@ -128,7 +128,8 @@ class GdbServer:
             with self._lock:
                 self._running_free = False
         if event.reason == "handoff":
-            self.log(f"kernel handoff at {event.rip:#x}; the sidecar VPs run on")
+            rest = "the sidecar VPs run on" if self.target.machine.linux.sidecar is not None else "no sidecar VPs to run"
+            self.log(f"kernel handoff at {event.rip:#x}; {rest}")
         elif event.reason == "idle":
             self.finished = "idle"
             self.log("every VP is idle" + ("" if self.attached_once or self.pending.qsize() else "; waiting for gdb"))
@@ -167,8 +168,10 @@ class GdbServer:
                 self._in_session = False
 
 
-def serve_boot(config, address: str | None, wait: bool, reports: bool = False, on_serial=None) -> int:
-    """`hclsim boot --gdb`: build the machine, listen, serve; the process exit status."""
+def serve_boot(config, address: str | None, wait: bool, reports: bool = False, on_serial=None,
+               finish=None) -> int:
+    """`hclsim boot --gdb`: build the machine, listen, serve; the process exit status.
+    finish(machine, target), if given, runs when the session is over (e.g. to write --out)."""
     from hclsim.debug.target import DebugTarget
     from hclsim.machine import Machine
 
@@ -187,7 +190,10 @@ def serve_boot(config, address: str | None, wait: bool, reports: bool = False, o
         server.log(f"gdb stub listening on {shown}"
                    + (" (waiting for gdb at the shim's first instruction)" if wait else "")
                    + f"; attach with: gdb -ex 'file {machine.shim_path}' -ex 'target remote {shown}'")
-        return server.serve()
+        status = server.serve()
+        if finish is not None:
+            finish(machine, target)
+        return status
     finally:
         listener.close()
         if target is not None:
