@@ -545,9 +545,10 @@ class Engine:
         if self.read_virtual(rip - 1, 1) == b"\xf4":
             return VpExit(EXIT_HLT, rip)
         if self.read_virtual(rip, 3) in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):
-            # Unicorn 2.1.4 sometimes ends emu_start on a vmcall without calling the
-            # invalid-instruction hook (seen with exit addresses outside the guest's mappings):
-            # emulate it here, as the hook would have.
+            # Unicorn ended emu_start on a vmcall without calling the invalid-instruction hook.
+            # That was the silent "triple fault" of a stale old_exception (see
+            # _old_exception_offset), now cleared before every run; kept as a safety net that
+            # emulates the vmcall as the hook would have (vmcall_stops counts it: 0 expected).
             self.vmcall_stops += 1
             self._hypercall(rip)
             if self._fault is not None:

@@ -19,7 +19,7 @@ from unicorn import x86_const as x86
 from hclsim import HclsimError
 from hclsim.cpu.cpuid import cpuid_lookup
 from hclsim.cpu.engine import MSR_EFER
-from hclsim.defs.hvdef import REGISTER_BY_NAME, VTL0, VTL2, HvRegister
+from hclsim.defs.hvdef import REGISTER_BY_NAME, VTL0, HvRegister
 
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12",
                   "r13", "r14", "r15", "rip", "rflags", "cs", "ss", "ds", "es", "fs", "gs", "fs_base",
@@ -184,5 +184,3 @@ class Partition:
         """The hypervisor's value of msr on the VP (#GP for an unknown one raises)."""
         return self._hv.rdmsr(self._sched.engine, self._vp(index).index, msr)
 
-
-__all__ = ["Partition", "PartitionError", "REGISTER_NAMES", "VTL0", "VTL2"]

@@ -15,6 +15,7 @@ from hclsim.cpu import engine as eng
 from hclsim.cpu import interrupts
 from hclsim.hv import intercepts, vtl
 from hclsim.cpu.cpuid import cpuid_lookup
+from hclsim.defs.hvdef import HV_VTL_ENTRY_REASON_INTERCEPT, HV_VTL_ENTRY_REASON_INTERRUPT
 from hclsim.hv.hypervisor import VtlReturn
 from hclsim.hv.vp import EXTERNAL, HALTED, NOT_STARTED, RUNNABLE
 
@@ -194,7 +195,7 @@ class Scheduler:
         if assist:
             vtl.write_entry(self.engine.mem, assist, reason, message)
         vp.state = RUNNABLE
-        self.intercepts += reason == vtl.ENTRY_REASON_INTERCEPT
+        self.intercepts += reason == HV_VTL_ENTRY_REASON_INTERCEPT
 
     def _intercept_message(self, vp, kind: str) -> bytes:
         e = self.engine
@@ -218,7 +219,7 @@ class Scheduler:
         state = self.hv.vps[vp.index]
         if state.vtl == 0:
             if state.deliverable() is not None:
-                self._vtl_entry(vp, vtl.ENTRY_REASON_INTERRUPT)  # VTL2's interrupt preempts VTL0
+                self._vtl_entry(vp, HV_VTL_ENTRY_REASON_INTERRUPT)  # VTL2's interrupt preempts VTL0
             return
         vector = state.deliverable()
         if vector is not None and interrupts.interrupts_enabled(self.engine):
@@ -321,7 +322,7 @@ class Scheduler:
         if vp.state == EXTERNAL:        # a Linux CPU: the intercept goes straight to the host
             self.intercepts += 1
             return SchedulerStop(STOP_INTERCEPT, vp, exit, message=message)
-        self._vtl_entry(vp, vtl.ENTRY_REASON_INTERCEPT, message)
+        self._vtl_entry(vp, HV_VTL_ENTRY_REASON_INTERCEPT, message)
         if observer is None:
             return _GO_ON
         reason = exit.stop_reason

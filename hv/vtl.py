@@ -11,17 +11,11 @@ from unicorn import x86_const as x86
 
 from hclsim.defs.hvdef import (CONTROL_NAMES, GPR_NAMES, HV_VP_ASSIST_ENTRY_REASON_OFFSET as ASSIST_ENTRY_REASON,
                                HV_VP_ASSIST_INTERCEPT_MSG_OFFSET as ASSIST_INTERCEPT_MESSAGE, HV_MESSAGE_SIZE,
-                               HV_VP_ASSIST_VTL0_RAX_OFFSET as ASSIST_VTL0_RAX, HV_VTL_ENTRY_REASON_INTERCEPT,
-                               HV_VTL_ENTRY_REASON_INTERRUPT, HV_VTL_ENTRY_REASON_VTL_CALL, REGISTER_BY_NAME,
-                               SEGMENT_NAMES, SHARED_REGISTERS as SHARED, HvRegister as R)
+                               HV_VP_ASSIST_VTL0_RAX_OFFSET as ASSIST_VTL0_RAX, SEGMENT_NAMES,
+                               SHARED_REGISTERS as SHARED, HvRegister as R)
 from hclsim.cpu.engine import MSR_EFER
 
-SEGMENTS = SEGMENT_NAMES
 TABLES = {R.Idtr: x86.UC_X86_REG_IDTR, R.Gdtr: x86.UC_X86_REG_GDTR}
-HV_REGISTERS = REGISTER_BY_NAME
-REG_EFER = R.Efer
-ENTRY_REASON_VTL_CALL, ENTRY_REASON_INTERRUPT, ENTRY_REASON_INTERCEPT = (
-    HV_VTL_ENTRY_REASON_VTL_CALL, HV_VTL_ENTRY_REASON_INTERRUPT, HV_VTL_ENTRY_REASON_INTERCEPT)
 
 
 def register_file(ctx, gprs: dict | None = None) -> dict:
@@ -47,7 +41,7 @@ def apply_vtl0(engine, state: dict) -> None:
             engine.set_reg(CONTROL_NAMES[name], state[name])
     engine.set_msr(MSR_EFER, state.get(R.Efer, 0))
     engine.set_reg("cr0", state.get(R.Cr0, 0x60000010))
-    for name, seg in SEGMENTS.items():
+    for name, seg in SEGMENT_NAMES.items():
         if name in state:
             engine.set_reg(seg, state[name])
     for name, reg in GPR_NAMES.items():
@@ -62,7 +56,7 @@ def capture_vtl0(engine, state: dict) -> None:
     for name, reg in CONTROL_NAMES.items():
         state[name] = engine.reg(reg)
     state[R.Efer] = engine.msr(MSR_EFER)
-    for name, seg in SEGMENTS.items():
+    for name, seg in SEGMENT_NAMES.items():
         state[name] = engine.reg(seg)
     for name, reg in TABLES.items():
         state[name] = engine.uc.reg_read(reg)

@@ -29,15 +29,15 @@ class FrameTable:
     """The decoded CFI rows of one ELF: (start offset, end offset, rows)."""
 
     def __init__(self, entries: list[tuple[int, int, list]]):
-        self.entries = sorted(entries, key=lambda e: e[0])
+        self.entries = sorted(((start, end, [r["pc"] for r in rows], rows) for start, end, rows in entries),
+                              key=lambda e: e[0])
         self.starts = [e[0] for e in self.entries]
 
     def row_at(self, offset: int):
         i = bisect.bisect_right(self.starts, offset) - 1
         if i < 0 or not self.entries[i][0] <= offset < self.entries[i][1]:
             return None
-        rows = self.entries[i][2]
-        pcs = [r["pc"] for r in rows]
+        _start, _end, pcs, rows = self.entries[i]
         j = bisect.bisect_right(pcs, offset) - 1
         return rows[j] if j >= 0 else None
 

@@ -13,6 +13,7 @@ LIST_LINES = 10
 class SourceCommands:
     list_next = None             # (path, first line) `list` shows next
     list_first = None            # (path, first line) `list` showed last, for `list -`
+    print_count = 0              # gdb's value history: $1, $2, ...
 
     # ---- stepping by source line --------------------------------------------------------------
     def _line_steps(self, over_calls: bool, past_line: bool = False):
@@ -166,7 +167,7 @@ class SourceCommands:
             value = t.resolve(expr)
             sym = t.symbolize(value) if not expr.startswith("$") or expr[1:] in ("rip", "pc") else None
             text = (f"{value:#x}" if fmt == "x" or sym else str(value)) + (f" <{sym}>" if sym else "")
-        self.print_count = getattr(self, "print_count", 0) + 1
+        self.print_count += 1
         self.say(f"${self.print_count} = {text}")
 
     do_p = do_print
