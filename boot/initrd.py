@@ -3,7 +3,8 @@ compressed, exactly as Linux's init/initramfs.c accepts them (distribution initr
 uncompressed early-microcode cpio followed by a compressed main cpio).
 
 The file goes to the guest unchanged; loading only validates it and describes its segments.
-build_initrd() writes the deterministic cpio the project ships as its default initrd.
+build_initrd_from_config() writes a deterministic cpio from a gen_init_cpio config (the shipped
+initrd is kernel_stub/rootfs.config); build_initrd() archives a folder the same way.
 """
 import bz2
 import ctypes
@@ -58,9 +59,24 @@ def load_initrd(path) -> Initrd:
         data = path.read_bytes()
     except OSError as exc:
         raise InitrdError(f"{what}: cannot read: {exc.strerror}") from None
+    segments, files = [], 0
+    for name, archives in _segments(data, what):
+        segments.append(name)
+        files += sum(_count_entries(archive, label) for label, archive in archives)
+    return Initrd(str(path), data, tuple(segments), files)
+
+
+def split_archives(data: bytes, what: str = "initrd") -> list[bytes]:
+    """Every cpio newc archive of an initrd (decompressed), in the order Linux unpacks them.
+    Raises InitrdError as load_initrd() does."""
+    return [bytes(archive) for _name, archives in _segments(data, what) for _label, archive in archives]
+
+
+def _segments(data: bytes, what: str):
+    """(compression name, [(label, archive bytes), ...]) for each segment of an initrd."""
     if not data.strip(b"\0"):
         raise InitrdError(f"{what}: empty")
-    segments, files, pos = [], 0, 0
+    pos = 0
     view = memoryview(data)
     while pos < len(data):
         # Like unpack_to_rootfs(): NUL padding between segments is skipped, a '0' starts an
@@ -69,9 +85,9 @@ def load_initrd(path) -> Initrd:
             pos += 1
             continue
         if view[pos:pos + 6] in NEWC_MAGICS:
-            end = _cpio_end(view, pos, f"{what}: cpio archive at {pos:#x}")
-            files += _count_entries(view[pos:end], f"{what}: cpio archive at {pos:#x}")
-            segments.append("none")
+            label = f"{what}: cpio archive at {pos:#x}"
+            end = _cpio_end(view, pos, label)
+            yield "none", [(label, view[pos:end])]
             pos = end
             continue
         if view[pos:pos + 6] == b"070707":
@@ -86,15 +102,13 @@ def load_initrd(path) -> Initrd:
             name, out, end = decompress_stream(data, pos)
         except CompressedStreamError as exc:
             raise InitrdError(f"{what}: segment at {pos:#x}: {exc}") from None
-        files += _count_archives(out, f"{what}: {name} segment at {pos:#x}")
-        segments.append(name)
+        yield name, _archives_in(out, f"{what}: {name} segment at {pos:#x}")
         pos = end
-    return Initrd(str(path), data, tuple(segments), files)
 
 
-def _count_archives(buf: bytes, what: str) -> int:
-    """Entries in the cpio archive(s) a compressed segment decompresses to."""
-    view, pos, files, archives = memoryview(buf), 0, 0, 0
+def _archives_in(buf: bytes, what: str) -> list:
+    """The cpio archive(s) a compressed segment decompresses to."""
+    view, pos, archives = memoryview(buf), 0, []
     while pos < len(buf):
         if buf[pos] == 0:
             pos += 1
@@ -102,12 +116,11 @@ def _count_archives(buf: bytes, what: str) -> int:
         if view[pos:pos + 6] not in NEWC_MAGICS:
             raise InitrdError(f"{what}: decompressed data at {pos:#x} is not a cpio newc archive")
         end = _cpio_end(view, pos, what)
-        files += _count_entries(view[pos:end], what)
-        archives += 1
+        archives.append((what, view[pos:end]))
         pos = end
     if not archives:
         raise InitrdError(f"{what}: decompresses to no cpio archive")
-    return files
+    return archives
 
 
 def _cpio_end(view: memoryview, pos: int, what: str) -> int:
@@ -214,30 +227,190 @@ def _tree(root: Path) -> list[str]:
 
 def _add(archive, path: Path, rel: str, ino: int) -> None:
     st = path.lstat()
-    attrs = dict(pathname=rel, uid=0, gid=0, mtime=0, atime=0, ctime=0)
     if stat.S_ISLNK(st.st_mode):
-        attrs.update(filetype=FileType.SYMBOLINK_LINK, perm=0o777, size=0)  # writer sizes the target
-        data, nlink = b"", 1
+        _write_entry(archive, rel, FileType.SYMBOLINK_LINK, 0o777, ino=ino, symlink=os.readlink(path))
     elif stat.S_ISDIR(st.st_mode):
-        attrs.update(filetype=FileType.DIRECTORY, perm=0o755, size=0)
-        data, nlink = b"", 2
+        _write_entry(archive, rel, FileType.DIRECTORY, 0o755, ino=ino, nlink=2)
     elif stat.S_ISREG(st.st_mode):
-        data = path.read_bytes()
-        attrs.update(filetype=FileType.REGULAR_FILE, size=len(data),
-                     perm=0o755 if st.st_mode & stat.S_IXUSR else 0o644)
-        nlink = 1
+        _write_entry(archive, rel, FileType.REGULAR_FILE, 0o755 if st.st_mode & stat.S_IXUSR else 0o644,
+                     ino=ino, data=path.read_bytes())
     else:
         raise InitrdError(f"initrd source {path}: unsupported file type (only files, directories, symlinks)")
+
+
+def _write_entry(archive, name: str, filetype, perm: int, *, ino: int, uid: int = 0, gid: int = 0,
+                 nlink: int = 1, data: bytes = b"", symlink: str | None = None, rdev=(0, 0)) -> None:
+    """One newc entry with mtime 0 and exactly the given inode, link count and owner."""
+    attrs = dict(pathname=name, uid=uid, gid=gid, mtime=0, atime=0, ctime=0, filetype=filetype,
+                 perm=perm, size=len(data))  # a symlink's size: the writer takes its target's
+    if filetype in (FileType.CHAR_DEVICE, FileType.BLOCK_DEVICE):
+        attrs.update(rdevmajor=rdev[0], rdevminor=rdev[1])
     entry = libarchive.ArchiveEntry(header_codec="utf-8", **attrs)
     _lib.archive_entry_set_ino64(entry._entry_p, ino)
     _lib.archive_entry_set_nlink(entry._entry_p, nlink)
-    if stat.S_ISLNK(st.st_mode):
-        _lib.archive_entry_copy_symlink(entry._entry_p, os.fsencode(os.readlink(path)))
+    if symlink is not None:
+        _lib.archive_entry_copy_symlink(entry._entry_p, os.fsencode(symlink))
     ffi = libarchive.ffi
     ffi.write_header(archive._pointer, entry._entry_p)
     if data:
         ffi.write_data(archive._pointer, data, len(data))
     ffi.write_finish_entry(archive._pointer)
+
+
+# --- building from a gen_init_cpio config (the format of openhcl/rootfs.config) ---------------
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    line: int            # 1-based line number in the config
+    kind: str            # "dir", "file", "slink" or "nod"
+    name: str            # archive name: the config's NAME without its leading '/'
+    mode: int            # permission bits (octal in the config)
+    uid: int
+    gid: int
+    source: str = ""     # file: SOURCE as written
+    target: str = ""     # slink: TARGET as written
+    dev: str = ""        # nod: "c" or "b"
+    major: int = 0
+    minor: int = 0
+    links: tuple = ()    # file: further names of the same inode (gen_init_cpio's hard links)
+
+
+# Fields after the type word, as usr/gen_init_cpio.c reads them.
+_CONFIG_SYNTAX = {
+    "dir": "NAME MODE UID GID",
+    "file": "NAME SOURCE MODE UID GID [HARDLINK...]",
+    "slink": "NAME TARGET MODE UID GID",
+    "nod": "NAME MODE UID GID c|b MAJOR MINOR",
+}
+
+
+def parse_rootfs_config(text: str, what: str = "rootfs config") -> list[ConfigEntry]:
+    """The entries of a gen_init_cpio config, in order. Raises InitrdError naming the line."""
+    entries = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        words = raw.split()
+        if not words or words[0].startswith("#"):
+            continue
+        try:
+            entries.append(_parse_line(number, words))
+        except ValueError as exc:
+            raise InitrdError(f"{what} line {number}: {exc}: {raw.strip()!r}") from None
+    return entries
+
+
+def _parse_line(number: int, words: list[str]) -> ConfigEntry:
+    kind, args = words[0], words[1:]
+    if kind not in _CONFIG_SYNTAX:
+        known = "not supported here" if kind in ("pipe", "sock") else "unknown"
+        raise ValueError(f"type {kind!r} {known} (one of {', '.join(_CONFIG_SYNTAX)})")
+    want = sum(1 for field in _CONFIG_SYNTAX[kind].split() if not field.startswith("["))
+    if len(args) != want and not (kind == "file" and len(args) > want):
+        raise ValueError(f"{kind} takes {_CONFIG_SYNTAX[kind]}, got {len(args)} field(s)")
+    if kind == "file":
+        args = args[:5] + [args[5:]]
+    name, *rest = args
+    fields = {"name": _config_name(name)}
+    if kind == "file":
+        fields["source"], *rest = rest
+        fields["links"] = tuple(_config_name(link) for link in rest.pop())
+    elif kind == "slink":
+        fields["target"], *rest = rest
+    mode, uid, gid, *rest = rest
+    fields.update(mode=_number(mode, 8, "MODE", 0o7777), uid=_number(uid, 10, "UID", 0xFFFFFFFF),
+                  gid=_number(gid, 10, "GID", 0xFFFFFFFF))
+    if kind == "nod":
+        dev, major, minor = rest
+        if dev not in ("c", "b"):
+            raise ValueError(f"device type {dev!r} is neither c (character) nor b (block)")
+        fields.update(dev=dev, major=_number(major, 10, "MAJOR", 0xFFFFFFFF),
+                      minor=_number(minor, 10, "MINOR", 0xFFFFFFFF))
+    return ConfigEntry(number, kind, **fields)
+
+
+def _config_name(name: str) -> str:
+    parts = name.strip("/").split("/")
+    if ".." in parts:
+        raise ValueError(f"name {name!r} has a '..' component")
+    if not name.strip("/"):
+        raise ValueError(f"name {name!r} names the root itself")
+    return name.strip("/")
+
+
+def _number(text: str, base: int, field: str, limit: int) -> int:
+    digits = "01234567" if base == 8 else "0123456789"
+    if not text or any(c not in digits for c in text) or int(text, base) > limit:
+        kind = "an octal" if base == 8 else "a decimal"
+        raise ValueError(f"{field} {text!r} is not {kind} number up to {limit:{'#o' if base == 8 else 'd'}}")
+    return int(text, base)
+
+
+def config_sources(config_path, source_dir, extra_sources=None) -> list[Path]:
+    """The host file behind each `file` line of the config, in config order."""
+    config = Path(config_path)
+    entries = _read_config(config)
+    return [_source_path(e, Path(source_dir), extra_sources or {}) for e in entries if e.kind == "file"]
+
+
+def build_initrd_from_config(config_path, source_dir, compression: str = "gzip",
+                             extra_sources=None) -> bytes:
+    """The cpio newc archive a gen_init_cpio config describes, compressed as Linux expects.
+
+    SOURCE paths are relative to source_dir unless extra_sources (SOURCE -> path) names them.
+    Reproducible like gen_init_cpio with a fixed mtime: entries in config order, mtime 0,
+    inodes 1.., uid/gid and mode from the config, a file's data on its last hard link.
+    """
+    config, source_dir, extra = Path(config_path), Path(source_dir), dict(extra_sources or {})
+    if compression not in COMPRESSIONS:
+        raise InitrdError(f"{config}: unknown compression {compression!r} (one of {', '.join(COMPRESSIONS)})")
+    entries = _read_config(config)
+    out = bytearray()
+
+    def write(chunk) -> int:
+        out.extend(chunk)
+        return len(chunk)
+
+    try:
+        with libarchive.custom_writer(write, "cpio_newc") as archive:
+            for ino, e in enumerate(entries, start=1):
+                owner = dict(ino=ino, uid=e.uid, gid=e.gid)
+                if e.kind == "dir":
+                    _write_entry(archive, e.name, FileType.DIRECTORY, e.mode, nlink=2, **owner)
+                elif e.kind == "slink":
+                    _write_entry(archive, e.name, FileType.SYMBOLINK_LINK, e.mode, symlink=e.target, **owner)
+                elif e.kind == "nod":
+                    filetype = FileType.CHAR_DEVICE if e.dev == "c" else FileType.BLOCK_DEVICE
+                    _write_entry(archive, e.name, filetype, e.mode, rdev=(e.major, e.minor), **owner)
+                else:
+                    data = _read_source(e, config, source_dir, extra)
+                    names = (e.name, *e.links)
+                    for i, name in enumerate(names):
+                        last = i == len(names) - 1
+                        _write_entry(archive, name, FileType.REGULAR_FILE, e.mode, nlink=len(names),
+                                     data=data if last else b"", **owner)
+    except libarchive.ArchiveError as exc:
+        raise InitrdError(f"{config}: libarchive: {_msg(exc)}") from None
+    return compress(bytes(out), compression)
+
+
+def _read_config(config: Path) -> list[ConfigEntry]:
+    try:
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InitrdError(f"{config}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_rootfs_config(text, str(config))
+
+
+def _source_path(e: ConfigEntry, source_dir: Path, extra: dict) -> Path:
+    return Path(extra[e.source]) if e.source in extra else source_dir / e.source
+
+
+def _read_source(e: ConfigEntry, config: Path, source_dir: Path, extra: dict) -> bytes:
+    path = _source_path(e, source_dir, extra)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InitrdError(f"{config} line {e.line}: source {e.source!r} ({path}): "
+                          f"cannot read: {exc.strerror}") from None
 
 
 def compress(data: bytes, compression: str) -> bytes:

@@ -18,7 +18,7 @@ def standin_kernel() -> Path:
 
 @pytest.fixture(scope="session")
 def shipped_initrd() -> Path:
-    """The shipped default initrd (kernel_stub/initrd/ as a gzip cpio newc)."""
+    """The shipped default initrd (kernel_stub/rootfs.config as a gzip cpio newc)."""
     from hclsim.kernel_stub import images
     return images.default_initrd()
 
