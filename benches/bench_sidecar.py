@@ -91,6 +91,7 @@ def test_run_vp_round_trip_with_intercept(benchmark):
     """RUN_VP command -> VTL return -> VTL0 CPUID -> intercept -> VTL2 -> IDLE + attention."""
     import numpy as np
 
+    from hclsim.boot.vtl0_guest import IMAGE_GPA
     from hclsim.hv import intercepts
     from hclsim.sidecar.vp_loop import VpRunner
     from hclsim.devices.vtl0_test import TestDevices
@@ -100,6 +101,8 @@ def test_run_vp_round_trip_with_intercept(benchmark):
     VpRunner(m.partition, sc, cpu, TestDevices())  # primes VTL0's shared registers
     gps = np.asarray(sc.node_of(cpu).command_page(cpu)["cpu_context"]["gps"])
     gps[0] = 0x40000000                  # EAX for the guest's CPUID; VTL0 RIP stays on it
+    # VTL0 starts at the guest's CPUID step (from its entry, COM1's hello would come first)
+    m.partition.set_registers(cpu, {"rip": IMAGE_GPA + m.vtl0_guest.image.symbol("step_cpuid")}, vtl=0)
 
     def round_trip():
         page = sc.run(cpu, sl.COMMAND_RUN_VP)

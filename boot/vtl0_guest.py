@@ -35,7 +35,7 @@ result_dtype = np.dtype([("magic", "<u4"), ("vp_index", "<u4"), ("cpuid_ebx", "<
                          ("cpuid_edx", "<u4"), ("in_value", "<u4"), ("mmio_value", "<u4"), ("pad", "<u4"),
                          ("msr_value", "<u8"), ("done", "<u4"), ("mmio_zx8", "<u4"), ("mmio_hi8", "<u8"),
                          ("mmio_sx16", "<u8"), ("mmio_sx32", "<u8"), ("mmio_u16", "<u8"), ("mmio_u64", "<u8"),
-                         ("reserved", "u1", 40)])
+                         ("checksum", "<u8"), ("iterations", "<u4"), ("reserved", "u1", 28)])
 assert result_dtype.itemsize == RESULT_SIZE
 
 
@@ -69,8 +69,10 @@ def load_vtl0_guest(mem, image, vp_count: int, vtl2_base: int) -> Vtl0Guest:
     return Vtl0Guest(image, vp_count)
 
 
-def initial_state(guest: Vtl0Guest, vp: int) -> dict:
-    """VTL0 registers of vp at the guest's entry (RDI = VP index, RSI = count, RDX = results)."""
+def initial_state(guest: Vtl0Guest, vp: int, iterations: int) -> dict:
+    """VTL0 registers of vp at the guest's entry (RDI = VP index, RSI = count, RDX = results,
+    RCX = the workload loop's iteration count, BootConfig.vtl0_iterations)."""
     ctx = long_mode_context(rip=guest.entry, rsp=STACKS_GPA + (vp + 1) * STACK_SIZE, cr3=PML4_GPA, gdt=(GDT_GPA, 0x1F),
                             cr0=0x80000031, cr4=0x620, efer=0xD00, cs=0x10, ds=0x18)   # PG NE ET PE; PAE OSFXSR OSXMMEXCPT
-    return vtl.register_file(ctx, {HvRegister.Rdi: vp, HvRegister.Rsi: guest.vp_count, HvRegister.Rdx: RESULTS_GPA})
+    return vtl.register_file(ctx, {HvRegister.Rdi: vp, HvRegister.Rsi: guest.vp_count, HvRegister.Rdx: RESULTS_GPA,
+                                   HvRegister.Rcx: iterations})

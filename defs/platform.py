@@ -39,3 +39,12 @@ VTL0_MMIO_SIZE = 0x20000          # a 64-byte slot per VP (VTL0_MMIO_STRIDE), 20
 VTL0_MMIO_READ_PATTERN = 0xF00D0000  # | offset: what a test MMIO read returns
 VTL0_MMIO_PATTERN = 0xA5A50000
 VTL0_TEST_MSR = 0x40000000
+# The workload and the end of the run: ITER 32-bit OUTs of the iteration number to the loop port,
+# folded into the record's checksum (FNV-1a, 64-bit, over the 32-bit iteration numbers:
+# x = BASIS; x = (x ^ i) * PRIME), then a 32-bit OUT of the VP index to the power-off port ("this
+# VP has finished"; the VM powers off once every VP has written it).
+VTL0_LOOP_PORT = 0x444
+VTL0_POWER_PORT = 0x404
+VTL0_CHECKSUM_BASIS = 0xCBF29CE484222325
+VTL0_CHECKSUM_PRIME = 0x100000001B3
+VTL0_MAX_ITERATIONS = 10**9       # BootConfig.vtl0_iterations: 0..this (the guest counts in 32 bits)

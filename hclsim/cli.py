@@ -118,6 +118,8 @@ def _add_boot_options(p, suppress: bool = False) -> None:
                    help="the host offers no serial port at 0x3E8")
     p.add_argument("--timeout", type=_seconds, default=default(d.timeout), metavar="SECONDS",
                    help="stop a guest that runs this long, in host seconds (default 120)")
+    p.add_argument("--vtl0-iterations", type=int, default=default(d.vtl0_iterations), metavar="N",
+                   help=f"loop iterations of the VTL0 test guest's workload on every VP (default {d.vtl0_iterations})")
 
 
 def _add_output_options(p, suppress: bool = False, what: str = "report.json, serial.log, linux.dtb, "
@@ -188,7 +190,8 @@ def config_from_args(args):
                         sidecar=args.sidecar, no_sidecar=args.no_sidecar,
                         isolation=args.isolation, static_cmdline=args.static_cmdline,
                         cmdline_policy=args.cmdline_policy, host_bootargs=args.host_bootargs,
-                        com3=not args.no_com3, timeout=args.timeout).validated()
+                        com3=not args.no_com3, timeout=args.timeout,
+                        vtl0_iterations=args.vtl0_iterations).validated()
     for option in ("kernel", "initrd", "shim", "sidecar"):
         path = getattr(config, option)
         if path is not None and not os.path.exists(path):

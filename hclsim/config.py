@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from hclsim import HclsimError
 from hclsim.boot.layout import CMDLINE_POLICY_BY_NAME, MAX_CPU_COUNT, MAX_NUMA_NODES
-from hclsim.defs.platform import ISOLATION_BY_NAME
+from hclsim.defs.platform import ISOLATION_BY_NAME, VTL0_MAX_ITERATIONS
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -69,6 +69,7 @@ class BootConfig:
     sidecar: str | None = None        # None: the shipped sidecar kernel (built from sidecar/firmware)
     no_sidecar: bool = False          # leave the image's sidecar slot empty
     vtl0_guest: bool = True           # load the VTL0 test guest (boot/firmware/vtl0) on every VP
+    vtl0_iterations: int = 100        # the VTL0 test guest's workload loop: iterations per VP (RCX)
     isolation: str = "none"
     static_cmdline: str = ""
     cmdline_policy: str = "append-chosen"
@@ -100,6 +101,10 @@ class BootConfig:
             raise ConfigError(f"--memory {format_size(self.memory)} cannot hold VTL2 ({format_size(self.vtl2_size)} "
                               f"at {format_size(self.vtl2_base)}, --vtl2-size): ask for --memory "
                               f"{vtl2_end // MiB}M or more, or a smaller --vtl2-size")
+        n = self.vtl0_iterations
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= VTL0_MAX_ITERATIONS:
+            raise ConfigError(f"--vtl0-iterations {n}: must be a whole number 0..{VTL0_MAX_ITERATIONS} "
+                              "(the VTL0 test guest's loop iterations per VP)")
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0) or math.isnan(self.timeout):
             raise ConfigError(f"--timeout {self.timeout}: must be a positive number of seconds")
         if len(cmdline_bytes(self.static_cmdline)) > 4092:

@@ -141,7 +141,7 @@ class Machine:
         self.partition = Partition(self.mem, self.hv, self.vps, self.scheduler)
         if self.vtl0_guest is not None:
             for i in range(cfg.cpus):
-                self.partition.set_vtl0_state(i, initial_state(self.vtl0_guest, i))
+                self.partition.set_vtl0_state(i, initial_state(self.vtl0_guest, i, cfg.vtl0_iterations))
         self.timings["build_image_ms"] = (time.perf_counter() - t1) * 1e3
 
     # ---- devices -------------------------------------------------------------------------

@@ -72,15 +72,23 @@ class VpRunner:
         self._set_rip(msg["rip"] + msg["instruction_length"])
         return msg
 
-    def run_until_halted(self, done, limit: int = 100) -> list[dict]:
-        """step() until done() (the guest finished its work), then STOP the halted VTL0."""
-        for _ in range(limit):
-            if done():
-                break
-            if self.step(done) is None:
-                break
-        else:
-            raise VpRunError(f"CPU {self.cpu}: VTL0 not finished after {limit} intercepts")
+    def run_until_halted(self, done, limit: int | None = None) -> list[dict]:
+        """step() until the guest has finished its work, then on until VTL0 halts (STOPped there
+        on a sidecar CPU); every intercept on the way is handled. Finished: done() (the guest's
+        word, e.g. its record's done flag) and, when the devices can tell (devices.finished(cpu):
+        the VTL0 test guest's power-off write, its last intercept, which comes after its record's
+        done), theirs. limit: VpRunError after that many intercepts (None: no limit). Returns
+        every intercept this runner has handled."""
+        reported = getattr(self.devices, "finished", None)
+        finished = done if reported is None else (lambda: done() and reported(self.cpu))
+        count = 0
+        for until in (finished, None):        # to its end, then into its hlt loop
+            while until is None or not until():
+                if self.step(until) is None:
+                    break
+                count += 1
+                if limit is not None and count > limit:
+                    raise VpRunError(f"CPU {self.cpu}: VTL0 not halted after {limit} intercepts")
         return self.intercepts
 
 

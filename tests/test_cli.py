@@ -102,7 +102,8 @@ def test_sidecar_commands():
     regs = json.loads(hclsim("sidecar", "--cpus", "8", "--json", "get-regs", "3", "rip", "rdi").stdout)
     assert regs["registers"] == {"rip": "0x200000", "rdi": "0x3"}
     run = json.loads(hclsim("sidecar", "--cpus", "8", "--json", "run-vp", "2").stdout)
-    assert run["done"] and [i["type"] for i in run["intercepts"]][0] == "cpuid"
+    assert run["done"] and run["com1"] == "hello from VTL0 vp 2\nvp 2 done\n"
+    assert [i["type"] for i in run["intercepts"]][len("hello from VTL0 vp 2\n")] == "cpuid"
     online = json.loads(hclsim("sidecar", "--cpus", "8", "--json", "online", "5", "2").stdout)
     assert online["linux_cpus"] == [0, 2, 5]
 

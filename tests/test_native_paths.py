@@ -13,6 +13,7 @@ from hclsim.cpu import pagetable
 from hclsim.cpu.cpuid import build_cpuid_table, cpuid_lookup
 from hclsim.cpu.insnlen import count_instructions, insn_length
 from hclsim.devices import uart16550 as uart
+from hclsim.devices import uart16550_native as uart_native
 
 LIBC = Path("/lib/x86_64-linux-gnu/libc.so.6")
 
@@ -80,24 +81,30 @@ def _uart_script():
 
 
 def test_uart_numba_matches_python_twin():
+    """One source of the register logic: numba's compile of it, and the pure function itself
+    over the native path's arrays and over the pure device's list and bytearray."""
+    assert uart_native.uart_access.py_func is uart.register_access
     results = []
-    for fn in (uart.uart_access, uart.uart_access.py_func):
-        regs, out = uart.new_registers(), np.zeros(16, np.uint8)
+    for fn, regs, out in ((uart_native.uart_access, uart_native.new_registers(), np.zeros(16, np.uint8)),
+                          (uart.register_access, uart_native.new_registers(), np.zeros(16, np.uint8)),
+                          (uart.register_access, uart.new_registers(), bytearray(16))):
         n, reads = 0, []
         for off, write, value in _uart_script():
             v, n = fn(regs, out, n, 16, off, bool(write), value)
             reads.append(int(v))
-        results.append((reads, out[:n].tobytes(), regs.tolist()))
-        assert out[:n].tobytes() == b"Hi\n"
+        results.append((reads, bytes(out[:n]), [int(r) for r in regs]))
+        assert bytes(out[:n]) == b"Hi\n"
         assert uart.baud(regs) == 115200
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     assert results[0][0][-8 + 5] == uart.LSR_THRE_TEMT
 
 
 def test_uart_ring_full_drops_nothing_silently():
-    regs, out = uart.new_registers(), np.zeros(2, np.uint8)
-    _, n = uart.uart_access(regs, out, 2, 2, 0, True, 65)
+    regs, out = uart_native.new_registers(), np.zeros(2, np.uint8)
+    _, n = uart_native.uart_access(regs, out, 2, 2, 0, True, 65)
     assert n == 2  # the caller drains at capacity before writing; a full ring is not overwritten
+    _, n = uart.register_access(uart.new_registers(), bytearray(2), 2, 2, 0, True, 65)
+    assert n == 2
 
 
 @pytest.mark.parametrize("isolation", [ISOLATION_NONE, ISOLATION_VBS])

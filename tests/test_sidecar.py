@@ -18,9 +18,12 @@ from hclsim.defs.hvdef import HvRegister
 REG_RIP, REG_RAX, REG_CR0, REG_CR3 = HvRegister.Rip, HvRegister.Rax, HvRegister.Cr0, HvRegister.Cr3
 
 
+VTL0_ITERATIONS = 3   # the VTL0 test guest's workload loop, kept short: these tests are about its steps
+
+
 @pytest.fixture
 def machine():
-    m = Machine(BootConfig(cpus=12))
+    m = Machine(BootConfig(cpus=12, vtl0_iterations=VTL0_ITERATIONS))
     result = m.run_to_handoff()
     yield m, result
     m.close()
@@ -156,6 +159,35 @@ def test_online_sidecar_cpus_in_random_order(machine):
 VTL0_MMIO_INTERCEPTS = 13   # 32-bit load and store, 6 other loads, 5 other stores
 
 
+def vtl0_com1(cpu: int) -> str:
+    """What VP cpu's test guest writes on COM1."""
+    return f"hello from VTL0 vp {cpu}\nvp {cpu} done\n"
+
+
+def vtl0_intercepts(cpu: int, iterations: int = VTL0_ITERATIONS) -> list[tuple[str, int | None]]:
+    """(message name, port of an I/O intercept) of every intercept VP cpu's test guest causes,
+    in order: COM1 hello, CPUID, test port OUT and IN, the MMIO forms, RDMSR, the workload loop,
+    COM1 "done", the power-off write."""
+    hello, done = f"hello from VTL0 vp {cpu}\n", f"vp {cpu} done\n"
+    return ([("io-port", 0x3F8)] * len(hello) + [("cpuid", None), ("io-port", 0x440), ("io-port", 0x440)]
+            + [("unmapped-gpa", None)] * VTL0_MMIO_INTERCEPTS + [("msr", None)]
+            + [("io-port", 0x444)] * iterations + [("io-port", 0x3F8)] * len(done) + [("io-port", 0x404)])
+
+
+def intercept_kinds(seen: list[dict]) -> list[tuple[str, int | None]]:
+    from hclsim.defs.hvdef import message_name
+    return [(message_name(msg["type"]), msg.get("port")) for msg in seen]
+
+
+def check_vtl0_workload(cpu: int, rec, devices, iterations: int = VTL0_ITERATIONS) -> None:
+    """The loop's record fields (against the Python model), its port and the power-off report."""
+    from hclsim.devices.vtl0_test import loop_checksum
+    assert rec["iterations"] == iterations and rec["checksum"] == loop_checksum(iterations)
+    assert devices.loop.writes == iterations and devices.loop.last == max(iterations - 1, 0)
+    assert bytes(devices.com1).decode() == vtl0_com1(cpu)
+    assert devices.finished(cpu) and devices.power.reported == {cpu}
+
+
 def vtl0_mmio_expected(cpu: int) -> tuple[dict, list]:
     """(record fields, TestDevices.mmio_accesses) of the guest's MMIO steps on VP cpu (< 64)."""
     from hclsim.boot import vtl0_guest as g
@@ -204,9 +236,9 @@ def test_run_vp_runs_vtl0_through_its_intercepts(machine):
     results = m.vtl0_guest.results(m.mem)
     runner = VpRunner(m.partition, r.linux.sidecar, cpu, TestDevices())
     seen = runner.run_until_halted(lambda: results[cpu]["done"] == 1)
-    assert [msg["type"] for msg in seen] == [ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT,
-                                             *[ic.MSG_UNMAPPED_GPA] * VTL0_MMIO_INTERCEPTS, ic.MSG_MSR]
+    assert intercept_kinds(seen) == vtl0_intercepts(cpu)
     assert all(msg["vp"] == cpu for msg in seen)
+    assert [msg["access"] for msg in seen if msg["type"] == ic.MSG_IO_PORT].count(ic.ACCESS_READ) == 1
     rec = results[cpu]
     assert rec["magic"] == 0x564F544C and rec["vp_index"] == cpu and rec["done"] == 1
     vendor = struct.pack("<3I", rec["cpuid_ebx"], rec["cpuid_ecx"], rec["cpuid_edx"])
@@ -216,6 +248,7 @@ def test_run_vp_runs_vtl0_through_its_intercepts(machine):
     assert runner.devices.port_writes == [(0x440, 0xC0DE0000 | cpu)]
     assert runner.devices.mmio_writes[0] == (0xFED00004 + 64 * cpu, 0xA5A50000 | cpu)
     check_vtl0_mmio(cpu, rec, runner.devices)
+    check_vtl0_workload(cpu, rec, runner.devices)
     assert r.linux.sidecar.node_of(cpu).cpu_status(cpu) == sl.CPU_IDLE
 
 
@@ -292,7 +325,6 @@ def test_attention_scan_numba_matches_twin():
 
 def test_vtl0_runs_on_the_bsp_and_prints_on_com1(machine):
     """Linux CPUs run VTL0 directly (mshv_vtl's RUN_VP): the BSP's test guest says hello on COM1."""
-    from hclsim.hv import intercepts as ic
     from hclsim.sidecar.vp_loop import LinuxVpRunner, vtl0_runner
     from hclsim.devices.vtl0_test import TestDevices
     m, r = machine
@@ -300,19 +332,21 @@ def test_vtl0_runs_on_the_bsp_and_prints_on_com1(machine):
     runner = vtl0_runner(m.linux, 0, TestDevices())
     assert isinstance(runner, LinuxVpRunner)
     seen = runner.run_until_halted(lambda: results[0]["done"] == 1)
-    assert bytes(runner.devices.com1) == b"hello from VTL0 vp 0\n"
-    assert [msg["type"] for msg in seen[-(4 + VTL0_MMIO_INTERCEPTS):]] == [
-        ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT, *[ic.MSG_UNMAPPED_GPA] * VTL0_MMIO_INTERCEPTS, ic.MSG_MSR]
+    assert bytes(runner.devices.com1) == b"hello from VTL0 vp 0\nvp 0 done\n"
+    assert intercept_kinds(seen) == vtl0_intercepts(0)
+    assert runner.step() is None                     # halted for good
     rec = results[0]
     assert rec["done"] == 1 and rec["vp_index"] == 0 and rec["mmio_value"] == 0xF00D0000
     assert runner.devices.port_writes == [(0x440, 0xC0DE0000)]
     check_vtl0_mmio(0, rec, runner.devices)
+    check_vtl0_workload(0, rec, runner.devices)
     assert m.hv.vps[0].vtl == 2 and 0 in r.linux.cpus.online
 
 
 def test_vtl0_state_moves_with_a_cpu_onlined_mid_run(machine):
-    """Three intercepts through the sidecar, then the CPU becomes a Linux CPU and VTL0 goes on
-    there: the IN result the host wrote into the command page's context reaches VTL0."""
+    """The COM1 hello and three intercepts through the sidecar, then the CPU becomes a Linux CPU
+    and VTL0 goes on there: the IN result the host wrote into the command page's context reaches
+    VTL0."""
     from hclsim.hv import intercepts as ic
     from hclsim.defs.platform import VTL0_TEST_PORT_VALUE as TEST_PORT_VALUE
     from hclsim.sidecar.vp_loop import LinuxVpRunner, VpRunner, vtl0_runner
@@ -322,17 +356,20 @@ def test_vtl0_state_moves_with_a_cpu_onlined_mid_run(machine):
     results = m.vtl0_guest.results(m.mem)
     devices = TestDevices()
     through_sidecar = VpRunner(m.partition, r.linux.sidecar, cpu, devices)
-    first = [through_sidecar.step() for _ in range(3)]   # CPUID, OUT, IN: IN's value is pending
-    assert [msg["type"] for msg in first] == [ic.MSG_CPUID, ic.MSG_IO_PORT, ic.MSG_IO_PORT]
-    assert [msg["access"] for msg in first[1:]] == [ic.ACCESS_WRITE, ic.ACCESS_READ]
+    hello = len(f"hello from VTL0 vp {cpu}\n")
+    steps = vtl0_intercepts(cpu)
+    first = [through_sidecar.step() for _ in range(hello + 3)]   # hello, CPUID, OUT, IN: IN's value is pending
+    assert intercept_kinds(first) == steps[:hello + 3]
+    assert [msg["access"] for msg in first[-2:]] == [ic.ACCESS_WRITE, ic.ACCESS_READ]
     r.linux.cpus.online_cpu(cpu)
     on_linux = vtl0_runner(m.linux, cpu, devices)
     assert isinstance(on_linux, LinuxVpRunner)
     rest = on_linux.run_until_halted(lambda: results[cpu]["done"] == 1)
-    assert [msg["type"] for msg in rest] == [*[ic.MSG_UNMAPPED_GPA] * VTL0_MMIO_INTERCEPTS, ic.MSG_MSR]
+    assert intercept_kinds(rest) == steps[hello + 3:]
     rec = results[cpu]
     assert rec["in_value"] == TEST_PORT_VALUE and rec["vp_index"] == cpu and rec["done"] == 1
     vendor = struct.pack("<3I", rec["cpuid_ebx"], rec["cpuid_ecx"], rec["cpuid_edx"])
     assert vendor == b"Microsoft Hv"
     assert devices.port_writes == [(0x440, 0xC0DE0000 | cpu)]
     check_vtl0_mmio(cpu, rec, devices)   # the loads' registers came through the Linux CPU's copy
+    check_vtl0_workload(cpu, rec, devices)

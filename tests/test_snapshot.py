@@ -81,6 +81,7 @@ def _drive_linux(machine) -> dict:
     results = machine.vtl0_guest.results(machine.mem)
     runner = VpRunner(machine.partition, machine.linux.sidecar, 5, TestDevices())
     seen = runner.run_until_halted(lambda: results[5]["done"] == 1)
+    assert results[5]["iterations"] == machine.config.vtl0_iterations == 5 and runner.devices.finished(5)
     machine.linux.cpus.online_cpu(6)
     return {"intercepts": seen, "record": bytes(results[5]), "online": sorted(machine.linux.cpus.online),
             "instructions": machine.engine.counters()["instructions"], "hypercalls": list(machine.hv.hypercall_log),
@@ -88,7 +89,7 @@ def _drive_linux(machine) -> dict:
 
 
 def test_snapshot_after_the_handoff_keeps_the_linux_stand_in(hclsim_machine, hclsim_snapshot):
-    m = hclsim_machine(cpus=12)
+    m = hclsim_machine(cpus=12, vtl0_iterations=5)   # the snapshot's config keeps it
     m.run_to_handoff()
     m.linux.cpus.online_cpu(3)
     path = hclsim_snapshot.save(m)

@@ -30,11 +30,11 @@ def log_gpa() -> int:
 
 @pytest.fixture
 def shell():
-    """shell(*commands, cpus=4) -> the output of running them at a fresh prompt."""
+    """shell(*commands, cpus=4, **BootConfig fields) -> the output of running them at a fresh prompt."""
     made = []
 
-    def run(*commands, cpus=4):
-        machine = Machine(BootConfig(cpus=cpus))
+    def run(*commands, cpus=4, **config):
+        machine = Machine(BootConfig(cpus=cpus, **config))
         target = DebugTarget(machine)
         out = io.StringIO()
         sh = StepShell(target, out, 30)
@@ -161,16 +161,18 @@ def test_catch_vtl_switch_with_run_vp(shell):
 
 
 def test_sidecar_run_vp_at_the_prompt_shows_intercepts_and_com1(shell):
-    sh = shell("continue", "sidecar run-vp 3", "sidecar run-vp 0", cpus=4)
+    sh = shell("continue", "sidecar run-vp 3", "sidecar run-vp 0", cpus=4, vtl0_iterations=2)
     out = sh.output
     assert not sh.failed, out
     assert re.search(r"^CPU 3: \d+ intercepts, VTL0 done$", out, re.M)
     assert re.search(r"^  cpuid at 0x[0-9a-f]+ <vtl0:step_cpuid", out, re.M)
     assert re.search(r"^  io-port at 0x[0-9a-f]+ <vtl0:step_port_out.* port=0x440$", out, re.M)
     assert re.search(r"^  unmapped-gpa at 0x[0-9a-f]+ <vtl0:.* gpa=0xfed000c0$", out, re.M)   # VP 3's MMIO slot
-    assert "COM1: (nothing)" in out                                  # only VP 0 says hello
+    assert re.search(r"^  io-port at 0x[0-9a-f]+ <vtl0:step_loop.* port=0x444$", out, re.M)
+    assert re.search(r"^  io-port at 0x[0-9a-f]+ <vtl0:step_power_off.* port=0x404$", out, re.M)
+    assert "COM1: hello from VTL0 vp 3\nCOM1: vp 3 done\n" in out   # every VP says hello, then done
     assert re.search(r"^CPU 0: \d+ intercepts, VTL0 done$", out, re.M)   # the BSP, a Linux CPU
-    assert "COM1: hello from VTL0 vp 0" in out
+    assert "COM1: hello from VTL0 vp 0\nCOM1: vp 0 done\n" in out
 
 
 def test_a_guest_fault_prints_the_report_and_keeps_the_prompt(shell):

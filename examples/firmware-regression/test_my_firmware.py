@@ -44,9 +44,10 @@ def test_sidecar_starts_every_ap(hclsim_boot):
 
 
 def test_vtl0_guest_runs_on_a_sidecar_cpu(hclsim_boot):
-    out = hclsim_boot(cpus=4).run_vtl0(cpu=2)
-    assert out["record"]["done"] == 1
-    assert [i["type"] for i in out["intercepts"]][:2] == ["cpuid", "io-port"]
+    out = hclsim_boot(cpus=4, vtl0_iterations=5).run_vtl0(cpu=2)
+    assert out["record"]["done"] == 1 and out["record"]["iterations"] == 5
+    assert out["com1"] == "hello from VTL0 vp 2\nvp 2 done\n"
+    assert [i.get("port") for i in out["intercepts"]][-1] == "0x404"   # the power-off write ends it
 
 
 def test_breakpoint_and_snapshot(hclsim_machine, hclsim_snapshot):

@@ -1,7 +1,7 @@
 /* VTL0 test guest entry.  Every VP starts here concurrently, in long mode on
  * the simulator's identity map and GDT, IF = 0:
  *   RDI = VP index, RSI = VP count, RDX = results page GPA,
- *   RSP = top of this VP's own 16 KiB stack (16-byte aligned).
+ *   RCX = loop iterations (ITER), RSP = top of this VP's own 16 KiB stack (16-byte aligned).
  * The image has no relocations (link.ld asserts it), so there is nothing to
  * fix up and no VP has to wait for another. */
     .section .text.entry, "ax", @progbits
@@ -11,10 +11,10 @@ vtl0_entry:
     cld
     xor     %ebp, %ebp                  /* end of the frame chain for debuggers */
     /* RSP is 16-aligned here, so the call leaves it as the SysV ABI expects;
-     * RDI/RSI/RDX are already vtl0_main's arguments. */
+     * RDI/RSI/RDX/RCX are already vtl0_main's arguments. */
     call    vtl0_main
     .globl vtl0_halt
-vtl0_halt:                              /* step 11: park the VP for good */
+vtl0_halt:                              /* step 14: park the VP for good */
     cli
 1:  hlt
     jmp     1b

@@ -1,18 +1,42 @@
 /* VTL0 test guest: each step is one instruction that leaves VTL0 and must be
  * emulated by VTL2 (see docs/contracts.md, "VTL0 test guest"); steps 7 and 8
- * are one such instruction per MMIO form.  Every step has its own noinline
- * function so it shows up as a symbol when stepping. */
+ * are one such instruction per MMIO form, steps 1 and 12 one per character
+ * and step 10 one per loop iteration.
+ * Every step has its own noinline function so it shows up as a symbol when
+ * stepping.  The run ends with the power-off write (step 13): the VM powers
+ * off once every VP has made it. */
 #include "vtl0_guest.h"
 #include "x86_insn.h"
 
-void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa);
+void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa, uint32_t iterations);
 
-/* Step 1 (VP 0): one OUT per character; the simulated UART never backs up,
- * so there is no LSR polling (that would add an IN intercept per character). */
-static __attribute__((noinline)) void step_com1_hello(void)
+/* COM1 output: one OUT per character; the simulated UART never backs up, so
+ * there is no LSR polling (that would add an IN intercept per character). */
+static void com1_puts(const char *s)
 {
-    for (const char *s = "hello from VTL0 vp 0\n"; *s; s++)
+    for (; *s; s++)
         outb(VTL0_COM1_PORT, (uint8_t)*s);
+}
+
+static void com1_put_dec(uint32_t v)
+{
+    char digits[10];
+    int n = 0;
+
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        outb(VTL0_COM1_PORT, (uint8_t)digits[--n]);
+}
+
+/* Step 1: "hello from VTL0 vp N\n". */
+static __attribute__((noinline)) void step_com1_hello(uint32_t vp)
+{
+    com1_puts("hello from VTL0 vp ");
+    com1_put_dec(vp);
+    com1_puts("\n");
 }
 
 /* Step 2: the hypervisor vendor leaf. */
@@ -123,17 +147,47 @@ static __attribute__((noinline)) void step_rdmsr(volatile struct vtl0_result *r)
     r->msr_value = rdmsr(VTL0_TEST_MSR);
 }
 
-/* Called by vtl0_entry on every VP; returns into the hlt loop (step 11).
- * The record is volatile so its stores happen in program order: done last. */
-void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa)
+/* Step 10: the workload, ITER iterations: a 32-bit OUT of each iteration number
+ * to the loop port, folded into the checksum (vtl0_guest.h); the record shows
+ * the progress after every iteration. */
+static __attribute__((noinline)) void step_loop(uint32_t iterations, volatile struct vtl0_result *r)
+{
+    uint64_t x = VTL0_CHECKSUM_BASIS;
+
+    r->checksum = x;
+    for (uint32_t i = 0; i < iterations; i++) {
+        outl(VTL0_LOOP_PORT, i);
+        x = (x ^ i) * VTL0_CHECKSUM_PRIME;
+        r->checksum = x;
+        r->iterations = i + 1;
+    }
+}
+
+/* Step 12: "vp N done\n". */
+static __attribute__((noinline)) void step_com1_done(uint32_t vp)
+{
+    com1_puts("vp ");
+    com1_put_dec(vp);
+    com1_puts(" done\n");
+}
+
+/* Step 13: tell the VM this VP has finished; it powers off once every VP has. */
+static __attribute__((noinline)) void step_power_off(uint32_t vp)
+{
+    outl(VTL0_POWER_PORT, vp);
+}
+
+/* Called by vtl0_entry on every VP; returns into the hlt loop (step 14).
+ * The record is volatile so its stores happen in program order: done last,
+ * before the goodbye on COM1 and the power-off write. */
+void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa, uint32_t iterations)
 {
     volatile struct vtl0_result *r =
         (volatile struct vtl0_result *)(results_gpa + (uint64_t)VTL0_RESULT_SIZE * vp);
 
     r->magic = VTL0_RESULT_MAGIC;
     r->vp_index = vp;
-    if (vp == 0)
-        step_com1_hello();
+    step_com1_hello(vp);
     step_cpuid(r);
     step_port_out(vp);
     step_port_in(r);
@@ -142,5 +196,9 @@ void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa)
     step_mmio_loads(vp, r);
     step_mmio_stores(vp);
     step_rdmsr(r);
-    r->done = 1;                                /* step 10 */
+    step_loop(iterations, r);
+    r->done = 1;                                /* step 11 */
+    __asm__ volatile("" ::: "memory");          /* done is stored before the OUTs below */
+    step_com1_done(vp);
+    step_power_off(vp);
 }

@@ -19,6 +19,12 @@
 #define VTL0_TEST_MSR        0x40000000u     /* HV_X64_MSR_GUEST_OS_ID */
 #define VTL0_RESULT_MAGIC    0x564f544cu     /* "LTOV" in memory */
 #define VTL0_RESULT_SIZE     128u            /* record n at results + 128 n */
+#define VTL0_LOOP_PORT       0x444u          /* the workload loop: a 32-bit OUT of each iteration number */
+#define VTL0_POWER_PORT      0x404u          /* a 32-bit OUT of the VP index: this VP has finished */
+/* The loop's checksum: FNV-1a (64-bit) over the iteration numbers, one 32-bit word at a time:
+ * x = BASIS; for each i: x = (x ^ i) * PRIME. */
+#define VTL0_CHECKSUM_BASIS  0xcbf29ce484222325ull
+#define VTL0_CHECKSUM_PRIME  0x100000001b3ull
 
 /* MMIO instruction forms: each one's offset in the VP's slot.  A load of s bytes
  * reads (0xf00d0000 | offset in the range) truncated to s bytes (the host's device). */
@@ -42,7 +48,8 @@
 #define VTL0_MMIO_IMM32      0xa5a5a5a5u            /* stored as 0xffffffffa5a5a5a5 */
 
 /* One VP's record.  magic and vp_index are written first, each field as its
- * step completes, done = 1 last: a host reading done == 1 sees the rest. */
+ * step completes (iterations and checksum after every loop iteration), done = 1
+ * last: a host reading done == 1 sees the rest. */
 struct vtl0_result {
     uint32_t magic;        /* VTL0_RESULT_MAGIC */
     uint32_t vp_index;
@@ -62,7 +69,9 @@ struct vtl0_result {
     uint64_t mmio_sx32;    /* RCX after movsxd rcx, dword */
     uint64_t mmio_u16;     /* RCX after mov cx, word */
     uint64_t mmio_u64;     /* R11 after mov r11, qword */
-    uint8_t  reserved[40];
+    uint64_t checksum;     /* the loop's checksum so far (VTL0_CHECKSUM_BASIS before the loop) */
+    uint32_t iterations;   /* loop iterations done so far (ITER, from RCX at entry, once done) */
+    uint8_t  reserved[28];
 };
 
 _Static_assert(offsetof(struct vtl0_result, magic) == 0, "magic");
@@ -81,7 +90,9 @@ _Static_assert(offsetof(struct vtl0_result, mmio_sx16) == 56, "mmio_sx16");
 _Static_assert(offsetof(struct vtl0_result, mmio_sx32) == 64, "mmio_sx32");
 _Static_assert(offsetof(struct vtl0_result, mmio_u16) == 72, "mmio_u16");
 _Static_assert(offsetof(struct vtl0_result, mmio_u64) == 80, "mmio_u64");
-_Static_assert(offsetof(struct vtl0_result, reserved) == 88, "reserved");
+_Static_assert(offsetof(struct vtl0_result, checksum) == 88, "checksum");
+_Static_assert(offsetof(struct vtl0_result, iterations) == 96, "iterations");
+_Static_assert(offsetof(struct vtl0_result, reserved) == 100, "reserved");
 _Static_assert(sizeof(struct vtl0_result) == VTL0_RESULT_SIZE, "record size");
 
 #endif
