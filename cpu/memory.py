@@ -107,6 +107,11 @@ class GuestMemory:
             raise _cannot_map(size, e) from None
         return mem
 
+    @property
+    def fd(self) -> int | None:
+        """The memfd (None for private RAM): what a process is given to map guest RAM."""
+        return self._fd
+
     @staticmethod
     def _map_shared(fd: int, size: int) -> mmap.mmap:
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)

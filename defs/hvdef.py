@@ -284,3 +284,28 @@ C_STRUCTS = {
     "hv_get_set_vp_registers_input": HvGetSetVpRegistersInput,
     "hv_register_assoc": HvRegisterAssoc,
 }
+
+
+def parse_intercept(message: bytes) -> dict:
+    """The fields a VMM needs from an intercept HvMessage, by their TLFS names' short forms:
+    type, vp, instruction_length, access, rip, and per kind port/size/rax (I/O), rax/rcx and
+    the default results (CPUID), msr (MSR), gpa/instruction_bytes (unmapped GPA)."""
+    raw = bytes(message).ljust(ctypes.sizeof(HvMessage), b"\0")
+    msg = HvMessage.from_buffer_copy(raw)
+    kind = msg.header.message_type
+    layout = INTERCEPT_MESSAGES.get(kind, HvX64InterceptMessageHeader)
+    p = layout.from_buffer_copy(bytes(msg.payload)[:ctypes.sizeof(layout)])
+    h = p if layout is HvX64InterceptMessageHeader else p.header
+    out = {"type": kind, "vp": h.vp_index, "instruction_length": h.instruction_length_cr8 & 0xF,
+           "access": h.intercept_access_type, "rip": h.rip, "rflags": h.rflags}
+    if kind == HvMessageType.X64IoPortIntercept:
+        out.update(port=p.port_number, size=p.access_info & 7, rax=p.rax)
+    elif kind == HvMessageType.X64CpuidIntercept:
+        out.update(rax=p.rax, rcx=p.rcx, default=(p.default_result_rax, p.default_result_rbx,
+                                                  p.default_result_rcx, p.default_result_rdx))
+    elif kind == HvMessageType.X64MsrIntercept:
+        out.update(msr=p.msr_number)
+    elif kind == HvMessageType.UnmappedGpa:
+        out.update(gpa=p.guest_physical_address, instruction_length=p.instruction_byte_count,
+                   instruction_bytes=bytes(p.instruction_bytes))
+    return out

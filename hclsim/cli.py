@@ -258,6 +258,19 @@ class Console:
                     self._say(f"hclsim: {what}: done in {time.monotonic() - start:.1f} s")
         return run()
 
+    def switch(self, what: str) -> None:
+        """Inside phase(): the run goes on to its next phase (its own second before progress)."""
+        import time
+        if not self.progress:
+            return
+        with self.lock:
+            if self._phase is None:
+                return
+            if self._phase[3]:
+                self._say(f"hclsim: {self._phase[0]}: done in {time.monotonic() - self._phase[1]:.1f} s")
+            now = time.monotonic()
+            self._phase = [what, now, now + PROGRESS_AFTER_S, False]
+
     def _start_thread(self) -> None:
         import threading
         if self._thread is None:
@@ -301,6 +314,14 @@ def cmd_boot(args) -> int:
     from hclsim.report import boot_report, fault_report, write_outputs
 
     console = Console(echo=not args.json and not args.quiet, progress=not args.json and not args.quiet)
+    if args.until != "handoff":
+        from hclsim import run_cli
+        if not _firmware_cached(config):
+            _new_machine(config, console).close()      # build the firmware once, with its progress line
+        return run_cli.cmd_run(args, config, console)
+    if args.keep_running:
+        raise UsageError("--keep-running keeps the paravisor up after power off: it needs the whole run "
+                         "(drop --until handoff)")
     machine = _new_machine(config, console)
     try:
         try:
@@ -500,9 +521,15 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="boot, sidecar, step or firmware")
 
-    p = sub.add_parser("boot", help="boot the VTL2 image through the boot shim to the kernel handoff")
+    p = sub.add_parser("boot", help="boot the paravisor: the boot shim, the kernel stand-in, its userspace "
+                                    "processes and the VTL0 guest on every vCPU, until power off")
     _add_boot_options(p)
-    _add_output_options(p)
+    _add_output_options(p, what="report.json, serial.log, linux.dtb, boot_params.bin, shim.log, kmsg.log, com1.log")
+    p.add_argument("--until", choices=["handoff", "power-off"], default="power-off",
+                   help="stop at the kernel handoff (firmware only), or run the whole system until the "
+                        "guest powers off (default)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="stay up after power off (for the diag server) until Ctrl-C or SIGTERM")
     p.add_argument("--gdb", metavar="HOST:PORT", help="serve gdb's remote protocol here (gdb: target remote HOST:PORT)")
     p.add_argument("-s", dest="gdb", action="store_const", const=DEFAULT_GDB_ADDRESS,
                    help=f"shorthand for --gdb {DEFAULT_GDB_ADDRESS} (as QEMU's -s)")

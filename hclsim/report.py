@@ -142,7 +142,7 @@ def write_outputs(out_dir, report: dict, serial: dict, dtb: bytes | None = None,
 
 # Every file name write_outputs may write (checked before a run: `--out` must take them all).
 OUTPUT_NAMES = ("report.json", "serial.log", "serial-com1.log", "linux.dtb", "boot_params.bin", "shim.log",
-                "fault.txt", "sidecar.json")
+                "fault.txt", "sidecar.json", "kmsg.log", "com1.log")
 
 
 # ---- guest faults ---------------------------------------------------------------------------

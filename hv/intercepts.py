@@ -7,7 +7,7 @@ import capstone
 from capstone import x86_const as csx
 
 from hclsim.cpu.engine import MSR_EFER
-from hclsim.defs.hvdef import (HV_INTERCEPT_ACCESS_EXECUTE as ACCESS_EXECUTE, HV_INTERCEPT_ACCESS_READ as ACCESS_READ,
+from hclsim.defs.hvdef import (parse_intercept, HV_INTERCEPT_ACCESS_EXECUTE as ACCESS_EXECUTE, HV_INTERCEPT_ACCESS_READ as ACCESS_READ,
                                HV_INTERCEPT_ACCESS_WRITE as ACCESS_WRITE, HvMessage,
                                HvMessageType, HvX64CpuidInterceptMessage, HvX64InterceptMessageHeader,
                                HvX64IoPortInterceptMessage, HvX64MemoryInterceptMessage, HvX64MsrInterceptMessage,
@@ -93,22 +93,5 @@ def memory(engine, vp_index: int, gpa: int, write: bool) -> bytes:
 
 
 def parse(message: bytes) -> dict:
-    """The fields the host-side handler needs from a message, by their TLFS names' short forms."""
-    raw = bytes(message).ljust(ctypes.sizeof(HvMessage), b"\0")
-    msg = HvMessage.from_buffer_copy(raw)
-    kind = msg.header.message_type
-    layout = INTERCEPT_MESSAGES.get(kind, HvX64InterceptMessageHeader)
-    p = layout.from_buffer_copy(bytes(msg.payload)[:ctypes.sizeof(layout)])
-    h = p if layout is HvX64InterceptMessageHeader else p.header
-    out = {"type": kind, "vp": h.vp_index, "instruction_length": h.instruction_length_cr8 & 0xF,
-           "access": h.intercept_access_type, "rip": h.rip}
-    if kind == MSG_IO_PORT:
-        out.update(port=p.port_number, size=p.access_info & 7, rax=p.rax)
-    elif kind == MSG_CPUID:
-        out.update(rax=p.rax, rcx=p.rcx)
-    elif kind == MSG_MSR:
-        out.update(msr=p.msr_number)
-    elif kind == MSG_UNMAPPED_GPA:
-        out.update(gpa=p.guest_physical_address, instruction_length=p.instruction_byte_count,
-                   instruction_bytes=bytes(p.instruction_bytes))
-    return out
+    """The fields the host-side handler needs from a message (defs/hvdef.parse_intercept)."""
+    return parse_intercept(message)

@@ -20,6 +20,7 @@ from hclsim import HclsimError
 from hclsim.cpu.cpuid import cpuid_lookup
 from hclsim.cpu.engine import MSR_EFER
 from hclsim.defs.hvdef import REGISTER_BY_NAME, VTL0, HvRegister
+from hclsim.hv.vp import EXTERNAL
 
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12",
                   "r13", "r14", "r15", "rip", "rflags", "cs", "ss", "ds", "es", "fs", "gs", "fs_base",
@@ -166,9 +167,13 @@ class Partition:
         """Run the simulated CPUs (the sidecar's, VTL2 code) until until() holds or none can run."""
         return self._sched.run(until=until, timeout=timeout)
 
-    def run_vtl0(self, index: int, timeout: float = 30.0) -> bytes | None:
-        """RUN_VP on a Linux CPU: VTL0 until its next intercept (the HvMessage), None if it halted."""
-        return self._sched.run_external_vtl0(self._vp(index), timeout)
+    def run_vtl0(self, index: int, timeout: float = 30.0, preempt: bool = False):
+        """RUN_VP on a Linux CPU: VTL0 until its next intercept (the HvMessage), None if it halted;
+        with preempt, hv.scheduler.PREEMPTED once timeout (a time slice) has passed."""
+        return self._sched.run_external_vtl0(self._vp(index), timeout, preempt)
+
+    def is_linux_cpu(self, index: int) -> bool:
+        return self._vp(index).state == EXTERNAL
 
     def give_to_linux(self, index: int) -> None:
         """The VP is a Linux CPU from now on: the stand-in runs it, not the scheduler."""

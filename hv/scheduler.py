@@ -29,6 +29,7 @@ STOP_CONDITION = "condition"    # the caller's until() became true
 STOP_INTERCEPT = "intercept"    # a Linux CPU's VTL0 needs the host (run_external_vtl0)
 STOP_HALT = "halt"              # a Linux CPU's VTL0 halted (run_external_vtl0)
 _GO_ON = object()               # an exit handled inside the turn: run on
+PREEMPTED = "preempted"         # run_external_vtl0's time slice ended before an intercept
 
 
 YIELD = "yield"       # stop reasons the site handler gives the engine
@@ -376,11 +377,12 @@ class Scheduler:
         return _GO_ON if stop is None else stop
 
     # ---- Linux CPUs ------------------------------------------------------------------------
-    def run_external_vtl0(self, vp, timeout: float = 30.0):
+    def run_external_vtl0(self, vp, timeout: float = 30.0, preempt: bool = False):
         """Run VTL0 of a VP the Linux stand-in owns until it needs the host, as mshv_vtl's
         RUN_VP does on a Linux CPU: the same turn as any VP's, except that an intercept comes
         straight back to the caller (VTL2 code is not entered). Returns the intercept's
-        HvMessage bytes, or None if VTL0 halted; VpRunError on a fault or a timeout."""
+        HvMessage bytes, or None if VTL0 halted; VpRunError on a fault or a timeout, or with
+        preempt, PREEMPTED when the time slice ran out (the VP goes on where it was next time)."""
         if vp.state != EXTERNAL:
             raise VpRunError(f"VP {vp.index} is not a Linux CPU")
         self.unload()
@@ -400,6 +402,8 @@ class Scheduler:
         if stop.reason == STOP_HALT:
             return None
         if stop.reason == STOP_TIMEOUT:
+            if preempt:
+                return PREEMPTED
             raise VpRunError(f"VP {vp.index}: VTL0 ran {timeout:g} s without an intercept")
         exit = stop.exit
         raise VpRunError(f"VP {vp.index} VTL0 stopped at {exit.rip:#x}: {exit.kind} {exit.message} {stop.detail}".rstrip())

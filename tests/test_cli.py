@@ -29,7 +29,8 @@ def test_boot_writes_outputs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "[INFO]" in proc.stdout and "kernel handoff at" in proc.stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "handoff"
+    assert report["status"] == "power-off"
+    assert b"] Run /underhill-init as init process" in (out / "serial.log").read_bytes()   # the kernel's console
     assert len(report["cpus"]) == 8 and {c["numa_node"] for c in report["cpus"]} == {0, 1}
     assert "rdinit=/underhill-init" in report["handoff"]["cmdline"]
     assert report["handoff"]["registers"]["rdi"] == "0x0"

@@ -176,7 +176,7 @@ def test_sidecar_argument_errors_are_one_line_before_booting(args, says):
 
 @pytest.mark.parametrize("args", [
     ["boot", "--cpus", "8"],
-    ["boot", "--cpus", "512", "--numa-nodes", "2", "--json"],
+    ["boot", "--cpus", "512", "--numa-nodes", "2", "--json", "--until", "handoff"],
     ["step", "--cpus", "2", "-x", "break shim_main", "-x", "continue", "-x", "info registers", "-x", "stepi 20",
      "-x", "quit"],
 ])
@@ -450,12 +450,12 @@ def test_no_progress_line_for_a_short_run():
 
 @pytest.mark.slow
 def test_a_2048_vcpu_boot_shows_progress_on_stderr_only():
-    proc = hclsim("boot", "--cpus", "2048", "--numa-nodes", "4")
+    proc = hclsim("boot", "--cpus", "2048", "--numa-nodes", "4", "--until", "handoff")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^hclsim: booting 2048 vCPUs: \d+ s so far", proc.stderr, re.M), proc.stderr
     assert "so far" not in proc.stdout and "hclsim: booting" not in proc.stdout
     for flag in ("--quiet", "--json"):
-        quiet = hclsim("boot", "--cpus", "2048", "--numa-nodes", "4", flag)
+        quiet = hclsim("boot", "--cpus", "2048", "--numa-nodes", "4", "--until", "handoff", flag)
         assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 

@@ -1,0 +1,225 @@
+"""The system calls the paravisor's programs make to their kernel (hclsim's Linux stand-in), the
+way libc wraps them: open/read/write/ioctl/mmap/mount/finit_module on the simulated /proc, /sys
+and /dev (and on the rootfs, whose files are real host files handed over as descriptors).
+
+Each thread has its own connection to the kernel (defs/kabi.py): a request at a time, like a
+system call. Errors are OSError with the errno the kernel answered. This module must stay cheap
+to import (the programs start in tens of milliseconds): the standard library and defs only.
+"""
+import array
+import ctypes
+import mmap
+import os
+import signal
+import socket
+import threading
+
+from hclsim.defs import kabi
+
+_local = threading.local()
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
+
+
+class KernelGone(OSError):
+    """The kernel's socket closed: the VM is going away."""
+
+
+def run_dir() -> str:
+    return os.readlink(f"/proc/self/fd/{kabi.KERNEL_FD}")
+
+
+def root_dir() -> str:
+    return os.path.join(run_dir(), "root")
+
+
+def _connection() -> socket.socket:
+    conn = getattr(_local, "conn", None)
+    if conn is None:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        conn.connect(f"/proc/self/fd/{kabi.KERNEL_FD}/{kabi.KERNEL_SOCKET}")
+        _local.conn, _local.seq = conn, 0
+    return conn
+
+
+def syscall(op: int, *values, want_fd: bool = False):
+    """One request; returns the reply's values (and the passed host fd if want_fd)."""
+    conn = _connection()
+    _local.seq = seq = (_local.seq + 1) & 0xFFFFFFFF
+    try:
+        conn.sendall(kabi.encode_request(seq, op, values))
+        fds = array.array("i")
+        msg, anc, _flags, _addr = conn.recvmsg(kabi.MAX_MESSAGE, socket.CMSG_SPACE(4 * 4))
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise KernelGone(exc.errno, "the kernel has gone away") from None
+    if not msg:
+        raise KernelGone(kabi.EPIPE, "the kernel has gone away")
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % 4])
+    rseq, err, out = kabi.decode_reply(msg)
+    if err:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(err, os.strerror(err))
+    if want_fd:
+        return out, (fds[0] if fds else None)
+    for fd in fds:
+        os.close(fd)
+    return out
+
+
+class File:
+    """An open file: a kernel file (kfd) or a real host descriptor (host_fd)."""
+    __slots__ = ("kfd", "host_fd", "path")
+
+    def __init__(self, kfd, host_fd, path):
+        self.kfd, self.host_fd, self.path = kfd, host_fd, path
+
+    def fileno(self) -> int:
+        if self.host_fd is None:
+            raise OSError(kabi.EBADF, f"{self.path} is a kernel file, not a host descriptor")
+        return self.host_fd
+
+    def read(self, count: int = kabi.MAX_READ) -> bytes:
+        if self.host_fd is not None:
+            return os.read(self.host_fd, count)
+        return syscall(kabi.Op.READ, self.kfd, min(count, kabi.MAX_READ))[0]
+
+    def read_all(self) -> bytes:
+        chunks = []
+        while True:
+            chunk = self.read(kabi.MAX_READ)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def write(self, data: bytes) -> int:
+        if self.host_fd is not None:
+            return os.write(self.host_fd, data)
+        return syscall(kabi.Op.WRITE, self.kfd, bytes(data))[0]
+
+    def ioctl(self, request: int, arg: bytes = b"") -> tuple[int, bytes]:
+        result, out = syscall(kabi.Op.IOCTL, self.kfd, request, bytes(arg))
+        return result, out
+
+    def ioctl_file(self, request: int, arg: bytes = b"", path: str = "") -> "File":
+        """An ioctl that returns a new file (MSHV_CREATE_VTL)."""
+        result, _out = self.ioctl(request, arg)
+        return File(result, None, path or f"{self.path}:{request:#x}")
+
+    def mmap(self, offset: int, length: int) -> mmap.mmap:
+        (host_offset,), fd = syscall(kabi.Op.MMAP, self.kfd, offset, length, want_fd=True)
+        try:
+            return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=host_offset)
+        finally:
+            os.close(fd)
+
+    def poll(self, timeout: float | None) -> bool:
+        ms = -1 if timeout is None else int(timeout * 1000)
+        return bool(syscall(kabi.Op.POLL, self.kfd, ms)[0])
+
+    def close(self) -> None:
+        if self.host_fd is not None:
+            os.close(self.host_fd)
+            self.host_fd = None
+        elif self.kfd is not None:
+            try:
+                syscall(kabi.Op.CLOSE, self.kfd)
+            except KernelGone:
+                pass
+            self.kfd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_file(path: str, flags: int = kabi.O_RDONLY, mode: int = 0o644) -> File:
+    (kfd, host), fd = syscall(kabi.Op.OPEN, path, flags, mode, want_fd=True)
+    return File(None, fd, path) if host else File(kfd, None, path)
+
+
+def read_file(path: str) -> bytes:
+    with open_file(path) as f:
+        return f.read_all()
+
+
+def write_file(path: str, data, flags: int = kabi.O_WRONLY) -> None:
+    """One write(2) of data (sysfs and procfs take a store whole)."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    with open_file(path, flags) as f:
+        f.write(raw)
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str = "") -> None:
+    syscall(kabi.Op.MOUNT, source, target, fstype, flags, data)
+
+
+def mkdir_all(path: str, mode: int = 0o755) -> None:
+    syscall(kabi.Op.MKDIR, path, mode)
+
+
+def listdir(path: str) -> list[str]:
+    return syscall(kabi.Op.LISTDIR, path)[0]
+
+
+def stat_kind(path: str) -> int | None:
+    try:
+        return syscall(kabi.Op.STAT, path)[0]
+    except FileNotFoundError:
+        return None
+
+
+def finit_module(path: str, params: str) -> None:
+    syscall(kabi.Op.FINIT_MODULE, path, params)
+
+
+def host_path(path: str) -> str:
+    """Where the rootfs file path lives on the host (to run it)."""
+    return syscall(kabi.Op.RESOLVE, path)[0]
+
+
+def exited(pid: int, status: int) -> None:
+    """Tell the kernel a child was reaped (its exit status goes into the process table)."""
+    try:
+        syscall(kabi.Op.EXITED, pid, status)
+    except OSError:
+        pass
+
+
+# ---- the process itself --------------------------------------------------------------------
+def set_comm(name: str) -> None:
+    """prctl(PR_SET_NAME): what ps and /proc/PID/comm show (the kernel keeps 15 bytes)."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def start_process(comm: str, argv: list[str]) -> None:
+    """What every program does first: take its name, die with its parent (no process outlives
+    the VM), and introduce itself to the kernel with its argv."""
+    set_comm(comm)
+    parent = os.getppid()
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent == 1:          # the parent died before the prctl: follow it
+        os._exit(1)
+    syscall(kabi.Op.HELLO, list(argv))
+
+
+def wait_status_code(status: int) -> int:
+    """The exit code a wait status means (255 when a signal killed the process, as init says)."""
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+
+
+def spawn(path: str, argv: list[str], env: dict, *, stdio=(None, None, None), fds: dict | None = None) -> int:
+    """fork + exec of the rootfs program path (our binfmt: the machine's Python runs the file),
+    with stdio (host fds, None = inherit) on 0-2 and fds (child fd -> parent fd) dup'ed into
+    place. The kernel's descriptor is inherited. Returns the pid."""
+    import sys
+    target = host_path(path)
+    actions = [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in enumerate(stdio) if src is not None]
+    actions += [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in (fds or {}).items()]
+    os.set_inheritable(kabi.KERNEL_FD, True)
+    return os.posix_spawn(sys.executable, kabi.binfmt_argv(sys.executable, target, argv), env,
+                          file_actions=actions)

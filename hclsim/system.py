@@ -1,0 +1,132 @@
+"""A whole paravisor run: the boot shim to the handoff (hclsim/machine.py), then the stand-in
+kernel's userspace (kernel_stub/userspace.py: underhill_init, openvmm_hcl, underhill-vm as real
+processes) until the guest powers the VM off. A kernel panic with `panic=-1` on the command line
+(the boot shim puts it there) resets the VM: VTL2 boots again from the boot shim, at most
+MAX_RESETS times; then the run ends with an error.
+"""
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from hclsim import HclsimError
+from hclsim.cpu.fault import GuestFaultError
+from hclsim.machine import Machine
+
+MAX_RESETS = 3
+
+
+class SystemError_(HclsimError):
+    """The run could not finish (too many resets, a panic without reboot, a timeout)."""
+
+
+@dataclass
+class Timeline:
+    events: list = field(default_factory=list)     # (name, host seconds since the run began, detail)
+
+    def add(self, name: str, t: float, detail: str = "") -> None:
+        self.events.append((name, t, detail))
+
+
+@dataclass
+class SystemResult:
+    boot: object                     # machine.BootResult of the last boot
+    status: str                      # "power-off", "panic", "timeout", "interrupted", "running"
+    timeline: Timeline
+    com1: bytes                      # the VTL0 console, as COM1 received it
+    consoles: dict                   # VP -> its console lines
+    kmsg: str                        # the kernel log, as dmesg prints it
+    process_tree: list
+    panic: str | None = None
+    resets: int = 0
+    boots: int = 1
+    kernel_console: bytes = b""      # what the kernel printed on its console (COM3)
+
+    @property
+    def serial(self) -> dict:
+        """The serial ports' output: COM3 holds the shim's log, then the kernel's console."""
+        out = dict(self.boot.serial)
+        out["COM3"] = out.get("COM3", b"") + self.kernel_console
+        return out
+
+
+def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_event=None, keep_running=False,
+               stop=None, timeout: float | None = None) -> SystemResult:
+    """Boot and run until power off (or, with keep_running, until stop() is true after it).
+    Raises GuestFaultError for a firmware fault, SystemError_ when the run cannot finish."""
+    from hclsim.kernel_stub.userspace import Userspace
+    timeline = Timeline()
+    t_run = time.monotonic()
+
+    def note(name: str, t: float, detail: str = "") -> None:
+        timeline.add(name, t, detail)
+        if on_event is not None:
+            on_event(name, t, detail)
+    resets = 0
+    deadline = time.monotonic() + (timeout or config.timeout)
+    while True:
+        machine = Machine(config, on_serial=on_serial)
+        us = None
+        run_dir = tempfile.mkdtemp(prefix="hclsim-vm-")
+        try:
+            t_boot = time.monotonic() - t_run
+            note("shim", t_boot, f"boot {resets + 1}" if resets else "")
+            try:
+                result = machine.run_to_handoff()
+            except GuestFaultError as exc:
+                from hclsim.report import fault_report
+                exc.report_dict = fault_report(exc, config, machine)   # while the machine is there
+                raise
+            base = time.monotonic() - t_run
+            note("handoff", base, f"kernel entry {result.regs['rip']:#x}")
+
+            def event(ev, base=base):
+                note(ev.name, base + ev.t, ev.detail)
+            us = Userspace(result.linux, result.handoff, machine.initrd.data if machine.initrd else None, run_dir,
+                           on_console=on_console, on_kmsg=on_kmsg, on_event=event)
+            us.start()
+            status = _wait(us, deadline, keep_running, stop)
+            outcome = SystemResult(result, status, timeline, bytes(us.com1),
+                                   {vp: bytes(v) for vp, v in sorted(us.console.items())}, us.kmsg.text(),
+                                   us.process_tree(), us.panic.message if us.panic else None, resets, resets + 1,
+                                   bytes(us.com3))
+        except KeyboardInterrupt:
+            raise
+        finally:
+            if us is not None:
+                tree = us.process_tree
+                us.shutdown()
+            machine.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if outcome.status != "panic":
+            outcome.process_tree = tree()
+            return outcome
+        outcome.process_tree = tree()
+        if us.args.panic_timeout >= 0:
+            raise _attach(SystemError_(f"kernel panic: {outcome.panic} (panic={us.args.panic_timeout} on the "
+                                       f"command line: the kernel halts, the host does not reset it)"), outcome)
+        if resets >= MAX_RESETS:
+            raise _attach(SystemError_(f"kernel panic: {outcome.panic}; the VM was reset {resets} times "
+                                       f"and panicked again: giving up"), outcome)
+        resets += 1
+        note("reset", time.monotonic() - t_run, f"panic=-1: the host resets the VM (reset {resets})")
+
+
+def _attach(exc, outcome):
+    exc.outcome = outcome
+    return exc
+
+
+def _wait(us, deadline: float, keep_running: bool, stop) -> str:
+    while not us.wait(0.05):
+        if stop is not None and stop():
+            return "interrupted"
+        if time.monotonic() > deadline:
+            return "timeout"
+    if us.panic is not None:
+        return "panic"
+    if keep_running:
+        while not (stop is not None and stop()):
+            time.sleep(0.1)
+        return "interrupted"
+    return "power-off"

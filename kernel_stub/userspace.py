@@ -1,0 +1,295 @@
+"""The stand-in kernel from the handoff to userspace: the early log Linux prints, the initrd
+unpacked as the root filesystem, the devices and pseudo file systems, the system-call server,
+and PID 1 started as a real OS process (rdinit=, argv0 dispatch, the command line's unknown
+NAME=VALUE words as its environment). PID 1 exiting panics the kernel ("Attempted to kill
+init!"); the caller (hclsim/system.py) decides what a panic does (panic=-1: reset).
+
+Every process the VM starts is in PID 1's process group and dies with it (PR_SET_PDEATHSIG
+chains up to the machine process): shutdown() kills the group and waits for it.
+"""
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from hclsim import HclsimError
+from hclsim.defs import kabi
+from hclsim.kernel_stub import cmdline as kcmdline
+from hclsim.kernel_stub import devfs, kmsg as kmsg_mod, procfs, sysfs
+from hclsim.kernel_stub.handoff import kernel_params
+from hclsim.kernel_stub.mshv import Mshv
+from hclsim.kernel_stub.namespace import Namespace
+from hclsim.kernel_stub.rootfs import RootfsError, unpack
+from hclsim.kernel_stub.syscalls import SyscallServer
+from hclsim.kernel_stub.vfs import CharDevice, Dir, File, KernelError
+
+LINUX_VERSION = "6.6.0-hclsim"
+HOST_DEVICE = (10, 250)          # /dev/hclsim_host (a misc device)
+E820_NAMES = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable"}
+
+
+class UserspaceError(HclsimError):
+    pass
+
+
+@dataclass
+class Event:
+    name: str
+    t: float                      # host seconds since the kernel took the handoff
+    detail: str = ""
+
+
+@dataclass
+class InitProcess:
+    pid: int
+    returncode: int | None = None
+
+
+@dataclass
+class Panic:
+    message: str
+    exit_status: int
+
+
+class HostChannel(File):
+    """/dev/hclsim_host: the VM worker's messages to the host (console lines, VTL0 started,
+    power off), one per write."""
+
+    def __init__(self, on_message):
+        self.on_message = on_message
+
+    def write(self, data):
+        if not data or data[0] not in kabi.HOST_MESSAGE_NAMES:
+            raise KernelError(kabi.EINVAL, "unknown host message")
+        self.on_message(data[0], bytes(data[1:]))
+        return len(data)
+
+
+class CpuControl:
+    """What sysfs's cpuN/online reaches: the Linux CPUs, and onlining a sidecar CPU (under the
+    CPU lock: the conversion runs the sidecar CPUs), with its VP's pages refreshed after."""
+
+    def __init__(self, linux, mshv):
+        self.linux, self.mshv = linux, mshv
+        self.present = list(range(linux.partition.vp_count))
+
+    def is_online(self, cpu: int) -> bool:
+        return cpu in self.linux.cpus.online
+
+    def online(self, cpu: int) -> None:
+        if cpu in self.linux.cpus.online:
+            return
+        with self.mshv.lock:
+            try:
+                self.linux.cpus.online_cpu(cpu)
+            except HclsimError as exc:
+                raise KernelError(kabi.EIO, str(exc)) from None
+        self.mshv.prime(cpu)
+
+
+class Userspace:
+    def __init__(self, linux, handoff, initrd: bytes | None, run_dir: str, *, on_console=None, on_kmsg=None,
+                 on_event=None):
+        """linux: kernel_stub.kernel.Kernel; on_console(vp, bytes): a VTL0 console line;
+        on_kmsg(line): a kernel log line for the console; on_event(Event)."""
+        self.linux, self.handoff, self.initrd, self.run_dir = linux, handoff, initrd, run_dir
+        self.on_console, self.on_event = on_console, on_event
+        self.t0 = time.monotonic()
+        self.events: list[Event] = []
+        self.panic: Panic | None = None
+        self.powered_off = threading.Event()
+        self.finished = threading.Event()          # powered off or panicked
+        self.init_proc = None
+        self.console: dict[int, bytearray] = {}
+        self.com1 = bytearray()
+        self.kmsg = kmsg_mod.Kmsg(lambda: time.monotonic() - self.t0)
+        # The console Linux was given: console=ttyS2 is COM3 (the shim's serial port).
+        self.console_on_com3 = any(p.name == b"console" and (p.value or b"").split(b",")[0] == b"ttyS2"
+                                   for p in kernel_params(handoff.cmdline_bytes)[0])
+        self.com3 = bytearray()                    # what the kernel printed on COM3
+        if self.console_on_com3:
+            self.kmsg.add_console(lambda record: self.com3.extend(record.dmesg()))
+            if on_kmsg is not None:
+                self.kmsg.add_console(on_kmsg)
+        self.args = kcmdline.init_args(handoff.cmdline_bytes)
+        self.mshv = self.server = self.devices = None
+
+    def log(self, text: str, level: int = 6) -> None:
+        self.kmsg.log(text, level)
+
+    def event(self, name: str, detail: str = "") -> None:
+        ev = Event(name, time.monotonic() - self.t0, detail)
+        self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    # ---- boot ----------------------------------------------------------------------------
+    def early_log(self) -> None:
+        h, cpus = self.handoff, self.linux.cpus
+        self.log(f"Linux version {LINUX_VERSION} (hclsim) #1 SMP PREEMPT_DYNAMIC", 5)
+        self.log(f"Command line: {h.cmdline}", 6)
+        self.log("BIOS-provided physical RAM map:", 6)
+        for e in h.e820:
+            self.log(f"BIOS-e820: [mem {e.addr:#018x}-{e.end - 1:#018x}] {E820_NAMES.get(e.type, 'type ' + str(e.type))}", 6)
+        n = self.linux.partition.vp_count
+        self.log(f"smpboot: Allowing {n} CPUs, 0 hotplug CPUs", 6)
+        self.log(f"smp: Brought up 1 node, {len(cpus.online)} CPU{'s' if len(cpus.online) != 1 else ''}", 6)
+        if self.linux.sidecar is not None:
+            held = self.linux.sidecar.sidecar_cpus()
+            self.log(f"sidecar: {len(held)} CPUs on {len(self.linux.sidecar.nodes)} nodes, onlined on demand", 6)
+        if self.args.unknown:
+            self.log("Unknown kernel command line parameters \"" + " ".join(self.args.unknown)
+                     + "\", will be passed to user space.", 5)
+        if self.initrd:
+            self.log(f"Freeing initrd memory: {len(self.initrd) // 1024}K", 6)
+
+    def start(self) -> None:
+        """Everything up to PID 1 running; UserspaceError if there is no init to run (the
+        kernel panics "No working init found")."""
+        self.early_log()
+        root = os.path.join(self.run_dir, "root")
+        os.makedirs(root, exist_ok=True)
+        try:
+            self.rootfs = unpack(self.initrd or b"", root)
+        except RootfsError as exc:
+            self._panic(f"VFS: Unable to unpack the initramfs: {exc}", 0)
+            return
+        self.event("rootfs", f"{len(self.initrd or b'') // 1024} KiB initrd unpacked")
+        self.devices = devfs.Devices(self.kmsg)
+        self.mshv = Mshv(self.linux.partition, self.linux.cpus, self.linux.sidecar, self.log)
+        for node in self.mshv.device_nodes():
+            self.devices.register(node)
+        self.devices.register(CharDevice("hclsim_host", *HOST_DEVICE, lambda fl, c: HostChannel(self._host_message)))
+        self.cpu_control = CpuControl(self.linux, self.mshv)
+        for cpu in sorted(self.linux.cpus.online):
+            self.mshv.prime(cpu)
+        self.sysctl = procfs.Sysctl()
+        self.sysfs_state = sysfs.SysfsState(writes=self.sysctl.writes)   # one log, in the order written
+        self.namespace = Namespace(self.rootfs, {
+            "proc": self._procfs, "sysfs": self._sysfs, "devtmpfs": self.devices.tree, "devpts": lambda: Dir()},
+            self.devices, self.log)
+        self.server = SyscallServer(self.run_dir, self.namespace, self.log)
+        self.server.on_hello = self._hello
+        self._start_init()
+
+    def _procfs(self):
+        return procfs.make_procfs(cmdline=self.handoff.cmdline_bytes, dtb=self.handoff.dtb,
+                                  clock=lambda: time.monotonic() - self.t0, meminfo=self._meminfo,
+                                  modules=self._modules, mounts=self.namespace.mounts, cpus=self.cpu_control,
+                                  sysctl=self.sysctl, random=self.devices.random)
+
+    def _sysfs(self):
+        return sysfs.make_sysfs(dtb=self.handoff.dtb, cpus=self.cpu_control, state=self.sysfs_state)
+
+    def _meminfo(self) -> dict:
+        total = sum(e.size for e in self.handoff.e820 if e.type == 1) // 1024
+        return procfs.basic_meminfo(total, total * 3 // 4)
+
+    def _modules(self):
+        return [procfs.ModuleInfo(m.name, m.size) for m in self.namespace.modules]
+
+    def _start_init(self) -> None:
+        path = self.args.rdinit
+        try:
+            host = self.namespace.host_path(path)
+        except KernelError as exc:
+            self.log(f"Failed to execute {path} (error -{exc.errno})", 3)
+            self._panic("No working init found.  Try passing init= option to kernel. "
+                        "See Linux Documentation/admin-guide/init.rst for guidance.", 0)
+            return
+        self.log(f"Run {path} as init process", 6)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:   # PID 1 gets the kernel at KERNEL_FD and a session of its own (the VM's processes)
+            pid = os.posix_spawn(sys.executable, kabi.binfmt_argv(sys.executable, host, [path, *self.args.argv]),
+                                 self.args.env,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
+                                               (os.POSIX_SPAWN_DUP2, self.server.dir_fd, kabi.KERNEL_FD)],
+                                 setsid=True)
+        finally:
+            os.close(devnull)
+        self.init_proc = InitProcess(pid)
+        self.event("pid1", f"{path} (host pid {pid})")
+        threading.Thread(target=self._wait_init, name="init-wait", daemon=True).start()
+
+    def _wait_init(self) -> None:
+        _pid, status = os.waitpid(self.init_proc.pid, 0)
+        self.init_proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = self.server.processes.get(self.init_proc.pid)
+        if proc is not None:
+            proc.exit_status = status
+        if not self.finished.is_set():
+            self._panic(f"Attempted to kill init! exitcode={status:#010x}", status)
+
+    def _panic(self, message: str, status: int) -> None:
+        self.panic = Panic(message, status)
+        self.log(f"Kernel panic - not syncing: {message}", 0)
+        self.event("panic", message)
+        self.finished.set()
+
+    # ---- processes and the host channel -----------------------------------------------
+    def _hello(self, proc) -> None:
+        self.event("process", f"{proc.comm} (pid {proc.pid}, parent {proc.ppid}): {' '.join(proc.argv)}")
+
+    def _host_message(self, kind: int, data: bytes) -> None:
+        if kind == kabi.HOST_CONSOLE and len(data) >= 4:
+            vp = int.from_bytes(data[:4], "little")
+            self.console.setdefault(vp, bytearray()).extend(data[4:])
+            self.com1 += data[4:]
+            if self.on_console is not None:
+                self.on_console(vp, data[4:])
+        elif kind == kabi.HOST_VTL0_STARTED:
+            self.event("vtl0", "VTL0 running on every VP")
+        elif kind == kabi.HOST_POWER_OFF:
+            self.event("power-off", "the guest powered the VM off")
+            self.powered_off.set()
+            self.finished.set()
+
+    def process_tree(self) -> list[dict]:
+        """Every process that introduced itself: pid, parent, argv, comm, exit status."""
+        out = []
+        for pid in self.server.order if self.server else []:
+            p = self.server.processes[pid]
+            status = p.exit_status
+            out.append({"pid": p.pid, "ppid": p.ppid, "argv": p.argv, "comm": p.comm,
+                        "exit_status": None if status is None else _describe(status)})
+        return out
+
+    # ---- the end ---------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.finished.wait(timeout)
+
+    def shutdown(self) -> None:
+        """Kill every process of the VM, wait for them, stop serving, remove the run folder."""
+        if self.init_proc is not None and self.init_proc.returncode is None:
+            try:
+                os.killpg(self.init_proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.init_proc is not None:
+            try:
+                os.killpg(self.init_proc.pid, signal.SIGKILL)   # the rest of the group
+            except (ProcessLookupError, PermissionError):
+                pass
+            deadline = time.monotonic() + 5
+            while self.init_proc.returncode is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.finished.set()
+        if self.server is not None:
+            self.server.close()
+        if self.devices is not None:
+            self.devices.shutdown()
+        self.kmsg.shutdown()
+        if self.mshv is not None:
+            self.mshv.close()
+        shutil.rmtree(os.path.join(self.run_dir, "root"), ignore_errors=True)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    if os.WIFEXITED(status):
+        return f"exit {os.WEXITSTATUS(status)}"
+    return f"status {status:#x}"

@@ -1,0 +1,203 @@
+"""The paravisor's userspace as real processes (issue 10): `hclsim boot` runs the shim, the
+kernel stand-in, underhill_init, openvmm_hcl, underhill-vm and the VTL0 workload on every vCPU
+to power off; names, the process tree, kmsg, the consoles, resets after a panic, and no process
+outliving the VM, checked with the host's /proc."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hclsim.config import BootConfig
+from hclsim.system import SystemError_, run_system
+
+HCLSIM = [sys.executable, "-m", "hclsim"]
+NAMES = ("underhill-init", "openvmm_hcl", "underhill-vm")
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid's living descendants (host /proc): pid -> comm."""
+    parent, comm = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/comm") as f:
+                comm[int(entry)] = f.read().strip()
+        except OSError:
+            continue
+        if ") Z" in stat:                     # a zombie has exited
+            continue
+        parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in out:
+                out[child] = comm.get(child, "?")
+                todo.append(child)
+    return out
+
+
+def _all_named(procs: dict):
+    return procs if set(NAMES) <= set(procs.values()) else None
+
+
+def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_boot_runs_the_whole_system_to_power_off(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([*HCLSIM, "boot", "--cpus", "4", "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "the VM powered off after" in proc.stdout
+    for label in ("boot shim entry", "kernel handoff", "PID 1 started", "VTL0 running", "power off"):
+        assert label in proc.stdout, label
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "power-off"
+    procs = report["system"]["processes"]
+    assert [p["comm"] for p in procs] == list(NAMES)
+    assert procs[1]["ppid"] == procs[0]["pid"] and procs[2]["ppid"] == procs[1]["pid"]
+    assert procs[0]["argv"] == ["/underhill-init"]
+    assert procs[1]["argv"] == ["/bin/openvmm_hcl", "--pid", "/run/underhill.pid"]
+    assert procs[2]["argv"] == ["/bin/openvmm_hcl", "vm"]
+    events = [e["event"] for e in report["system"]["timeline"]]
+    assert events.index("handoff") < events.index("pid1") < events.index("vtl0") < events.index("power-off")
+    kmsg = (out / "kmsg.log").read_text()
+    for line in ("Linux version", "Command line: ", "BIOS-e820: [mem ", "Run /underhill-init as init process",
+                 "underhill_init: Initial process: crate_name=underhill_init", "openvmm_hcl: VMM process",
+                 "underhill-vm: VM started: 4 VPs"):
+        assert line in kmsg, line
+    assert kmsg.index("Run /underhill-init") < kmsg.index("underhill_init: Initial process")
+    com1 = (out / "com1.log").read_text()
+    for vp in range(4):
+        assert f"hello from VTL0 vp {vp}\n" in com1 and f"vp {vp} done\n" in com1
+    assert "kmsg.log" in proc.stdout and "com1.log" in proc.stdout
+
+
+def test_consoles_repeat_run_after_run():
+    config = BootConfig(cpus=3, vtl0_iterations=20)
+    first, second = run_system(config), run_system(config)
+    assert first.status == second.status == "power-off"
+    assert first.consoles == second.consoles and len(first.consoles) == 3
+    assert [p["comm"] for p in first.process_tree] == [p["comm"] for p in second.process_tree] == list(NAMES)
+
+
+def test_until_handoff_keeps_the_firmware_only_boot():
+    proc = subprocess.run([*HCLSIM, "boot", "--until", "handoff", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "handoff"
+
+
+def test_processes_carry_their_names_and_die_with_the_machine(tmp_path):
+    """comm as ps shows it, then kill -9 of the machine process: nothing outlives it."""
+    machine = subprocess.Popen([*HCLSIM, "boot", "--cpus", "2", "--keep-running", "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        procs = wait_for(lambda: _all_named(descendants(machine.pid)),
+                         what="the three processes")
+        for pid, comm in procs.items():
+            if comm in NAMES:
+                with open(f"/proc/{pid}/comm") as f:
+                    assert f.read().strip() == comm
+        if shutil.which("ps"):
+            ps = subprocess.run(["ps", "-o", "comm=", "-p", ",".join(map(str, procs))], capture_output=True,
+                                text=True)
+            assert set(NAMES) <= set(ps.stdout.split()), ps.stdout
+    finally:
+        machine.kill()
+        machine.wait()
+    wait_for(lambda: not any(_alive(p) for p in procs), timeout=10, what="the VM's processes to die")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return ") Z" not in f.read()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_shuts_everything_down():
+    machine = subprocess.Popen([*HCLSIM, "boot", "--cpus", "2", "--keep-running"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    procs = wait_for(lambda: _all_named(descendants(machine.pid)),
+                     what="the three processes")
+    machine.send_signal(signal.SIGINT)
+    _out, err = machine.communicate(timeout=30)
+    assert machine.returncode == 130, err
+    assert "Traceback" not in err
+    wait_for(lambda: not any(_alive(p) for p in procs), timeout=10, what="the VM's processes to die")
+
+
+@pytest.mark.parametrize("victim", NAMES)
+def test_a_killed_process_panics_the_kernel_and_the_vm_resets(victim):
+    """kill -9 of any of the three: init exits (directly, or because its child did), the kernel
+    panics "Attempted to kill init!", and with panic=-1 the host resets the VM, which boots again
+    from the shim and then runs to power off."""
+    killed = []
+
+    def killer():
+        pid = wait_for(lambda: next((p for p, c in descendants(os.getpid()).items() if c == victim), None),
+                       what=victim)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    events = []
+    outcome = run_system(BootConfig(cpus=2, vtl0_iterations=5000), on_event=lambda n, t_, d: events.append((n, d)),
+                         timeout=60)
+    t.join(30)
+    assert killed
+    names = [n for n, _ in events]
+    assert names.index("panic") < names.index("reset") < names.index("power-off")
+    panic = next(d for n, d in events if n == "panic")
+    assert panic.startswith("Attempted to kill init! exitcode=")
+    assert outcome.status == "power-off" and outcome.resets == 1 and outcome.boots == 2
+
+
+def test_no_init_program_panics_and_gives_up_after_the_resets(tmp_path):
+    proc = subprocess.run([*HCLSIM, "boot", "--cpus", "2", "--host-bootargs", "rdinit=/no/such/init"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("hclsim: error:")]
+    assert len(err) == 1 and "No working init found" in err[0] and "reset 3 times" in err[0], proc.stderr
+    assert "Failed to execute /no/such/init (error -2)" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_failing_setup_script_is_fatal_for_init(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([*HCLSIM, "boot", "--cpus", "2", "--out", str(out), "--host-bootargs",
+                           "-- --setup-script=false"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    kmsg = (out / "kmsg.log").read_text()
+    assert "underhill_init: fatal: setup script failed" in kmsg
+    assert "Attempted to kill init! exitcode=0x00000100" in kmsg
+
+
+def test_setup_script_output_becomes_the_environment(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([*HCLSIM, "boot", "--cpus", "2", "--out", str(out), "--host-bootargs",
+                           "-- --setup-script=\"echo OPENHCL_FROM_SCRIPT=a=b; echo noise\""],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    kmsg = (out / "kmsg.log").read_text()
+    assert "setting env var OPENHCL_FROM_SCRIPT=a=b" in kmsg
+    assert "noise" not in kmsg.split("setting env var")[1].split("\n")[0]
