@@ -105,5 +105,5 @@ def test_goal_met_and_missed_are_recorded_and_said(capsys):
 def test_every_bench_with_a_goal_checks_it():
     from pathlib import Path
     benches = Path(chart.__file__).parent
-    for name in ("bench_boot", "bench_exits", "bench_memory", "bench_sidecar", "bench_step"):
+    for name in ("bench_boot", "bench_exits", "bench_memory", "bench_sidecar", "bench_step", "bench_userspace"):
         assert "check_goal(" in (benches / f"{name}.py").read_text(), name
