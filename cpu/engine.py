@@ -19,7 +19,7 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
 from hclsim.cpu import fastpath, hypercall_fastpath, msr_fastpath, native
-from hclsim.cpu.native import raw_ctl, raw_reg_read, raw_reg_write
+from hclsim.cpu.native import raw_ctl, raw_reg_read, raw_reg_read_batch, raw_reg_write, raw_reg_write_batch
 from hclsim.cpu.memory import GuestMemory
 from hclsim.cpu.pagetable import translate
 
@@ -42,6 +42,17 @@ SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss")
 REG_IDS = {name: getattr(x86, "UC_X86_REG_" + name.upper()) for name in GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES}
 REG_IDS["fs_base"] = x86.UC_X86_REG_FS_BASE
 REG_IDS["gs_base"] = x86.UC_X86_REG_GS_BASE
+
+
+class _RegBatch:
+    """The arrays uc_reg_read_batch/uc_reg_write_batch take for one tuple of register names."""
+
+    def __init__(self, names: tuple):
+        n = len(names)
+        self.ids = (ctypes.c_int * n)(*(REG_IDS[name] for name in names))
+        self.vals = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self.vals)
+        self.ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
 
 
 _NATIVE_SITES = {"rdmsr": msr_fastpath.hook_rdmsr, "wrmsr": msr_fastpath.hook_wrmsr}
@@ -207,6 +218,7 @@ class Engine:
         self._uch = ctypes.c_void_p(self.uc._uch.value)
         self._reg_buf = ctypes.c_uint64()
         self._reg_ptr = ctypes.byref(self._reg_buf)
+        self._batches: dict = {}
         self.uc.mem_map_ptr(0, self.mem.size, UC_PROT_ALL, self.mem.address)
         self.state = fastpath.FastPathState(self.cpuid_table, self.mem.address, self.mem.size, SLOW_IO.address)
         self.state.buf[fastpath.H_PAGING] = 1
@@ -342,6 +354,26 @@ class Engine:
     def set_reg(self, name: str, value: int) -> None:
         self._reg_buf.value = value & 0xFFFFFFFFFFFFFFFF
         raw_reg_write(self._uch, REG_IDS[name], self._reg_ptr)
+
+    # One uc_reg_read_batch for many registers: a VP exit's ~20 registers cost one call (~3 us)
+    # instead of 20 (~14 us).
+    def read_regs(self, names: tuple) -> list[int]:
+        batch = self._batch(names)
+        ctypes.memset(batch.vals, 0, 8 * len(names))     # segment registers fill only their low bytes
+        raw_reg_read_batch(self._uch, batch.ids, batch.ptrs, len(names))
+        return list(batch.vals)
+
+    def write_regs(self, names: tuple, values) -> None:
+        batch = self._batch(names)
+        for i, v in enumerate(values):
+            batch.vals[i] = v & 0xFFFFFFFFFFFFFFFF
+        raw_reg_write_batch(self._uch, batch.ids, batch.ptrs, len(names))
+
+    def _batch(self, names: tuple) -> "_RegBatch":
+        batch = self._batches.get(names)
+        if batch is None:
+            batch = self._batches[names] = _RegBatch(names)
+        return batch
 
     def msr(self, index: int) -> int:
         msr = _UcMsr(index, 0)

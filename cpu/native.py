@@ -18,6 +18,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 # (0.36 -> 0.18 us a register). Callers pass a c_void_p handle, plain ints and byref()s.
 _raw = ctypes.CDLL(uclib._name)
 raw_reg_read, raw_reg_write, raw_ctl = _raw.uc_reg_read, _raw.uc_reg_write, _raw.uc_ctl
+raw_reg_read_batch, raw_reg_write_batch = _raw.uc_reg_read_batch, _raw.uc_reg_write_batch
 for _fn in (raw_reg_read, raw_reg_write, raw_ctl):
     _fn.restype = ctypes.c_int
 

@@ -290,11 +290,12 @@ def parse_intercept(message: bytes) -> dict:
     """The fields a VMM needs from an intercept HvMessage, by their TLFS names' short forms:
     type, vp, instruction_length, access, rip, and per kind port/size/rax (I/O), rax/rcx and
     the default results (CPUID), msr (MSR), gpa/instruction_bytes (unmapped GPA)."""
-    raw = bytes(message).ljust(ctypes.sizeof(HvMessage), b"\0")
-    msg = HvMessage.from_buffer_copy(raw)
-    kind = msg.header.message_type
+    raw = bytes(message)
+    if len(raw) < HV_MESSAGE_SIZE:
+        raw = raw.ljust(HV_MESSAGE_SIZE, b"\0")
+    kind = int.from_bytes(raw[:4], "little")                   # HvMessageHeader.message_type
     layout = INTERCEPT_MESSAGES.get(kind, HvX64InterceptMessageHeader)
-    p = layout.from_buffer_copy(bytes(msg.payload)[:ctypes.sizeof(layout)])
+    p = layout.from_buffer_copy(raw, ctypes.sizeof(HvMessageHeader))   # the payload, in place
     h = p if layout is HvX64InterceptMessageHeader else p.header
     out = {"type": kind, "vp": h.vp_index, "instruction_length": h.instruction_length_cr8 & 0xF,
            "access": h.intercept_access_type, "rip": h.rip, "rflags": h.rflags}

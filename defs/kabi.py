@@ -121,6 +121,7 @@ MSHV_VTL_RETURN_TO_LOWER_VTL = IO(MSHV_IOCTL, 0x27)   # "run VP": 0 = exit messa
 MSHV_VTL_SET_VP_REGISTERS = IOW(MSHV_IOCTL, 0x06, 16)
 MSHV_VTL_GET_VP_REGISTERS = IOWR(MSHV_IOCTL, 0x05, 16)
 MSHV_VTL_ADD_VTL0_MEMORY = IOW(MSHV_IOCTL, 0x21, 24)
+MSHV_HCLSIM_DOORBELL = IOW(MSHV_IOCTL, 0xE0, 4)     # hclsim's own: serve this CPU's RUN_VPs by doorbell
 MSHV_CAP_REGISTER_PAGE = 1
 MSHV_CAP_VTL_RETURN_ACTION = 2
 MSHV_CAP_DR6_SHARED = 3
@@ -173,6 +174,16 @@ RUN_PROXY_IRR_BLOCKED = 1588
 RUN_PROXY_IRR_EXIT = 1620
 RUN_PAGE_END = 1652
 RUN_FLAG_HALTED = 1
+# hclsim's doorbell, past the end of struct hcl_run: RUN_VP without a system call. After
+# MSHV_HCLSIM_DOORBELL(cpu) the VMM rings by writing the next request number to RUN_DOORBELL
+# (and FUTEX_WAKE on it); the kernel answers by writing the errno (0: an intercept message is in
+# the run page; EINTR: cancelled) to RUN_DOORBELL_ERRNO, then that number to RUN_DOORBELL_ACK
+# (and FUTEX_WAKE). Each word has one writer, so no update is lost; each side sleeps on the
+# other's word as a futex. RUN_DOORBELL_CLOSED = 1: the kernel is gone.
+RUN_DOORBELL = 1652            # u32, the VMM's request number
+RUN_DOORBELL_ACK = 1656        # u32, the request the kernel answered last
+RUN_DOORBELL_ERRNO = 1660      # u32, its errno
+RUN_DOORBELL_CLOSED = 1664     # u32
 # The context's GPR slots, in x86 canonical encoding order; RSP's slot carries CR2 (RSP is in the
 # register page).
 RUN_CONTEXT_GPRS = ("rax", "rcx", "rdx", "rbx", "cr2", "rbp", "rsi", "rdi",

@@ -8,6 +8,8 @@ unless OPENHCL_NO_SIDECAR_HOTPLUG is set.
 Intercepts are completed with the devices on the worker's bus: I/O ports and MMIO through the
 bus, CPUID with the hypervisor's default results, MSR reads with the VP's synthetic register.
 """
+import errno
+import os
 import struct
 import threading
 import time
@@ -19,6 +21,7 @@ from hclsim.defs.hvdef import (HV_INTERCEPT_ACCESS_WRITE, MSR_REGISTERS, HvMessa
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_CONTEXT = struct.Struct("<16Q")       # the run page context's GPRs
 _GPRS = kabi.RUN_CONTEXT_GPRS
 MSR_REGISTER = {msr: reg for reg, msr in MSR_REGISTERS.items()}
 CURRENT = threading.local()            # the VP whose intercept a device is completing (console per VP)
@@ -39,6 +42,30 @@ class VpStats:
     exit_kinds: dict = field(default_factory=dict)
 
 
+class Doorbell:
+    """RUN_VP through the run page's doorbell (defs/kabi.py RUN_DOORBELL): write the next request
+    number, wake the kernel, sleep on the answer word until it has answered that request."""
+
+    def __init__(self, run, loop):
+        self.page, self.loop = run, loop
+        self.req_addr = futex.address(run, kabi.RUN_DOORBELL)
+        self.ack_addr = futex.address(run, kabi.RUN_DOORBELL_ACK)
+        self.request = _U32.unpack_from(run, kabi.RUN_DOORBELL)[0]
+
+    def run(self) -> None:
+        page = self.page
+        self.request = request = (self.request + 1) & 0xFFFFFFFF
+        _U32.pack_into(page, kabi.RUN_DOORBELL, request)
+        futex.wake(self.req_addr)
+        while (ack := _U32.unpack_from(page, kabi.RUN_DOORBELL_ACK)[0]) != request:
+            if _U32.unpack_from(page, kabi.RUN_DOORBELL_CLOSED)[0]:
+                raise OSError(errno.EPIPE, "the kernel has gone away")
+            futex.wait(self.ack_addr, ack, 0.5)
+        err = _U32.unpack_from(page, kabi.RUN_DOORBELL_ERRNO)[0]
+        if err:
+            raise OSError(err, os.strerror(err))
+
+
 class VpLoop:
     def __init__(self, vtl, sidecars: list, bus, log, no_sidecar_hotplug: bool = False, on_console=None):
         """vtl: the mshv_vtl File; sidecars: [(File, base_cpu, cpu_count, shmem mmap)]."""
@@ -49,9 +76,20 @@ class VpLoop:
         self._run_pages: dict[int, object] = {}
         self._lock = threading.Lock()
         self._bus_lock = threading.Lock()      # the devices are not thread-safe; a VP at a time
+        self.busy = 0                           # VP threads running now
+        self._remote: dict = {}                 # cpu -> sidecar device, while the VP runs there
 
     # ---- the thread of one VP ---------------------------------------------------------
     def run(self, cpu: int, online: bool) -> None:
+        with self._lock:
+            self.busy += 1
+        try:
+            self._run(cpu, online)
+        finally:
+            with self._lock:
+                self.busy -= 1
+
+    def _run(self, cpu: int, online: bool) -> None:
         stats = self.stats.setdefault(cpu, VpStats())
         if not online:
             node = self._node_of(cpu)
@@ -79,6 +117,12 @@ class VpLoop:
         self.stopping.set()
         with self._lock:
             pages = list(self._run_pages.values())
+            remote = list(self._remote.items())
+        for cpu, dev in remote:           # a VP running on its sidecar CPU: STOP its command
+            try:
+                dev.ioctl(kabi.MSHV_SIDECAR_STOP, _U32.pack(cpu))
+            except OSError:
+                pass
         for run in pages:
             try:
                 run[kabi.RUN_CANCEL:kabi.RUN_CANCEL + 4] = _U32.pack(1)
@@ -95,6 +139,8 @@ class VpLoop:
             self._run_pages[cpu] = run
         arg = _U32.pack(cpu)
         ctx = kabi.RUN_CONTEXT
+        vtl.ioctl(kabi.MSHV_HCLSIM_DOORBELL, arg)
+        bell = Doorbell(run, self)
         try:
             while not self.stopping.is_set():
                 run[kabi.RUN_CANCEL:kabi.RUN_CANCEL + 4] = b"\0\0\0\0"
@@ -103,11 +149,11 @@ class VpLoop:
                 if stats.first_run is None:
                     stats.first_run = time.monotonic()
                 try:
-                    vtl.ioctl(kabi.MSHV_VTL_RETURN_TO_LOWER_VTL, arg)
+                    bell.run()
                 except InterruptedError:
                     continue
                 msg = parse_intercept(run[kabi.RUN_EXIT_MESSAGE:kabi.RUN_EXIT_MESSAGE + 256])
-                regs = {n: _U64.unpack_from(run, ctx + 8 * i)[0] for i, n in enumerate(_GPRS)}
+                regs = dict(zip(_GPRS, _CONTEXT.unpack_from(run, ctx)))
                 with self._bus_lock:
                     updates = self.complete(cpu, msg, regs)
                 for name, value in updates.items():
@@ -137,7 +183,15 @@ class VpLoop:
             if stats.first_run is None:
                 stats.first_run = time.monotonic()
             _U32.pack_into(shmem, page + kabi.SIDECAR_CMD_COMMAND, kabi.SIDECAR_COMMAND_RUN_VP)
-            self._sidecar_run(dev, arg, shmem, page, cpu)
+            with self._lock:
+                self._remote[cpu] = dev
+            try:
+                if self.stopping.is_set():
+                    return False
+                self._sidecar_run(dev, arg, shmem, page, cpu)
+            finally:
+                with self._lock:
+                    self._remote.pop(cpu, None)
             if not shmem[page + kabi.SIDECAR_CMD_REQUEST_DATA]:
                 return False                               # stopped without an intercept
             off = page + kabi.SIDECAR_CMD_INTERCEPT_MESSAGE

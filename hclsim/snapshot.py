@@ -70,6 +70,8 @@ def save(machine, path) -> dict:
         raise SnapshotError("cannot snapshot a closed machine")
     if machine.scheduler.engine_factory is not None:
         raise SnapshotError("cannot snapshot a machine in engine-per-VP (benchmark baseline) mode")
+    if machine.scheduler.parked is not None:
+        machine.scheduler.unload()       # a Linux CPU's VTL0 parked in the engine goes back to its file
     state, contexts = capture(machine)
     runs = data_runs(machine.mem)
     state["ram_runs"] = runs

@@ -29,14 +29,17 @@ def _decode(engine, rip: int):
     return next(_cs.disasm(code, rip), None), code
 
 
+_HEADER_REGS = ("cr0", "cs", "rip", "rflags")
+
+
 def _header(h: HvX64InterceptMessageHeader, engine, vp_index: int, insn_len: int, access: int) -> None:
-    cr0, efer = engine.reg("cr0"), engine.msr(MSR_EFER)
+    (cr0, cs, rip, rflags), efer = engine.read_regs(_HEADER_REGS), engine.msr(MSR_EFER)
     h.vp_index = vp_index
     h.instruction_length_cr8 = insn_len & 0xF
     h.intercept_access_type = access
     h.execution_state = ((cr0 & 1) << 2) | (((efer >> 10) & 1) << 4)  # CPL 0, CR0.PE, EFER.LMA; VTL 0
-    h.cs_segment.limit, h.cs_segment.selector, h.cs_segment.attributes = 0xFFFFFFFF, engine.reg("cs"), CS_LONG_MODE_CODE
-    h.rip, h.rflags = engine.reg("rip"), engine.reg("rflags")
+    h.cs_segment.limit, h.cs_segment.selector, h.cs_segment.attributes = 0xFFFFFFFF, cs, CS_LONG_MODE_CODE
+    h.rip, h.rflags = rip, rflags
 
 
 def _message(msg_type: int, payload) -> bytes:
@@ -51,19 +54,47 @@ def _code(field, code: bytes) -> None:
     ctypes.memmove(field, code[:16].ljust(16, b"\0"), 16)
 
 
-def io_port(engine, vp_index: int) -> bytes:
-    insn, code = _decode(engine, engine.reg("rip"))
+# The decoded form of an I/O instruction and its bytes: a loop's OUT is read and decoded once,
+# not at every exit (capstone and the page walk cost ~30 us, most of an I/O exit's host time).
+_IO_FORMS: dict = {}
+_FORM_KEY = ("rip", "cr3")
+_IO_FORMS_MAX = 4096
+
+
+def _io_form(engine) -> tuple:
+    # By the loaded code (its digest), CR3 and RIP: the intercepted instructions are exit sites
+    # found once in the image's code (cpu/exit_sites.py), which the simulation takes as unchanging.
+    rip, cr3 = engine.read_regs(_FORM_KEY)
+    key = (engine.code_signature, cr3, rip)
+    cached = _IO_FORMS.get(key)
+    if cached is not None:
+        return cached
+    code = engine.read_virtual(rip, 16)
+    insn = next(_cs.disasm(code, rip), None)
     is_in = insn.id in (csx.X86_INS_IN, csx.X86_INS_INSB, csx.X86_INS_INSD, csx.X86_INS_INSW)
     ops = [op for op in insn.operands]
-    reg_op = next((op for op in ops if op.type == csx.X86_OP_REG and insn.reg_name(op.reg) in ("al", "ax", "eax")), None)
+    reg_op = next((op for op in ops if op.type == csx.X86_OP_REG and insn.reg_name(op.reg) in ("al", "ax", "eax")),
+                  None)
     size = {"al": 1, "ax": 2, "eax": 4}[insn.reg_name(reg_op.reg)] if reg_op else 1
     imm = next((op.imm for op in ops if op.type == csx.X86_OP_IMM), None)
+    if len(_IO_FORMS) >= _IO_FORMS_MAX:
+        _IO_FORMS.clear()
+    cached = _IO_FORMS[key] = ((is_in, size, imm, insn.size), code)
+    return cached
+
+
+_IO_REGS = ("rax", "rcx", "rdx", "rsi", "rdi")
+
+
+def io_port(engine, vp_index: int) -> bytes:
+    (is_in, size, imm, length), code = _io_form(engine)
     m = HvX64IoPortInterceptMessage()
-    _header(m.header, engine, vp_index, insn.size, ACCESS_READ if is_in else ACCESS_WRITE)
-    m.port_number = imm if imm is not None else engine.reg("rdx") & 0xFFFF
-    m.access_info, m.instruction_byte_count, m.rax = size, insn.size, engine.reg("rax")
+    _header(m.header, engine, vp_index, length, ACCESS_READ if is_in else ACCESS_WRITE)
+    rax, rcx, rdx, rsi, rdi = engine.read_regs(_IO_REGS)
+    m.port_number = imm if imm is not None else rdx & 0xFFFF
+    m.access_info, m.instruction_byte_count, m.rax = size, length, rax
     _code(m.instruction_bytes, code)
-    m.rcx, m.rsi, m.rdi = engine.reg("rcx"), engine.reg("rsi"), engine.reg("rdi")
+    m.rcx, m.rsi, m.rdi = rcx, rsi, rdi
     return _message(MSG_IO_PORT, m)
 
 

@@ -62,6 +62,7 @@ class Scheduler:
         self.vtl0_sites = vtl0_sites or {}   # VTL0 code: intercepted instructions (and PAUSE)
         self.vtl_returns = self.intercepts = 0
         self.loaded = None          # the VP whose registers are in the engine
+        self.parked = None          # a Linux CPU's VP whose VTL0 registers stay in the engine between RUN_VPs
         # Baseline mode for benchmarks: a function making one engine per VP (no pooling, no
         # shared translations), the design the engine pool is measured against.
         self.engine_factory = None
@@ -135,7 +136,8 @@ class Scheduler:
     # ---- loading ---------------------------------------------------------------------------
     def _save(self, vp) -> None:
         state = self.hv.vps[vp.index]
-        if state.vtl == 0:
+        if state.vtl == 0 or self.parked is vp:
+            self.parked = None
             vtl.capture_vtl0(self.engine, state.vtl0_registers)  # the VP's context keeps VTL2's state
         else:
             vp.save(self.engine)
@@ -385,17 +387,22 @@ class Scheduler:
         preempt, PREEMPTED when the time slice ran out (the VP goes on where it was next time)."""
         if vp.state != EXTERNAL:
             raise VpRunError(f"VP {vp.index} is not a Linux CPU")
-        self.unload()
         state = self.hv.vps[vp.index]
         engine = self.engine
-        vp.load(engine)                     # its VTL2 context underneath, as on hardware
-        vtl.apply_vtl0(engine, state.vtl0_registers)
+        if not (self.loaded is vp and self.parked is vp):
+            # The VP stays parked in the engine with its VTL0 registers after the run: the next
+            # RUN_VP of the same VP (a VMM's loop on its CPU, the common case) goes on without
+            # reloading ~70 registers; _save() captures VTL0 when another VP needs the engine.
+            self.unload()
+            vp.load(engine)                     # its VTL2 context underneath, as on hardware
+            vtl.apply_vtl0(engine, state.vtl0_registers)
+            self.loaded = self.parked = vp
         state.vtl = 0
+        engine.current_vp = vp
         try:
             stop = self.run_turn(vp, time.monotonic() + timeout)
         finally:
-            vtl.capture_vtl0(engine, state.vtl0_registers)
-            state.vtl = 2
+            state.vtl = 2                       # back in VTL2 (the kernel), VTL0 parked in the engine
             engine.current_vp = None
         if stop.reason == STOP_INTERCEPT:
             return stop.message
