@@ -115,7 +115,12 @@ class UnderhillWorker:
             raise errors[0]
         if self.powered_off.is_set():
             exits = sum(s.exits for s in loop.stats.values())
-            self.log.info(f"the guest powered the VM off after {exits} intercepts")
+            moved = sorted(s.moved_ms for s in loop.stats.values() if s.moved_ms is not None)
+            if moved:
+                self.log.info(f"{len(moved)} sidecar VPs moved to Linux CPUs after their first exit: "
+                              f"median {moved[len(moved) // 2]:.2f} ms, max {moved[-1]:.2f} ms each")
+            remote = sum(s.remote_exits for s in loop.stats.values())
+            self.log.info(f"the guest powered the VM off after {exits} intercepts ({remote} on sidecar CPUs)")
             self._to_host(kabi.HOST_POWER_OFF)
             self.stopped.wait()          # the host tears the VM down from here
 

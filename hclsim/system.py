@@ -41,6 +41,7 @@ class SystemResult:
     resets: int = 0
     boots: int = 1
     kernel_console: bytes = b""      # what the kernel printed on its console (COM3)
+    writes: list = field(default_factory=list)    # (path, value) of every accepted /proc/sys and /sys store
 
     @property
     def serial(self) -> dict:
@@ -89,7 +90,7 @@ def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_even
             outcome = SystemResult(result, status, timeline, bytes(us.com1),
                                    {vp: bytes(v) for vp, v in sorted(us.console.items())}, us.kmsg.text(),
                                    us.process_tree(), us.panic.message if us.panic else None, resets, resets + 1,
-                                   bytes(us.com3))
+                                   bytes(us.com3), list(us.sysctl.writes))
         except KeyboardInterrupt:
             raise
         finally:

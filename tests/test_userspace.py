@@ -168,7 +168,10 @@ def test_a_killed_process_panics_the_kernel_and_the_vm_resets(victim):
     names = [n for n, _ in events]
     assert names.index("panic") < names.index("reset") < names.index("power-off")
     panic = next(d for n, d in events if n == "panic")
-    assert panic.startswith("Attempted to kill init! exitcode=")
+    # init's wait status: killed by SIGKILL itself; 255 when its child was killed; the control
+    # process's failure (exit 1) when the worker was.
+    assert panic == "Attempted to kill init! exitcode=" + {"underhill-init": "0x00000009", "openvmm_hcl": "0x0000ff00",
+                                                           "underhill-vm": "0x00000100"}[victim]
     assert outcome.status == "power-off" and outcome.resets == 1 and outcome.boots == 2
 
 
@@ -201,3 +204,63 @@ def test_setup_script_output_becomes_the_environment(tmp_path):
     kmsg = (out / "kmsg.log").read_text()
     assert "setting env var OPENHCL_FROM_SCRIPT=a=b" in kmsg
     assert "noise" not in kmsg.split("setting env var")[1].split("\n")[0]
+
+
+def test_an_initrd_without_underhill_init_panics(tmp_path):
+    from hclsim.boot.initrd import build_initrd
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("nothing to run here\n")
+    initrd = tmp_path / "initrd.cpio.gz"
+    initrd.write_bytes(build_initrd(tree))
+    proc = subprocess.run([*HCLSIM, "boot", "--cpus", "2", "--initrd", str(initrd)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Failed to execute /underhill-init (error -2)" in proc.stdout
+    assert "No working init found" in proc.stderr
+
+
+def test_host_entropy_is_credited_only_outside_a_confidential_vm(tmp_path):
+    plain = run_system(BootConfig(cpus=2, vtl0_iterations=5))
+    assert "underhill_init: added 64 bytes of host entropy" in plain.kmsg
+    assert "random: crng init done" in plain.kmsg
+    cvm = run_system(BootConfig(cpus=2, vtl0_iterations=5, isolation="vbs"))
+    assert "not credited: confidential VM" in cvm.kmsg
+    assert "random: crng init done" not in cvm.kmsg
+
+
+def test_wait_for_start_launches_no_worker():
+    outcome = run_system(BootConfig(cpus=2, host_bootargs="OPENHCL_WAIT_FOR_START=1"), timeout=4)
+    assert outcome.status == "timeout"
+    assert [p["comm"] for p in outcome.process_tree] == ["underhill-init", "openvmm_hcl"]
+    assert "waiting for a diag Start request" in outcome.kmsg
+
+
+def test_modules_load_before_the_worker_with_wait_for_modules():
+    outcome = run_system(BootConfig(cpus=1, vtl0_iterations=5, host_bootargs="OPENHCL_WAIT_FOR_MODULES=1"))
+    kmsg = outcome.kmsg
+    assert kmsg.index("loaded module hv_storvsc") < kmsg.index("underhill_init: running /bin/openvmm_hcl")
+    assert "hv_storvsc: loaded (storvsc_vcpus_per_sub_channel=2048" in kmsg   # parameters from the command line
+
+
+def test_the_twelve_writes_in_order():
+    outcome = run_system(BootConfig(cpus=1, vtl0_iterations=5))
+    assert "underhill_init: mounted /proc, /sys, /dev, /dev/pts" in outcome.kmsg
+    assert outcome.kmsg.index("mounted devpts (devpts) on /dev/pts") < outcome.kmsg.index("host entropy")
+    uio = "/sys/bus/vmbus/drivers/uio_hv_generic/new_id"
+    paths = [p for p, _v in outcome.writes]
+    assert paths[:12] == ["/proc/sys/kernel/threads-max", "/proc/sys/kernel/kptr_restrict",
+                          "/sys/kernel/mm/transparent_hugepage/enabled", uio, uio, uio,
+                          "/proc/sys/kernel/core_pattern", "/proc/sys/kernel/core_pipe_limit",
+                          "/proc/sys/vm/panic_on_oom", "/proc/sys/vm/min_free_kbytes",
+                          "/proc/sys/vm/watermark_scale_factor", "/proc/sys/vm/watermark_boost_factor"], paths
+    assert dict(outcome.writes)["/proc/sys/kernel/core_pattern"] == "|/bin/underhill-crash %p %i %s %e"
+
+
+def test_sidecar_vps_move_to_linux_cpus_unless_hotplug_is_off():
+    moved = run_system(BootConfig(cpus=4, vtl0_iterations=5))
+    assert sorted(moved.boot.linux.cpus.online) == [0, 1, 2, 3]
+    assert "3 sidecar VPs moved to Linux CPUs after their first exit" in moved.kmsg
+    kept = run_system(BootConfig(cpus=4, vtl0_iterations=5, host_bootargs="OPENHCL_NO_SIDECAR_HOTPLUG=1"))
+    assert kept.status == "power-off" and sorted(kept.boot.linux.cpus.online) == [0]
+    assert kept.consoles == moved.consoles           # the same guest output either way
