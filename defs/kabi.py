@@ -134,6 +134,7 @@ REGISTER_ASSOC = struct.Struct("<I12xQQ")   # HvRegisterAssoc: name, value (128 
 # mmap page offsets of the mshv_vtl fd: run page n, register page (1 << 16) | n.
 MMAP_RUN_PAGE = 0
 MMAP_REGISTER_PAGE = 1 << 16
+MMAP_DOORBELL_PAGE = 4 << 16   # hclsim's own: the doorbell kick page
 PAGE_SIZE = 4096
 
 # The sidecar device /dev/mshv_vtl_sidecar<N>.
@@ -184,6 +185,9 @@ RUN_DOORBELL = 1652            # u32, the VMM's request number
 RUN_DOORBELL_ACK = 1656        # u32, the request the kernel answered last
 RUN_DOORBELL_ERRNO = 1660      # u32, its errno
 RUN_DOORBELL_CLOSED = 1664     # u32
+# The kick page (mmap page offset MMAP_DOORBELL_PAGE): a counter the VMM bumps (and FUTEX_WAKEs)
+# after every ring, so the kernel's one dispatcher sleeps on one word for all CPUs.
+DOORBELL_KICK = 0              # u32
 # The context's GPR slots, in x86 canonical encoding order; RSP's slot carries CR2 (RSP is in the
 # register page).
 RUN_CONTEXT_GPRS = ("rax", "rcx", "rdx", "rbx", "cr2", "rbp", "rsi", "rdi",

@@ -44,11 +44,12 @@ class VpStats:
 
 class Doorbell:
     """RUN_VP through the run page's doorbell (defs/kabi.py RUN_DOORBELL): write the next request
-    number, wake the kernel, sleep on the answer word until it has answered that request."""
+    number, bump the kick counter and wake the kernel's dispatcher, sleep on the answer word until
+    it has answered that request."""
 
-    def __init__(self, run, loop):
-        self.page, self.loop = run, loop
-        self.req_addr = futex.address(run, kabi.RUN_DOORBELL)
+    def __init__(self, run, kick, loop):
+        self.page, self.kick, self.loop = run, kick, loop
+        self.kick_addr = futex.address(kick, kabi.DOORBELL_KICK)
         self.ack_addr = futex.address(run, kabi.RUN_DOORBELL_ACK)
         self.request = _U32.unpack_from(run, kabi.RUN_DOORBELL)[0]
 
@@ -56,7 +57,10 @@ class Doorbell:
         page = self.page
         self.request = request = (self.request + 1) & 0xFFFFFFFF
         _U32.pack_into(page, kabi.RUN_DOORBELL, request)
-        futex.wake(self.req_addr)
+        with self.loop.kick_lock:          # one writer of the kick counter: this process
+            _U32.pack_into(self.kick, kabi.DOORBELL_KICK, (_U32.unpack_from(self.kick, kabi.DOORBELL_KICK)[0] + 1)
+                           & 0xFFFFFFFF)
+        futex.wake(self.kick_addr)
         while (ack := _U32.unpack_from(page, kabi.RUN_DOORBELL_ACK)[0]) != request:
             if _U32.unpack_from(page, kabi.RUN_DOORBELL_CLOSED)[0]:
                 raise OSError(errno.EPIPE, "the kernel has gone away")
@@ -78,6 +82,14 @@ class VpLoop:
         self._bus_lock = threading.Lock()      # the devices are not thread-safe; a VP at a time
         self.busy = 0                           # VP threads running now
         self._remote: dict = {}                 # cpu -> sidecar device, while the VP runs there
+        self.kick_lock = threading.Lock()
+        self._kick = None
+
+    def kick_page(self):
+        with self._lock:
+            if self._kick is None:
+                self._kick = self.vtl.mmap(kabi.MMAP_DOORBELL_PAGE * kabi.PAGE_SIZE, kabi.PAGE_SIZE)
+            return self._kick
 
     # ---- the thread of one VP ---------------------------------------------------------
     def run(self, cpu: int, online: bool) -> None:
@@ -140,7 +152,7 @@ class VpLoop:
         arg = _U32.pack(cpu)
         ctx = kabi.RUN_CONTEXT
         vtl.ioctl(kabi.MSHV_HCLSIM_DOORBELL, arg)
-        bell = Doorbell(run, self)
+        bell = Doorbell(run, self.kick_page(), self)
         try:
             while not self.stopping.is_set():
                 run[kabi.RUN_CANCEL:kabi.RUN_CANCEL + 4] = b"\0\0\0\0"

@@ -41,7 +41,6 @@ EXIT_ERROR = 1
 EXIT_GUEST_FAULT = 2
 EXIT_BROKEN_PIPE = 141          # 128 + SIGPIPE
 DEFAULT_GDB_ADDRESS = "127.0.0.1:1234"   # `-s`, as QEMU's
-PROGRESS_AFTER_S, PROGRESS_EVERY_S = 1.0, 5.0
 
 
 class UsageError(HclsimError):
@@ -203,102 +202,12 @@ def config_from_args(args):
     return config
 
 
-# ---- console output -----------------------------------------------------------------------
-
-class Console:
-    """The console of one run: the guest's serial output echoed on stdout (unless quiet), and
-    progress lines on stderr while a phase of the run has lasted more than a second (never with
-    --quiet or --json), written only between whole lines of serial output."""
-
-    def __init__(self, echo: bool, progress: bool):
-        import threading
-        self.echo, self.progress = echo, progress
-        self.lock = threading.Lock()
-        self.mid_line = False
-        self.last_line = ""
-        self._partial = ""
-        self._phase = None            # [what, start, next report time, reported yet]
-        self._thread = None
-
-    def serial(self, _name: str, data: bytes) -> None:
-        text = data.decode("utf-8", "replace")
-        with self.lock:
-            if self.echo:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            self.mid_line = not text.endswith("\n")
-            lines = (self._partial + text).split("\n")
-            self._partial = lines[-1]
-            done = [line for line in lines[:-1] if line.strip()]
-            if done:
-                self.last_line = done[-1].strip()
-
-    def phase(self, what: str):
-        import contextlib
-        import time
-
-        @contextlib.contextmanager
-        def run():
-            if not self.progress:
-                yield
-                return
-            start = time.monotonic()
-            with self.lock:
-                self._phase = [what, start, start + PROGRESS_AFTER_S, False]
-            self._start_thread()
-            try:
-                yield
-            except BaseException:
-                with self.lock:
-                    self._phase = None
-                raise
-            with self.lock:
-                shown, self._phase = self._phase[3], None
-                if shown:
-                    self._say(f"hclsim: {what}: done in {time.monotonic() - start:.1f} s")
-        return run()
-
-    def switch(self, what: str) -> None:
-        """Inside phase(): the run goes on to its next phase (its own second before progress)."""
-        import time
-        if not self.progress:
-            return
-        with self.lock:
-            if self._phase is None:
-                return
-            if self._phase[3]:
-                self._say(f"hclsim: {self._phase[0]}: done in {time.monotonic() - self._phase[1]:.1f} s")
-            now = time.monotonic()
-            self._phase = [what, now, now + PROGRESS_AFTER_S, False]
-
-    def _start_thread(self) -> None:
-        import threading
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="hclsim-progress", daemon=True)
-            self._thread.start()
-
-    def _watch(self) -> None:
-        import time
-        while True:
-            time.sleep(0.1)
-            with self.lock:
-                phase = self._phase
-                now = time.monotonic()
-                if phase is None or now < phase[2] or (self.echo and self.mid_line):
-                    continue
-                what, start = phase[0], phase[1]
-                last = self.last_line if len(self.last_line) <= 90 else self.last_line[:87] + "..."
-                seen = f" (last serial line: {last})" if last else ""
-                self._say(f"hclsim: {what}: {now - start:.0f} s so far{seen}")
-                phase[2], phase[3] = now + PROGRESS_EVERY_S, True
-
-    @staticmethod
-    def _say(line: str) -> None:
-        try:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+def __getattr__(name):
+    """hclsim.cli.Console, imported only when asked for (--version must import nothing)."""
+    if name == "Console":
+        from hclsim.console import Console
+        return Console
+    raise AttributeError(name)
 
 
 def _wrote(paths) -> str:
@@ -313,6 +222,7 @@ def cmd_boot(args) -> int:
     from hclsim.cpu.fault import GuestFaultError
     from hclsim.report import boot_report, fault_report, write_outputs
 
+    from hclsim.console import Console
     console = Console(echo=not args.json and not args.quiet, progress=not args.json and not args.quiet)
     if args.until != "handoff":
         from hclsim import run_cli
@@ -397,6 +307,7 @@ def _boot_gdb(args) -> int:
         raise UsageError("--gdb runs an interactive session: it prints no JSON report (drop --json; --out works)")
     config = config_from_args(args)              # checks the --out folder too, before the boot
     from hclsim.debug.gdbserver import serve_boot
+    from hclsim.console import Console
     console = Console(echo=not args.quiet, progress=False)
     finish = (lambda machine, target: _gdb_outputs(args.out, machine, target)) if args.out else None
     return serve_boot(config, args.gdb, args.wait_gdb, False, on_serial=console.serial if not args.quiet else None,
@@ -495,6 +406,7 @@ def cmd_firmware_build(args) -> int:
     names = list(FIRMWARE_IMAGE_NAMES) if args.all else list(dict.fromkeys(args.image or ["shim"]))
     specs = _firmware_images()
     firmware.check_cache_dir()
+    from hclsim.console import Console
     console = Console(echo=False, progress=True)
     paths = {}
     for name in names:

@@ -23,6 +23,7 @@ from hclsim.sidecar import layout as sl
 
 SLICE_S = 0.01               # one RUN_VP holds the engine this long at most while others wait
 HALT_POLL_S = 0.5            # a halted VP's RUN_VP sleeps on its cancel word (futex), waking at least this often
+SLICE_EXIT, SLICE_HALTED, SLICE_PREEMPTED = range(3)
 MISC_MAJOR = 10
 SIDECAR_MAJOR = 241          # a dynamic major (Linux hands them out from 254 down): one minor per node
 _U32 = struct.Struct("<I")
@@ -69,8 +70,9 @@ class VpPages:
     def __init__(self, vp_count: int):
         self.vp_count = vp_count
         self.fd = os.memfd_create("hclsim-mshv-vtl-pages", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, 2 * vp_count * kabi.PAGE_SIZE)
-        self.map = mmap.mmap(self.fd, 2 * vp_count * kabi.PAGE_SIZE, mmap.MAP_SHARED)
+        size = (2 * vp_count + 1) * kabi.PAGE_SIZE          # run pages, register pages, the kick page
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
         self.view = memoryview(self.map)
         self._base = futex.address(self.map, 0)
 
@@ -83,8 +85,15 @@ class VpPages:
     def register_page(self, cpu: int) -> int:
         return (self.vp_count + cpu) * kabi.PAGE_SIZE
 
+    @property
+    def kick_page(self) -> int:
+        return 2 * self.vp_count * kabi.PAGE_SIZE
+
     def file_offset(self, page_offset: int) -> int:
-        """The memfd offset of an mshv_vtl mmap page offset (run page n or (1 << 16) | n)."""
+        """The memfd offset of an mshv_vtl mmap page offset (run page n or (1 << 16) | n, or the
+        doorbell kick page)."""
+        if page_offset == kabi.MMAP_DOORBELL_PAGE:
+            return self.kick_page
         kind, cpu = page_offset >> 16, page_offset & 0xFFFF
         if cpu >= self.vp_count or kind not in (0, 1):
             raise KernelError(kabi.EINVAL, f"no page at offset {page_offset:#x}")
@@ -105,9 +114,8 @@ class Mshv:
         self.pages = VpPages(partition.vp_count)
         self.run_counts = [0] * partition.vp_count
         self.running: set[int] = set()
-        self.doorbells: dict[int, threading.Thread] = {}
+        self.dispatcher = None
         self._doorbell_lock = threading.Lock()
-        self.closing = False
         for cpu in range(partition.vp_count):
             page = self.pages.register_page(cpu)
             self.pages.map[page + kabi.REGPAGE_VERSION:page + kabi.REGPAGE_VERSION + 2] = b"\x01\x00"
@@ -122,54 +130,40 @@ class Mshv:
         return nodes
 
     def close(self) -> None:
-        """Answer every doorbell CLOSED (a VMM waiting on one sees the kernel go) and stop them."""
-        self.closing = True
-        for cpu, thread in list(self.doorbells.items()):
-            run = self.pages.run_page(cpu)
-            _U32.pack_into(self.pages.map, run + kabi.RUN_DOORBELL_CLOSED, 1)
-            for word in (kabi.RUN_DOORBELL, kabi.RUN_DOORBELL_ACK, kabi.RUN_CANCEL):
-                futex.wake(self.pages.address(run + word))
-        for thread in self.doorbells.values():
-            thread.join(2)
+        """Stop the doorbell dispatcher (a VMM waiting on a doorbell sees it closed)."""
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         self.pages.close()
 
-    # ---- the doorbell: RUN_VP without a system call --------------------------------------
     def start_doorbell(self, cpu: int) -> None:
+        """MSHV_HCLSIM_DOORBELL: serve cpu's RUN_VPs by its doorbell (kernel_stub/doorbell.py)."""
         if not 0 <= cpu < self.partition.vp_count:
             raise KernelError(kabi.EINVAL, f"no CPU {cpu}")
+        from hclsim.kernel_stub.doorbell import Dispatcher
         with self._doorbell_lock:
-            if cpu in self.doorbells:
-                return
-            t = threading.Thread(target=self._doorbell, args=(cpu,), name=f"mshv-doorbell-{cpu}", daemon=True)
-            self.doorbells[cpu] = t
-        t.start()
-
-    def _doorbell(self, cpu: int) -> None:
-        m, run = self.pages.map, self.pages.run_page(cpu)
-        req_addr = self.pages.address(run + kabi.RUN_DOORBELL)
-        served = _U32.unpack_from(m, run + kabi.RUN_DOORBELL)[0]
-        while not self.closing:
-            request = _U32.unpack_from(m, run + kabi.RUN_DOORBELL)[0]
-            if request == served:          # (spinning first measured no faster: 2 host cores)
-                futex.wait(req_addr, served, 0.5)
-                continue
-            try:
-                self.run_vp(cpu)
-                err = 0
-            except KernelError as exc:
-                err = exc.errno
-            except Exception as exc:          # a bug: tell the VMM (EIO), log it, go on serving
-                self.log(f"mshv_vtl: BUG: RUN_VP by doorbell on CPU {cpu}: {type(exc).__name__}: {exc}", 1)
-                err = kabi.EIO
-            _U32.pack_into(m, run + kabi.RUN_DOORBELL_ERRNO, err)
-            _U32.pack_into(m, run + kabi.RUN_DOORBELL_ACK, request)
-            served = request
-            futex.wake(self.pages.address(run + kabi.RUN_DOORBELL_ACK))
+            if self.dispatcher is None:
+                self.dispatcher = Dispatcher(self)
+        self.dispatcher.add(cpu)
 
     # ---- RUN_VP on a Linux CPU ---------------------------------------------------------
     def run_vp(self, cpu: int) -> int:
         """MSHV_VTL_RETURN_TO_LOWER_VTL: VTL0 of cpu until an intercept (0, its message in the run
         page) or until the run page's cancel word is set (EINTR)."""
+        self.begin_run(cpu)
+        try:
+            while True:
+                outcome = self.run_slice(cpu)
+                if outcome == SLICE_EXIT:
+                    return 0
+                if outcome == SLICE_HALTED:           # sleep until the VMM's cancel wakes us
+                    while not self.cancelled(cpu):
+                        futex.wait(self.pages.address(self.pages.run_page(cpu) + kabi.RUN_CANCEL), 0, HALT_POLL_S)
+                    raise KernelError(kabi.EINTR)
+        finally:
+            self.end_run(cpu)
+
+    def begin_run(self, cpu: int) -> None:
+        """Checks, then the registers the VMM left in the pages go into the VP."""
         if not 0 <= cpu < self.partition.vp_count:
             raise KernelError(kabi.EINVAL, f"no CPU {cpu}")
         if cpu not in self.cpus.online:
@@ -177,38 +171,39 @@ class Mshv:
             raise KernelError(kabi.EINVAL)
         if cpu in self.running:
             raise KernelError(kabi.EBUSY, f"CPU {cpu} is already running")
-        m, run = self.pages.map, self.pages.run_page(cpu)
         self.running.add(cpu)
-        try:
-            with self.lock:          # the VP may be parked in the engine: its registers are the engine's
-                self._load(cpu)
-            halted = False
-            while True:
-                if _U32.unpack_from(m, run + kabi.RUN_CANCEL)[0]:
-                    raise KernelError(kabi.EINTR)
-                if halted:                            # sleep until the VMM's cancel wakes us
-                    futex.wait(self.pages.address(run + kabi.RUN_CANCEL), 0, HALT_POLL_S)
-                    continue
-                with self.lock:
-                    try:
-                        msg = self.partition.run_vtl0(cpu, SLICE_S, preempt=True)
-                    except VpRunError as exc:
-                        self.log(f"mshv_vtl: CPU {cpu}: {exc}", 3)
-                        raise KernelError(kabi.EFAULT) from None
-                if msg is PREEMPTED:
-                    continue
-                if msg is None:                       # HLT: the VP sleeps until cancelled
-                    halted = True
-                    m[run + kabi.RUN_FLAGS:run + kabi.RUN_FLAGS + 4] = _U32.pack(kabi.RUN_FLAG_HALTED)
-                    continue
-                m[run + kabi.RUN_EXIT_MESSAGE:run + kabi.RUN_EXIT_MESSAGE + HV_MESSAGE_SIZE] = \
-                    bytes(msg).ljust(HV_MESSAGE_SIZE, b"\0")[:HV_MESSAGE_SIZE]
-                self.run_counts[cpu] += 1
-                return 0
-        finally:
-            with self.lock:
-                self._store(cpu)
-            self.running.discard(cpu)
+        with self.lock:          # the VP may be parked in the engine: its registers are the engine's
+            self._load(cpu)
+
+    def end_run(self, cpu: int) -> None:
+        with self.lock:
+            self._store(cpu)
+        self.running.discard(cpu)
+
+    def cancelled(self, cpu: int) -> bool:
+        return bool(_U32.unpack_from(self.pages.map, self.pages.run_page(cpu) + kabi.RUN_CANCEL)[0])
+
+    def run_slice(self, cpu: int) -> int:
+        """One time slice of VTL0 (SLICE_EXIT with the message in the run page, SLICE_HALTED,
+        SLICE_PREEMPTED); KernelError EINTR once cancelled, EFAULT on a fault."""
+        if self.cancelled(cpu):
+            raise KernelError(kabi.EINTR)
+        with self.lock:
+            try:
+                msg = self.partition.run_vtl0(cpu, SLICE_S, preempt=True)
+            except VpRunError as exc:
+                self.log(f"mshv_vtl: CPU {cpu}: {exc}", 3)
+                raise KernelError(kabi.EFAULT) from None
+        if msg is PREEMPTED:
+            return SLICE_PREEMPTED
+        run = self.pages.run_page(cpu)
+        if msg is None:                       # HLT
+            self.pages.map[run + kabi.RUN_FLAGS:run + kabi.RUN_FLAGS + 4] = _U32.pack(kabi.RUN_FLAG_HALTED)
+            return SLICE_HALTED
+        self.pages.map[run + kabi.RUN_EXIT_MESSAGE:run + kabi.RUN_EXIT_MESSAGE + HV_MESSAGE_SIZE] = \
+            bytes(msg).ljust(HV_MESSAGE_SIZE, b"\0")[:HV_MESSAGE_SIZE]
+        self.run_counts[cpu] += 1
+        return SLICE_EXIT
 
     def _load(self, cpu: int) -> None:
         """Registers the VMM left in the pages -> the VP's VTL0 (GPRs always; RIP, RFLAGS and RSP
