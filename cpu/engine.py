@@ -326,7 +326,7 @@ class Engine:
         saved = self.uc.context_save()
         self.uc.context_restore(self.pristine)
         for gpa, spans in stale:
-            self.uc.ctl_remove_cache(gpa, gpa + 0x1000)
+            self.remove_cache(gpa, gpa + 0x1000)
             for start, end in spans:  # the counts of the blocks reaching into the page
                 self.state.invalidate_blocks(start, end)
         self.uc.context_restore(saved)
@@ -430,9 +430,16 @@ class Engine:
         the previous VP's mappings of the VAs they share (the sidecar's per-CPU window)."""
         raw_ctl(self._uch, _CTL_TLB_FLUSH)
 
+    def remove_cache(self, start: int, end: int) -> None:
+        """ctl_remove_cache, keeping CR2: finding the blocks walks the page tables, and a miss
+        sets CR2 as a #PF would though the guest saw none."""
+        cr2 = self.reg("cr2")
+        self.uc.ctl_remove_cache(start, end)
+        self.set_reg("cr2", cr2)
+
     def code_changed(self, start: int, end: int) -> None:
         """Guest code in [start, end) (identity-mapped addresses) was rewritten by the host."""
-        self.uc.ctl_remove_cache(start, end)
+        self.remove_cache(start, end)
         self.state.invalidate_blocks(start, end)
 
     def map_mmio(self, base: int, size: int, read, write) -> None:
@@ -466,7 +473,7 @@ class Engine:
             if native_hook:
                 native.hook_del(self.uc, handle)
             else:
-                self.uc.hook_del(handle)
+                native.binding_hook_del(self.uc, handle)
         self._site_hooks = [self._add_site_hook(addr, kind) for addr, kind in sorted(sites.items())]
         self.sites, self.site_handler = dict(sites), handler
         self.uc.ctl_flush_tb()  # blocks translated before a hook existed would not call it
@@ -559,6 +566,10 @@ class Engine:
             _raw_context_restore(self._uch, self._scratch_ptr)
         if timeout_us:
             WATCHDOG.arm(self, timeout_us / 1e6)
+        # QEMU's translator probes code pages ahead of a block and a failed probe sets CR2 though
+        # no #PF reaches the guest (Unicorn delivers none: a real one ends the run): CR2 is the
+        # guest's only when a fault stopped it.
+        cr2 = self.reg("cr2")
         try:
             self.uc.emu_start(rip, 0)
             error = None
@@ -567,6 +578,8 @@ class Engine:
         finally:
             if timeout_us:
                 WATCHDOG.disarm(self)
+        if self._fault is None and error is None:
+            self.set_reg("cr2", cr2)
         for flush in self.after_run:
             flush()
         rip = self.reg("rip")

@@ -12,6 +12,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 from unicorn import unicorn_const as ucc
+from unicorn import x86_const as _x86
 from unicorn.unicorn_py3.unicorn import uclib
 
 # The hot calls without argtypes: ctypes' per-argument conversion doubled their cost
@@ -117,7 +118,27 @@ def hook_add(uc, kind: int, cfunc_address: int, user_data: int, insn: int | None
 
 
 def hook_del(uc, handle: int) -> None:
-    uclib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
+    """uc_hook_del, keeping CR2: Unicorn drops the blocks that ran the hook, finding them through
+    the page tables, and a miss there sets CR2 as a #PF would though the guest saw none."""
+    with keeping_cr2(uc):
+        uclib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
+
+
+def binding_hook_del(uc, handle) -> None:
+    """uc.hook_del (a hook the binding added), keeping CR2 (see hook_del)."""
+    with keeping_cr2(uc):
+        uc.hook_del(handle)
+
+
+class keeping_cr2:
+    def __init__(self, uc):
+        self.uc = uc
+
+    def __enter__(self):
+        self.cr2 = self.uc.reg_read(_x86.UC_X86_REG_CR2)
+
+    def __exit__(self, *exc):
+        self.uc.reg_write(_x86.UC_X86_REG_CR2, self.cr2)
 
 
 def uc_handle(uc) -> int:

@@ -21,6 +21,7 @@ count is the same instruction going on.
 """
 from unicorn import unicorn_const as ucc
 
+from hclsim.cpu import native
 from hclsim.cpu.fastpath import H_BLOCKS, H_ICOUNT
 from hclsim.debug.events import BREAKPOINT, EVENT, STEP, DebugError, StopRequest
 
@@ -99,7 +100,7 @@ class StopPoints:
         """Drop the every-instruction hook (before running freely again)."""
         self.step_left = None
         if self._step_hook is not None:
-            self.engine.uc.hook_del(self._step_hook)
+            native.binding_hook_del(self.engine.uc, self._step_hook)
             self._step_hook = None
         self.sync()
 
@@ -126,7 +127,7 @@ class StopPoints:
         uc = self.engine.uc
         wanted = self._addresses()
         for address in set(self._hooks) - wanted:
-            uc.hook_del(self._hooks.pop(address))  # Unicorn retranslates the blocks that called it
+            native.binding_hook_del(uc, self._hooks.pop(address))  # Unicorn retranslates the blocks that called it
         for address in sorted(wanted - set(self._hooks)):
             self._hooks[address] = uc.hook_add(ucc.UC_HOOK_CODE, self._on_code, None, address, address)
             self._retranslate(address)
@@ -150,7 +151,7 @@ class StopPoints:
         gpa = self.images.gpa_of(address)
         for va in self.images.aliases_of(address):
             if gpa is not None and e.translate(va) == gpa:
-                e.uc.ctl_remove_cache(va, va + 1)
+                e.remove_cache(va, va + 1)
                 return
         e.uc.ctl_flush_tb()  # not code of a loaded image, or not mapped here: retranslate all
 

@@ -153,7 +153,7 @@ class Watchpoints:
 
     def _unhook(self, watch: Watch) -> None:
         for hook in watch.hooks:
-            self.engine.uc.hook_del(hook)
+            native.binding_hook_del(self.engine.uc, hook)
         if watch.hooks:
             self.engine.uc.ctl_flush_tb()
         watch.hooks = []
