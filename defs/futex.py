@@ -2,7 +2,6 @@
 run page. FUTEX_WAIT sleeps while the word holds the expected value; FUTEX_WAKE wakes the
 sleepers. Shared (not FUTEX_PRIVATE) because the word lives in memory two processes map."""
 import ctypes
-import ctypes.util
 import os
 
 SYS_FUTEX = 202                    # x86_64

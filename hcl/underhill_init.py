@@ -6,7 +6,6 @@ killed it). Any error: "fatal: ..." in kmsg and exit 1.
 """
 import os
 import resource
-import struct
 import subprocess
 import threading
 import time

@@ -13,7 +13,6 @@ from collections import deque
 import os
 import struct
 import threading
-import time
 
 from hclsim.defs import futex, kabi
 from hclsim.defs.hvdef import HV_MESSAGE_SIZE, MSR_REGISTERS, REGISTER_BY_NAME, VTL0
