@@ -8,6 +8,7 @@ Names follow the C header (and so the TLFS): `HV_X64_MSR_HYPERCALL`, `HVCALL_STA
 """
 import ctypes
 import enum
+import struct
 from ctypes import c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as u64
 
 # ---- CPUID leaves (section 1) ----------------------------------------------------------------
@@ -286,6 +287,12 @@ C_STRUCTS = {
 }
 
 
+# The fields of an I/O intercept parse_intercept reads (vp_index, instruction_length_cr8,
+# intercept_access_type, rip, rflags, port_number, access_info, rax), checked against the ctypes
+# layouts by tests/test_abi.py.
+_IO_FIELDS = struct.Struct("<IBB18xQQHB5xQ")
+
+
 def parse_intercept(message: bytes) -> dict:
     """The fields a VMM needs from an intercept HvMessage, by their TLFS names' short forms:
     type, vp, instruction_length, access, rip, and per kind port/size/rax (I/O), rax/rcx and
@@ -294,6 +301,10 @@ def parse_intercept(message: bytes) -> dict:
     if len(raw) < HV_MESSAGE_SIZE:
         raw = raw.ljust(HV_MESSAGE_SIZE, b"\0")
     kind = int.from_bytes(raw[:4], "little")                   # HvMessageHeader.message_type
+    if kind == HvMessageType.X64IoPortIntercept:               # the common exit, without ctypes
+        vp, length, access, rip, rflags, port, info, rax = _IO_FIELDS.unpack_from(raw, 16)
+        return {"type": kind, "vp": vp, "instruction_length": length & 0xF, "access": access, "rip": rip,
+                "rflags": rflags, "port": port, "size": info & 7, "rax": rax}
     layout = INTERCEPT_MESSAGES.get(kind, HvX64InterceptMessageHeader)
     p = layout.from_buffer_copy(raw, ctypes.sizeof(HvMessageHeader))   # the payload, in place
     h = p if layout is HvX64InterceptMessageHeader else p.header

@@ -2,6 +2,7 @@
 port I/O, CPUID, MSR access, memory access to unmapped GPAs (MMIO) and HLT. The layouts are
 defs/hvdef.py's; this module fills them from the engine's state and reads them back."""
 import ctypes
+import struct
 
 import capstone
 from capstone import x86_const as csx
@@ -61,10 +62,11 @@ _FORM_KEY = ("rip", "cr3")
 _IO_FORMS_MAX = 4096
 
 
-def _io_form(engine) -> tuple:
+def _io_form(engine, rip: int | None = None, cr3: int | None = None) -> tuple:
     # By the loaded code (its digest), CR3 and RIP: the intercepted instructions are exit sites
     # found once in the image's code (cpu/exit_sites.py), which the simulation takes as unchanging.
-    rip, cr3 = engine.read_regs(_FORM_KEY)
+    if rip is None:
+        rip, cr3 = engine.read_regs(_FORM_KEY)
     key = (engine.code_signature, cr3, rip)
     cached = _IO_FORMS.get(key)
     if cached is not None:
@@ -86,7 +88,31 @@ def _io_form(engine) -> tuple:
 _IO_REGS = ("rax", "rcx", "rdx", "rsi", "rdi")
 
 
+# The I/O intercept message in one struct.pack (its fields, in HvMessageHeader,
+# HvX64InterceptMessageHeader, HvX64IoPortInterceptMessage order; checked equal to the ctypes
+# build by tests/test_intercepts.py): filling the ctypes structs field by field cost ~10 us, most
+# of an I/O exit's host time.
+_IO_MESSAGE = struct.Struct("<IBBHQ" "IBBHQIHHQQ" "HBBIQ16s16x16xQQQ")
+_IO_PAYLOAD = ctypes.sizeof(HvX64IoPortInterceptMessage)
+assert _IO_MESSAGE.size == 16 + _IO_PAYLOAD
+_IO_ALL_REGS = ("rip", "cr3", "cr0", "cs", "rflags", "rax", "rcx", "rdx", "rsi", "rdi")
+
+
 def io_port(engine, vp_index: int) -> bytes:
+    """The X64IoPortIntercept message of the I/O instruction at RIP (fast path of io_port_ctypes)."""
+    rip, cr3, cr0, cs, rflags, rax, rcx, rdx, rsi, rdi = engine.read_regs(_IO_ALL_REGS)
+    (is_in, size, imm, length), code = _io_form(engine, rip, cr3)
+    efer = engine.msr(MSR_EFER)
+    return _IO_MESSAGE.pack(
+        MSG_IO_PORT, _IO_PAYLOAD, 0, 0, 0,
+        vp_index, length & 0xF, ACCESS_READ if is_in else ACCESS_WRITE, ((cr0 & 1) << 2) | (((efer >> 10) & 1) << 4),
+        0, 0xFFFFFFFF, cs, CS_LONG_MODE_CODE, rip, rflags,
+        imm if imm is not None else rdx & 0xFFFF, size, length, 0, rax, code[:16].ljust(16, b"\0"), rcx, rsi, rdi)
+
+
+def io_port_ctypes(engine, vp_index: int) -> bytes:
+    """io_port built field by field in the defs/hvdef.py structs: the reference the fast path is
+    checked against."""
     (is_in, size, imm, length), code = _io_form(engine)
     m = HvX64IoPortInterceptMessage()
     _header(m.header, engine, vp_index, length, ACCESS_READ if is_in else ACCESS_WRITE)

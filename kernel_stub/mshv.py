@@ -33,7 +33,7 @@ _CONTEXT = struct.Struct("<16Q")      # the run page's GPRs, the register page's
 _CONTROL = struct.Struct("<QQ")       # RIP, RFLAGS
 _CR = struct.Struct("<QQQ")           # CR0, CR3, CR4
 _LOAD_NAMES = tuple(_GPR_NAMES)
-_STORE_NAMES = tuple(dict.fromkeys(_GPR_NAMES + ["rsp", "rip", "rflags", "cr0", "cr3", "cr4", "efer"]))
+_STORE_NAMES = tuple(_GPR_NAMES) + ("rsp", "rip", "rflags", "cr0", "cr3", "cr4", "efer")
 
 
 class CpuLock:
@@ -221,14 +221,15 @@ class Mshv:
         self.partition.write_vtl0(cpu, names, values)
 
     def _store(self, cpu: int) -> None:
-        regs = dict(zip(_STORE_NAMES, self.partition.read_vtl0(cpu, _STORE_NAMES)))
+        v = self.partition.read_vtl0(cpu, _STORE_NAMES)          # 16 GPRs, then _STORE_TAIL, efer
         m = self.pages.map
-        _CONTEXT.pack_into(m, self.pages.run_page(cpu) + kabi.RUN_CONTEXT, *(regs[n] for n in _GPR_NAMES))
+        _CONTEXT.pack_into(m, self.pages.run_page(cpu) + kabi.RUN_CONTEXT, *v[:16])
         reg = self.pages.register_page(cpu)
-        _CONTEXT.pack_into(m, reg + kabi.REGPAGE_GP, *(regs[n] for n in kabi.REGPAGE_GPRS))
-        _CONTROL.pack_into(m, reg + kabi.REGPAGE_RIP, regs["rip"], regs["rflags"])
-        _CR.pack_into(m, reg + kabi.REGPAGE_CR0, regs["cr0"], regs["cr3"], regs["cr4"])
-        _U64.pack_into(m, reg + kabi.REGPAGE_EFER, regs["efer"])
+        rsp, rip, rflags, cr0, cr3, cr4, efer = v[16:]
+        _CONTEXT.pack_into(m, reg + kabi.REGPAGE_GP, *v[:4], rsp, *v[5:16])    # RSP where CR2 is in the run page
+        _CONTROL.pack_into(m, reg + kabi.REGPAGE_RIP, rip, rflags)
+        _CR.pack_into(m, reg + kabi.REGPAGE_CR0, cr0, cr3, cr4)
+        _U64.pack_into(m, reg + kabi.REGPAGE_EFER, efer)
         m[reg + kabi.REGPAGE_IS_VALID] = 1
 
     def prime(self, cpu: int) -> None:
