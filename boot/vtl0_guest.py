@@ -35,7 +35,8 @@ result_dtype = np.dtype([("magic", "<u4"), ("vp_index", "<u4"), ("cpuid_ebx", "<
                          ("cpuid_edx", "<u4"), ("in_value", "<u4"), ("mmio_value", "<u4"), ("pad", "<u4"),
                          ("msr_value", "<u8"), ("done", "<u4"), ("mmio_zx8", "<u4"), ("mmio_hi8", "<u8"),
                          ("mmio_sx16", "<u8"), ("mmio_sx32", "<u8"), ("mmio_u16", "<u8"), ("mmio_u64", "<u8"),
-                         ("checksum", "<u8"), ("iterations", "<u4"), ("reserved", "u1", 28)])
+                         ("checksum", "<u8"), ("iterations", "<u4"), ("pad2", "<u4"),
+                         ("hypercall_status", "<u8"), ("post_message", "u1", 16)])
 assert result_dtype.itemsize == RESULT_SIZE
 
 

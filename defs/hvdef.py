@@ -58,6 +58,8 @@ class HvCall(enum.IntEnum):
     StartVirtualProcessor = 0x0099
     GetVpIndexFromApicId = 0x009A
     TranslateVirtualAddressEx = 0x00AC
+    PostMessage = 0x005C                 # VMBus: VTL2 intercepts these from VTL0
+    SignalEvent = 0x005D
 
 
 HVCALL_ENABLE_VP_VTL = HvCall.EnableVpVtl
@@ -90,6 +92,7 @@ class HvStatus(enum.IntEnum):
     InvalidVpState = 0x0015
     VtlAlreadyEnabled = 0x0086
     UnknownRegisterName = 0x0087
+    InvalidConnectionId = 0x0012
 
 
 HV_STATUS_SUCCESS = HvStatus.Success
@@ -179,12 +182,13 @@ class HvMessageType(enum.IntEnum):
     X64MsrIntercept = 0x80010001
     X64CpuidIntercept = 0x80010002
     X64Halt = 0x80010007
+    HypercallIntercept = 0x80000050
 
 
 # The short names reports and the CLI print for them.
 MESSAGE_SHORT_NAMES = {HvMessageType.UnmappedGpa: "unmapped-gpa", HvMessageType.X64IoPortIntercept: "io-port",
                        HvMessageType.X64MsrIntercept: "msr", HvMessageType.X64CpuidIntercept: "cpuid",
-                       HvMessageType.X64Halt: "halt"}
+                       HvMessageType.X64Halt: "halt", HvMessageType.HypercallIntercept: "hypercall"}
 
 
 def message_name(message_type: int) -> str:
@@ -237,11 +241,18 @@ class HvX64CpuidInterceptMessage(ctypes.LittleEndianStructure):
                 ("default_result_rbx", u64)]
 
 
+class HvX64HypercallInterceptMessage(ctypes.LittleEndianStructure):
+    _fields_ = [("header", HvX64InterceptMessageHeader), ("rax", u64), ("rbx", u64), ("rcx", u64), ("rdx", u64),
+                ("r8", u64), ("rsi", u64), ("rdi", u64), ("xmm_registers", u64 * 12), ("flags", u32),
+                ("reserved", u32 * 3)]
+
+
 INTERCEPT_MESSAGES = {HvMessageType.X64IoPortIntercept: HvX64IoPortInterceptMessage,
                       HvMessageType.UnmappedGpa: HvX64MemoryInterceptMessage,
                       HvMessageType.X64MsrIntercept: HvX64MsrInterceptMessage,
                       HvMessageType.X64CpuidIntercept: HvX64CpuidInterceptMessage,
-                      HvMessageType.X64Halt: HvX64InterceptMessageHeader}
+                      HvMessageType.X64Halt: HvX64InterceptMessageHeader,
+                      HvMessageType.HypercallIntercept: HvX64HypercallInterceptMessage}
 
 # ---- the initial VP context (HvCallEnableVpVtl / HvCallStartVirtualProcessor) ---------------
 
@@ -317,6 +328,8 @@ def parse_intercept(message: bytes) -> dict:
                                                   p.default_result_rcx, p.default_result_rdx))
     elif kind == HvMessageType.X64MsrIntercept:
         out.update(msr=p.msr_number)
+    elif kind == HvMessageType.HypercallIntercept:
+        out.update(control=p.rcx, input_gpa=p.rdx, output_gpa=p.r8)
     elif kind == HvMessageType.UnmappedGpa:
         out.update(gpa=p.guest_physical_address, instruction_length=p.instruction_byte_count,
                    instruction_bytes=bytes(p.instruction_bytes))

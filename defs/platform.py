@@ -45,6 +45,9 @@ VTL0_TEST_MSR = 0x40000000
 # VP has finished"; the VM powers off once every VP has written it).
 VTL0_LOOP_PORT = 0x444
 VTL0_POWER_PORT = 0x404
+VTL0_HYPERCALL_CODE = 0x005C        # HvCallPostMessage: the test guest's intercepted hypercall
+VTL0_HYPERCALL_CONNECTION = 0       # posted to no open connection...
+VTL0_HYPERCALL_STATUS = 0x0012      # ...so the VMM answers HV_STATUS_INVALID_CONNECTION_ID
 VTL0_CHECKSUM_BASIS = 0xCBF29CE484222325
 VTL0_CHECKSUM_PRIME = 0x100000001B3
 VTL0_MAX_ITERATIONS = 10**9       # BootConfig.vtl0_iterations: 0..this (the guest counts in 32 bits)

@@ -16,14 +16,15 @@ import time
 from dataclasses import dataclass, field
 
 from hclsim.defs import futex, kabi
-from hclsim.defs.hvdef import (HV_INTERCEPT_ACCESS_WRITE, MSR_REGISTERS, HvMessageType, HvRegister,
-                               parse_intercept)
+from hclsim.defs.hvdef import (HV_INTERCEPT_ACCESS_WRITE, MSR_REGISTERS, HvCall, HvMessageType, HvRegister,
+                               HvStatus, parse_intercept)
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _CONTEXT = struct.Struct("<16Q")       # the run page context's GPRs
 _GPRS = kabi.RUN_CONTEXT_GPRS
 MSR_REGISTER = {msr: reg for reg, msr in MSR_REGISTERS.items()}
+VMBUS_HYPERCALLS = (HvCall.PostMessage, HvCall.SignalEvent)
 CURRENT = threading.local()            # the VP whose intercept a device is completing (console per VP)
 ONLINE_LOCK = threading.Lock()         # CPUs come online one at a time (the real ONLINE_LOCK)
 SPIN_S = 0.0002      # a VP thread spins (no system call) this long for RUN_VP's answer before sleeping...
@@ -269,6 +270,11 @@ class VpLoop:
             reg = MSR_REGISTER.get(msg["msr"])
             value = self.get_registers(cpu, [reg])[0] if reg is not None else 0
             return {"rax": value & 0xFFFFFFFF, "rdx": value >> 32}
+        if kind == HvMessageType.HypercallIntercept:
+            # A VMBus hypercall: no VMBus server yet, so no connection is open (issue 11+).
+            code = msg["control"] & 0xFFFF
+            status = HvStatus.InvalidConnectionId if code in VMBUS_HYPERCALLS else HvStatus.InvalidHypercallCode
+            return {"rax": int(status)}
         if kind == HvMessageType.UnmappedGpa:
             import hclsim.cpu.mmio_emulate as mmio_emulate   # capstone: only once a VP touches MMIO
             access = mmio_emulate.decode(msg["instruction_bytes"], msg["rip"])

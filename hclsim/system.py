@@ -42,6 +42,7 @@ class SystemResult:
     boots: int = 1
     kernel_console: bytes = b""      # what the kernel printed on its console (COM3)
     writes: list = field(default_factory=list)    # (path, value) of every accepted /proc/sys and /sys store
+    vtl0_records: list = field(default_factory=list)   # each VP's VTL0 test guest record at the end
 
     @property
     def serial(self) -> dict:
@@ -97,8 +98,10 @@ def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_even
             if us is not None:
                 tree = us.process_tree
                 us.shutdown()
+            records = _vtl0_records(machine)
             machine.close()
             shutil.rmtree(run_dir, ignore_errors=True)
+        outcome.vtl0_records = records
         if outcome.status != "panic":
             outcome.process_tree = tree()
             return outcome
@@ -111,6 +114,15 @@ def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_even
                                        f"and panicked again: giving up"), outcome)
         resets += 1
         note("reset", time.monotonic() - t_run, f"panic=-1: the host resets the VM (reset {resets})")
+
+
+def _vtl0_records(machine) -> list:
+    """Each VP's VTL0 test guest record (boot/vtl0_guest.py), as plain numbers and hex bytes."""
+    if machine.vtl0_guest is None or machine.engine is None:
+        return []
+    results = machine.vtl0_guest.results(machine.mem)
+    return [{name: (rec[name].tobytes().hex() if rec[name].ndim else int(rec[name])) for name in results.dtype.names}
+            for rec in results]
 
 
 def _attach(exc, outcome):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hclsim.defs.hvdef import (HV_CRASH_CTL_CRASH_MESSAGE, HV_CRASH_CTL_NOTIFY, HV_CRASH_MESSAGE_MAX,
+from hclsim.defs.hvdef import (HvCall, HV_CRASH_CTL_CRASH_MESSAGE, HV_CRASH_CTL_NOTIFY, HV_CRASH_MESSAGE_MAX,
                                HV_X64_MSR_APIC_FREQUENCY, HV_X64_MSR_CRASH_CTL, HV_X64_MSR_CRASH_P0,
                                HV_X64_MSR_GUEST_OS_ID, HV_X64_MSR_HYPERCALL, HV_X64_MSR_TIME_REF_COUNT,
                                HV_X64_MSR_TSC_FREQUENCY, HV_X64_MSR_VP_ASSIST_PAGE, HV_X64_MSR_VP_INDEX,
@@ -40,6 +40,17 @@ class GeneralProtection(GuestException):
 class InvalidOpcode(GuestException):
     """The instruction raises #UD in the guest (e.g. a VTL return from VTL0)."""
     vector = 6
+
+
+@dataclass(frozen=True)
+class Intercept:
+    """Stop reason: a VTL0 instruction VTL2 must handle (in, out, cpuid, rdmsr, wrmsr, hypercall)."""
+    kind: str
+
+
+# Hypercalls from VTL0 that VTL2 intercepts rather than the hypervisor answering them: the VMBus
+# ones, which the paravisor's VMBus server (or relay) handles.
+VTL2_INTERCEPTED_HYPERCALLS = frozenset({HvCall.PostMessage, HvCall.SignalEvent})
 
 
 @dataclass(frozen=True)
@@ -343,10 +354,15 @@ class Hypervisor:
 
     # ---- hypercalls ----------------------------------------------------------------------
     def hypercall(self, engine, vp: int) -> None:
-        """Emulate the vmcall at RIP: ABI in RCX/RDX/R8, result in RAX, RIP += 3."""
+        """Emulate the vmcall at RIP: ABI in RCX/RDX/R8, result in RAX, RIP += 3. From VTL0, the
+        hypercalls VTL2 intercepts (the VMBus ones) stop the VP on the vmcall instead: VTL2 gets
+        a hypercall intercept message and completes the call."""
         control = engine.reg("rcx")
         if control & 0xFFFF in (HVCALL_VTL_CALL, HVCALL_VTL_RETURN):
             self._vtl_switch(engine, vp, control)
+            return
+        if self.vps[vp].vtl == 0 and control & 0xFFFF in VTL2_INTERCEPTED_HYPERCALLS:
+            engine.request_stop(Intercept("hypercall"))
             return
         result = hypercalls.dispatch(self, engine, vp, control, engine.reg("rdx"), engine.reg("r8"))
         self.native.append_log(vp, control & 0xFFFF, result & 0xFFFF)

@@ -10,15 +10,15 @@ from capstone import x86_const as csx
 from hclsim.cpu.engine import MSR_EFER
 from hclsim.defs.hvdef import (parse_intercept, HV_INTERCEPT_ACCESS_EXECUTE as ACCESS_EXECUTE, HV_INTERCEPT_ACCESS_READ as ACCESS_READ,
                                HV_INTERCEPT_ACCESS_WRITE as ACCESS_WRITE, HvMessage,
-                               HvMessageType, HvX64CpuidInterceptMessage, HvX64InterceptMessageHeader,
-                               HvX64IoPortInterceptMessage, HvX64MemoryInterceptMessage, HvX64MsrInterceptMessage,
-                               INTERCEPT_MESSAGES)
+                               HvMessageType, HvX64CpuidInterceptMessage, HvX64HypercallInterceptMessage, HvX64InterceptMessageHeader,
+                               HvX64IoPortInterceptMessage, HvX64MemoryInterceptMessage, HvX64MsrInterceptMessage)
 
 MSG_UNMAPPED_GPA = HvMessageType.UnmappedGpa
 MSG_IO_PORT = HvMessageType.X64IoPortIntercept
 MSG_MSR = HvMessageType.X64MsrIntercept
 MSG_CPUID = HvMessageType.X64CpuidIntercept
 MSG_HALT = HvMessageType.X64Halt
+MSG_HYPERCALL = HvMessageType.HypercallIntercept
 CS_LONG_MODE_CODE = 0xA09B   # attributes of a present 64-bit ring-0 code segment
 
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -130,6 +130,17 @@ def cpuid(engine, vp_index: int, defaults: tuple) -> bytes:
     m.rax, m.rcx, m.rdx, m.rbx = (engine.reg(r) for r in ("rax", "rcx", "rdx", "rbx"))
     (m.default_result_rax, m.default_result_rbx, m.default_result_rcx, m.default_result_rdx) = defaults
     return _message(MSG_CPUID, m)
+
+
+_HYPERCALL_REGS = ("rax", "rbx", "rcx", "rdx", "r8", "rsi", "rdi")
+
+
+def hypercall(engine, vp_index: int) -> bytes:
+    """The hypercall intercept message of the vmcall at RIP (3 bytes), with the ABI's registers."""
+    m = HvX64HypercallInterceptMessage()
+    _header(m.header, engine, vp_index, 3, ACCESS_EXECUTE)
+    m.rax, m.rbx, m.rcx, m.rdx, m.r8, m.rsi, m.rdi = engine.read_regs(_HYPERCALL_REGS)
+    return _message(MSG_HYPERCALL, m)
 
 
 def msr(engine, vp_index: int, write: bool) -> bytes:

@@ -16,7 +16,7 @@ from hclsim.cpu import interrupts
 from hclsim.hv import intercepts, vtl
 from hclsim.cpu.cpuid import cpuid_lookup
 from hclsim.defs.hvdef import HV_VTL_ENTRY_REASON_INTERCEPT, HV_VTL_ENTRY_REASON_INTERRUPT
-from hclsim.hv.hypervisor import VtlReturn
+from hclsim.hv.hypervisor import Intercept, VtlReturn
 from hclsim.hv.vp import EXTERNAL, HALTED, NOT_STARTED, RUNNABLE
 
 # Why run() returned.
@@ -38,11 +38,6 @@ CRASH = "crash"
 
 class VpRunError(HclsimError):
     """Running a VP's VTL0 for the host failed (a fault, a timeout, a VP it cannot run)."""
-
-
-@dataclass(frozen=True)
-class Intercept:
-    kind: str         # the VTL0 instruction VTL2 must handle: in, out, cpuid, rdmsr, wrmsr
 
 
 @dataclass
@@ -204,6 +199,8 @@ class Scheduler:
         e = self.engine
         if kind in ("in", "out"):
             return intercepts.io_port(e, vp.index)
+        if kind == "hypercall":
+            return intercepts.hypercall(e, vp.index)
         if kind == "cpuid":
             defaults = cpuid_lookup(e.state.cpuid_table, e.reg("rax") & 0xFFFFFFFF, e.reg("rcx") & 0xFFFFFFFF, vp.apic_id)
             return intercepts.cpuid(e, vp.index, tuple(int(v) for v in defaults))

@@ -11,7 +11,7 @@ the command page's cpu_context; RIP is private to VTL0 and is set with SET_VP_RE
 import numpy as np
 
 from hclsim.cpu import mmio_emulate
-from hclsim.defs.hvdef import GPR_NAMES, VTL0, HvRegister
+from hclsim.defs.hvdef import GPR_NAMES, VTL0, HvCall, HvRegister, HvStatus
 from hclsim.hv import intercepts
 from hclsim.hv.scheduler import VpRunError
 from hclsim.sidecar import layout as sl
@@ -147,6 +147,10 @@ def emulate(partition, cpu: int, devices, msg: dict, regs: dict) -> dict:
     if kind == intercepts.MSG_MSR:
         value = partition.rdmsr(cpu, msg["msr"])
         return {"rax": value & 0xFFFFFFFF, "rdx": value >> 32}
+    if kind == intercepts.MSG_HYPERCALL:     # a VMBus hypercall: no connection is open here
+        code = msg["control"] & 0xFFFF
+        vmbus = code in (HvCall.PostMessage, HvCall.SignalEvent)
+        return {"rax": int(HvStatus.InvalidConnectionId if vmbus else HvStatus.InvalidHypercallCode)}
     if kind == intercepts.MSG_UNMAPPED_GPA:
         # Decode the intercepted instruction (mov/movzx/movsx/movsxd, any size and addressing).
         access = mmio_emulate.decode(msg["instruction_bytes"], msg["rip"])

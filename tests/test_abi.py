@@ -128,10 +128,12 @@ def test_every_shared_constant_matches(c_side):
 def test_vtl0_workload_constants_are_shared(c_side):
     """The loop and power-off ports and the checksum's constants: declared in defs/platform.py,
     not firmware-only, and the record's new fields in the dtype (checked with the struct)."""
-    for name in ("VTL0_LOOP_PORT", "VTL0_POWER_PORT", "VTL0_CHECKSUM_BASIS", "VTL0_CHECKSUM_PRIME"):
+    for name in ("VTL0_LOOP_PORT", "VTL0_POWER_PORT", "VTL0_CHECKSUM_BASIS", "VTL0_CHECKSUM_PRIME",
+                 "VTL0_HYPERCALL_CODE", "VTL0_HYPERCALL_CONNECTION", "VTL0_HYPERCALL_STATUS"):
         assert name not in FIRMWARE_ONLY and c_side[("define", name)] == getattr(platform, name), name
     assert c_side[("vtl0_result", "checksum")] == (88, 8) and c_side[("vtl0_result", "iterations")] == (96, 4)
-    assert c_side[("vtl0_result", "reserved")] == (100, 28)
+    assert c_side[("vtl0_result", "hypercall_status")] == (104, 8)
+    assert c_side[("vtl0_result", "post_message")] == (112, 16)
 
 
 def test_every_header_constant_is_declared_in_python_or_firmware_only():

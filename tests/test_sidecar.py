@@ -6,6 +6,7 @@ import struct
 import numpy as np
 import pytest
 
+
 from hclsim.config import BootConfig
 from hclsim.kernel_stub.cpus import CpuOnlineError
 from hclsim.machine import Machine, boot
@@ -14,6 +15,7 @@ from hclsim.sidecar.client import SidecarError
 from hclsim.sidecar.partition import partition
 
 from hclsim.defs.hvdef import HvRegister
+from hclsim.defs.platform import VTL0_HYPERCALL_STATUS
 
 REG_RIP, REG_RAX, REG_CR0, REG_CR3 = HvRegister.Rip, HvRegister.Rax, HvRegister.Cr0, HvRegister.Cr3
 
@@ -166,11 +168,12 @@ def vtl0_com1(cpu: int) -> str:
 
 def vtl0_intercepts(cpu: int, iterations: int = VTL0_ITERATIONS) -> list[tuple[str, int | None]]:
     """(message name, port of an I/O intercept) of every intercept VP cpu's test guest causes,
-    in order: COM1 hello, CPUID, test port OUT and IN, the MMIO forms, RDMSR, the workload loop,
+    in order: COM1 hello, CPUID, test port OUT and IN, the MMIO forms, RDMSR, HvCallPostMessage,
+    the workload loop,
     COM1 "done", the power-off write."""
     hello, done = f"hello from VTL0 vp {cpu}\n", f"vp {cpu} done\n"
     return ([("io-port", 0x3F8)] * len(hello) + [("cpuid", None), ("io-port", 0x440), ("io-port", 0x440)]
-            + [("unmapped-gpa", None)] * VTL0_MMIO_INTERCEPTS + [("msr", None)]
+            + [("unmapped-gpa", None)] * VTL0_MMIO_INTERCEPTS + [("msr", None), ("hypercall", None)]
             + [("io-port", 0x444)] * iterations + [("io-port", 0x3F8)] * len(done) + [("io-port", 0x404)])
 
 
@@ -183,6 +186,7 @@ def check_vtl0_workload(cpu: int, rec, devices, iterations: int = VTL0_ITERATION
     """The loop's record fields (against the Python model), its port and the power-off report."""
     from hclsim.devices.vtl0_test import loop_checksum
     assert rec["iterations"] == iterations and rec["checksum"] == loop_checksum(iterations)
+    assert rec["hypercall_status"] == VTL0_HYPERCALL_STATUS      # the VMM completed the intercepted call
     assert devices.loop.writes == iterations and devices.loop.last == max(iterations - 1, 0)
     assert bytes(devices.com1).decode() == vtl0_com1(cpu)
     assert devices.finished(cpu) and devices.power.reported == {cpu}

@@ -264,3 +264,18 @@ def test_sidecar_vps_move_to_linux_cpus_unless_hotplug_is_off():
     kept = run_system(BootConfig(cpus=4, vtl0_iterations=5, host_bootargs="OPENHCL_NO_SIDECAR_HOTPLUG=1"))
     assert kept.status == "power-off" and sorted(kept.boot.linux.cpus.online) == [0]
     assert kept.consoles == moved.consoles           # the same guest output either way
+
+
+def test_every_exit_kind_is_completed_by_the_worker():
+    """Each VP's record after the run: CPUID, the test port, MMIO, the MSR, the intercepted
+    HvCallPostMessage (answered HV_STATUS_INVALID_CONNECTION_ID: no VMBus connection is open) and
+    the loop, on the Linux CPU and on the CPUs that started on the sidecar."""
+    from hclsim.defs.platform import VTL0_HYPERCALL_STATUS, VTL0_TEST_PORT_VALUE
+    from hclsim.devices.vtl0_test import loop_checksum
+    outcome = run_system(BootConfig(cpus=3, vtl0_iterations=9))
+    assert len(outcome.vtl0_records) == 3
+    for vp, rec in enumerate(outcome.vtl0_records):
+        assert rec["done"] == 1 and rec["vp_index"] == vp
+        assert rec["hypercall_status"] == VTL0_HYPERCALL_STATUS
+        assert rec["iterations"] == 9 and rec["checksum"] == loop_checksum(9)
+        assert rec["in_value"] == VTL0_TEST_PORT_VALUE and rec["mmio_value"] == 0xF00D0000 | 64 * vp

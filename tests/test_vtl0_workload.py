@@ -45,7 +45,8 @@ def test_the_guest_loop_matches_the_model(hclsim_boot, iterations):
     seen, rec = _run(run.machine, 0, devices)
     assert intercept_kinds(seen) == vtl0_intercepts(0, iterations)
     assert rec["iterations"] == iterations and rec["checksum"] == loop_checksum(iterations)
-    assert rec["done"] == 1 and rec["reserved"].tolist() == [0] * 28
+    assert rec["done"] == 1 and rec["pad2"] == 0 and rec["hypercall_status"] == 0x12
+    assert rec["post_message"].tolist() == [0, 0, 0, 0, 1, 0, 0, 0] + [0] * 8    # connection 0, type 1, no payload
     assert devices.loop.writes == iterations and devices.loop.last == max(iterations - 1, 0)
     assert bytes(devices.com1).decode() == vtl0_com1(0) and devices.power.powered_off
 

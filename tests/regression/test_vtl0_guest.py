@@ -33,6 +33,6 @@ def compact(out: dict) -> dict:
     """One line per intercept and per device access, record values in hex."""
     return {"cpu": out["cpu"],
             "intercepts": [" ".join(f"{k}={v}" for k, v in i.items()) for i in out["intercepts"]],
-            "record": {k: f"{v:#x}" for k, v in out["record"].items()}, "com1": out["com1"],
+            "record": {k: v if isinstance(v, str) else f"{v:#x}" for k, v in out["record"].items()}, "com1": out["com1"],
             "port_writes": [" ".join(w) for w in out["port_writes"]],
             "mmio_writes": [" ".join(w) for w in out["mmio_writes"]]}

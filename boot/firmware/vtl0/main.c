@@ -147,6 +147,25 @@ static __attribute__((noinline)) void step_rdmsr(volatile struct vtl0_result *r)
     r->msr_value = rdmsr(VTL0_TEST_MSR);
 }
 
+/* Step 9b: a hypercall VTL2 intercepts: HvCallPostMessage (slow call: RCX = the code, RDX =
+ * the input's GPA, R8 = no output) to a connection no one opened; RAX = the status. */
+static __attribute__((noinline)) void step_hypercall(volatile struct vtl0_result *r)
+{
+    volatile uint32_t *in = (volatile uint32_t *)r->post_message;
+    uint64_t status;
+
+    in[0] = VTL0_HYPERCALL_CONNECTION;  /* connection id */
+    in[1] = 1;                          /* message type */
+    in[2] = 0;                          /* payload size */
+    in[3] = 0;
+    register uint64_t out __asm__("r8") = 0;
+    __asm__ volatile("vmcall"
+                     : "=a"(status)
+                     : "c"((uint64_t)VTL0_HYPERCALL_CODE), "d"((uint64_t)(uintptr_t)r->post_message), "r"(out)
+                     : "memory");
+    r->hypercall_status = status;
+}
+
 /* Step 10: the workload, ITER iterations: a 32-bit OUT of each iteration number
  * to the loop port, folded into the checksum (vtl0_guest.h); the record shows
  * the progress after every iteration. */
@@ -196,6 +215,7 @@ void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa, uint32_t it
     step_mmio_loads(vp, r);
     step_mmio_stores(vp);
     step_rdmsr(r);
+    step_hypercall(r);
     step_loop(iterations, r);
     r->done = 1;                                /* step 11 */
     __asm__ volatile("" ::: "memory");          /* done is stored before the OUTs below */

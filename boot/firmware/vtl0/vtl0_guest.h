@@ -21,6 +21,9 @@
 #define VTL0_RESULT_SIZE     128u            /* record n at results + 128 n */
 #define VTL0_LOOP_PORT       0x444u          /* the workload loop: a 32-bit OUT of each iteration number */
 #define VTL0_POWER_PORT      0x404u          /* a 32-bit OUT of the VP index: this VP has finished */
+#define VTL0_HYPERCALL_CODE  0x005cu         /* HvCallPostMessage: a hypercall VTL2 intercepts (VMBus) */
+#define VTL0_HYPERCALL_CONNECTION 0u         /* the connection id posted to: none is open, so */
+#define VTL0_HYPERCALL_STATUS 0x0012u        /* the VMM answers HV_STATUS_INVALID_CONNECTION_ID */
 /* The loop's checksum: FNV-1a (64-bit) over the iteration numbers, one 32-bit word at a time:
  * x = BASIS; for each i: x = (x ^ i) * PRIME. */
 #define VTL0_CHECKSUM_BASIS  0xcbf29ce484222325ull
@@ -71,7 +74,9 @@ struct vtl0_result {
     uint64_t mmio_u64;     /* R11 after mov r11, qword */
     uint64_t checksum;     /* the loop's checksum so far (VTL0_CHECKSUM_BASIS before the loop) */
     uint32_t iterations;   /* loop iterations done so far (ITER, from RCX at entry, once done) */
-    uint8_t  reserved[28];
+    uint32_t pad2;
+    uint64_t hypercall_status;  /* RAX after the intercepted HvCallPostMessage */
+    uint8_t  post_message[16];  /* its input: connection id, message type, payload size (no payload) */
 };
 
 _Static_assert(offsetof(struct vtl0_result, magic) == 0, "magic");
@@ -92,7 +97,9 @@ _Static_assert(offsetof(struct vtl0_result, mmio_u16) == 72, "mmio_u16");
 _Static_assert(offsetof(struct vtl0_result, mmio_u64) == 80, "mmio_u64");
 _Static_assert(offsetof(struct vtl0_result, checksum) == 88, "checksum");
 _Static_assert(offsetof(struct vtl0_result, iterations) == 96, "iterations");
-_Static_assert(offsetof(struct vtl0_result, reserved) == 100, "reserved");
+_Static_assert(offsetof(struct vtl0_result, pad2) == 100, "pad2");
+_Static_assert(offsetof(struct vtl0_result, hypercall_status) == 104, "hypercall_status");
+_Static_assert(offsetof(struct vtl0_result, post_message) == 112, "post_message");
 _Static_assert(sizeof(struct vtl0_result) == VTL0_RESULT_SIZE, "record size");
 
 #endif
