@@ -199,6 +199,14 @@ def build_initrd(root_dir, compression: str = "gzip") -> bytes:
     if compression not in COMPRESSIONS:
         raise InitrdError(f"initrd source {root}: unknown compression {compression!r} "
                           f"(one of {', '.join(COMPRESSIONS)})")
+    def fill(archive) -> None:
+        for ino, rel in enumerate(_tree(root), start=1):
+            _add(archive, root / rel, rel, ino)
+    return compress(_cpio(fill, f"initrd source {root}"), compression)
+
+
+def _cpio(fill, what: str) -> bytes:
+    """A cpio newc archive of what fill(archive) writes into it (libarchive), uncompressed."""
     out = bytearray()
 
     def write(chunk) -> int:
@@ -207,11 +215,10 @@ def build_initrd(root_dir, compression: str = "gzip") -> bytes:
 
     try:
         with libarchive.custom_writer(write, "cpio_newc") as archive:
-            for ino, rel in enumerate(_tree(root), start=1):
-                _add(archive, root / rel, rel, ino)
+            fill(archive)
     except libarchive.ArchiveError as exc:
-        raise InitrdError(f"initrd source {root}: libarchive: {_msg(exc)}") from None
-    return compress(bytes(out), compression)
+        raise InitrdError(f"{what}: libarchive: {_msg(exc)}") from None
+    return bytes(out)
 
 
 def _tree(root: Path) -> list[str]:
@@ -363,33 +370,25 @@ def build_initrd_from_config(config_path, source_dir, compression: str = "gzip",
     if compression not in COMPRESSIONS:
         raise InitrdError(f"{config}: unknown compression {compression!r} (one of {', '.join(COMPRESSIONS)})")
     entries = _read_config(config)
-    out = bytearray()
 
-    def write(chunk) -> int:
-        out.extend(chunk)
-        return len(chunk)
-
-    try:
-        with libarchive.custom_writer(write, "cpio_newc") as archive:
-            for ino, e in enumerate(entries, start=1):
-                owner = dict(ino=ino, uid=e.uid, gid=e.gid)
-                if e.kind == "dir":
-                    _write_entry(archive, e.name, FileType.DIRECTORY, e.mode, nlink=2, **owner)
-                elif e.kind == "slink":
-                    _write_entry(archive, e.name, FileType.SYMBOLINK_LINK, e.mode, symlink=e.target, **owner)
-                elif e.kind == "nod":
-                    filetype = FileType.CHAR_DEVICE if e.dev == "c" else FileType.BLOCK_DEVICE
-                    _write_entry(archive, e.name, filetype, e.mode, rdev=(e.major, e.minor), **owner)
-                else:
-                    data = _read_source(e, config, source_dir, extra)
-                    names = (e.name, *e.links)
-                    for i, name in enumerate(names):
-                        last = i == len(names) - 1
-                        _write_entry(archive, name, FileType.REGULAR_FILE, e.mode, nlink=len(names),
-                                     data=data if last else b"", **owner)
-    except libarchive.ArchiveError as exc:
-        raise InitrdError(f"{config}: libarchive: {_msg(exc)}") from None
-    return compress(bytes(out), compression)
+    def fill(archive) -> None:
+        for ino, e in enumerate(entries, start=1):
+            owner = dict(ino=ino, uid=e.uid, gid=e.gid)
+            if e.kind == "dir":
+                _write_entry(archive, e.name, FileType.DIRECTORY, e.mode, nlink=2, **owner)
+            elif e.kind == "slink":
+                _write_entry(archive, e.name, FileType.SYMBOLINK_LINK, e.mode, symlink=e.target, **owner)
+            elif e.kind == "nod":
+                filetype = FileType.CHAR_DEVICE if e.dev == "c" else FileType.BLOCK_DEVICE
+                _write_entry(archive, e.name, filetype, e.mode, rdev=(e.major, e.minor), **owner)
+            else:
+                data = _read_source(e, config, source_dir, extra)
+                names = (e.name, *e.links)
+                for i, name in enumerate(names):
+                    last = i == len(names) - 1
+                    _write_entry(archive, name, FileType.REGULAR_FILE, e.mode, nlink=len(names),
+                                 data=data if last else b"", **owner)
+    return compress(_cpio(fill, str(config)), compression)
 
 
 def _read_config(config: Path) -> list[ConfigEntry]:
