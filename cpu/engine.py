@@ -394,12 +394,6 @@ class Engine:
         mmr = _UcMmr(0, base, limit, 0)
         raw_reg_write(self._uch, _TABLES[name], ctypes.byref(mmr))
 
-    def table(self, name: str) -> tuple[int, int, int, int]:
-        """(selector, base, limit, flags) of "gdtr" or "idtr", as the binding's reg_read gives it."""
-        mmr = _UcMmr(0, 0, 0, 0)
-        raw_reg_read(self._uch, _TABLES[name], ctypes.byref(mmr))
-        return (mmr.selector, mmr.base, mmr.limit, mmr.flags)
-
     def registers(self) -> dict[str, int]:
         regs = {name: self.reg(name) for name in GPR_NAMES + CONTROL_NAMES + SEGMENT_NAMES}
         regs["efer"] = self.msr(MSR_EFER)

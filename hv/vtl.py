@@ -7,7 +7,6 @@ VP's saved engine context always holds VTL2's private state.
 """
 import struct
 
-from unicorn import x86_const as x86
 
 from hclsim.defs.hvdef import (CONTROL_NAMES, GPR_NAMES, TABLE_NAMES, HV_VP_ASSIST_ENTRY_REASON_OFFSET as ASSIST_ENTRY_REASON,
                                HV_VP_ASSIST_INTERCEPT_MSG_OFFSET as ASSIST_INTERCEPT_MESSAGE, HV_MESSAGE_SIZE,
@@ -60,7 +59,8 @@ def capture_vtl0(engine, state: dict) -> None:
         state[name] = value
     state[R.Efer] = engine.msr(MSR_EFER)
     for name, table in TABLE_NAMES.items():
-        state[name] = engine.table(table)
+        base, limit = engine.table(table)
+        state[name] = (0, base, limit, 0)        # as register_file keeps a table: (selector, base, limit, flags)
 
 
 def shared_registers(engine) -> dict:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from hclsim.config import BootConfig
-from hclsim.system import SystemError_, run_system
+from hclsim.system import run_system
 
 HCLSIM = [sys.executable, "-m", "hclsim"]
 NAMES = ("underhill-init", "openvmm_hcl", "underhill-vm")
