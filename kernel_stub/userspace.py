@@ -263,20 +263,15 @@ class Userspace:
 
     def shutdown(self) -> None:
         """Kill every process of the VM, wait for them, stop serving, remove the run folder."""
-        if self.init_proc is not None and self.init_proc.returncode is None:
-            try:
-                os.killpg(self.init_proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.finished.set()                    # from here PID 1 dying is the teardown, not a panic
         if self.init_proc is not None:
             try:
-                os.killpg(self.init_proc.pid, signal.SIGKILL)   # the rest of the group
+                os.killpg(self.init_proc.pid, signal.SIGKILL)   # PID 1's session: every process of the VM
             except (ProcessLookupError, PermissionError):
                 pass
             deadline = time.monotonic() + 5
             while self.init_proc.returncode is None and time.monotonic() < deadline:
                 time.sleep(0.01)
-        self.finished.set()
         if self.server is not None:
             self.server.close()
         if self.devices is not None:
