@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from hclsim.defs import futex, kabi
+from hclsim.hcl import linux
 from hclsim.defs.hvdef import (HV_INTERCEPT_ACCESS_WRITE, MSR_REGISTERS, HvCall, HvMessageType, HvRegister,
                                HvStatus, parse_intercept)
 
@@ -41,7 +42,6 @@ class VpStats:
     exits: int = 0
     remote_exits: int = 0                # exits handled while the VP ran on its sidecar CPU
     moved_ms: float | None = None        # how long the move to a Linux CPU took
-    first_run: float | None = None
     exit_kinds: dict = field(default_factory=dict)
 
 
@@ -78,7 +78,7 @@ class Doorbell:
 
 
 class VpLoop:
-    def __init__(self, vtl, sidecars: list, bus, log, no_sidecar_hotplug: bool = False, on_console=None):
+    def __init__(self, vtl, sidecars: list, bus, log, no_sidecar_hotplug: bool = False):
         """vtl: the mshv_vtl File; sidecars: [(File, base_cpu, cpu_count, shmem mmap)]."""
         self.vtl, self.sidecars, self.bus, self.log = vtl, sidecars, bus, log
         self.no_hotplug = no_sidecar_hotplug
@@ -120,7 +120,6 @@ class VpLoop:
                 return
             t0 = time.perf_counter()
             with ONLINE_LOCK:
-                from hclsim.hcl import linux
                 linux.write_file(f"/sys/devices/system/cpu/cpu{cpu}/online", "1")
             stats.moved_ms = (time.perf_counter() - t0) * 1e3
         self._run_linux(cpu, stats)
@@ -165,8 +164,6 @@ class VpLoop:
                 run[kabi.RUN_CANCEL:kabi.RUN_CANCEL + 4] = b"\0\0\0\0"
                 if self.stopping.is_set():
                     return
-                if stats.first_run is None:
-                    stats.first_run = time.monotonic()
                 try:
                     bell.run()
                 except InterruptedError:
@@ -199,8 +196,6 @@ class VpLoop:
             _U64.pack_into(shmem, ctx + 8 * i, by_name.get(name, 0))
         arg = _U32.pack(cpu)
         while not self.stopping.is_set():
-            if stats.first_run is None:
-                stats.first_run = time.monotonic()
             _U32.pack_into(shmem, page + kabi.SIDECAR_CMD_COMMAND, kabi.SIDECAR_COMMAND_RUN_VP)
             with self._lock:
                 self._remote[cpu] = dev
