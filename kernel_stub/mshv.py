@@ -19,6 +19,7 @@ from hclsim.defs.hvdef import HV_MESSAGE_SIZE, MSR_REGISTERS, REGISTER_BY_NAME, 
 from hclsim.hv.scheduler import PREEMPTED, VpRunError
 from hclsim.kernel_stub.vfs import CharDevice, File, KernelError
 from hclsim.sidecar import layout as sl
+from hclsim.sidecar.client import SidecarError
 
 SLICE_S = 0.01               # one RUN_VP holds the engine this long at most while others wait
 HALT_POLL_S = 0.5            # a halted VP's RUN_VP sleeps on its cancel word (futex), waking at least this often
@@ -347,13 +348,10 @@ class SidecarFile(File):
         if request in (kabi.MSHV_SIDECAR_START, kabi.MSHV_SIDECAR_RUN):
             cpu = self._cpu(arg)
             with self.mshv.lock:
-                page = node.command_page(cpu)
-                if int(page["command"]) == sl.COMMAND_RUN_VP:
-                    sc.vtl0_in_context.add(cpu)
-                page["has_error"] = 0
-                if not node.cas_status(cpu, sl.CPU_IDLE, sl.CPU_RUN):
-                    raise KernelError(kabi.EBUSY, f"CPU {cpu} is {sl.CPU_STATUS_NAMES.get(node.cpu_status(cpu), '?')}")
-                sc.kick(node, cpu)
+                try:
+                    sc.start_written(cpu)
+                except SidecarError as exc:
+                    raise KernelError(kabi.EBUSY, str(exc)) from None
             if request == kabi.MSHV_SIDECAR_RUN:
                 self._wait_for(cpu)
             return 0, b""
@@ -368,10 +366,10 @@ class SidecarFile(File):
         sc = self.mshv.sidecar
         while True:
             with self.mshv.lock:
-                sc._poll()
+                sc.poll()
                 if done():
                     return
-                self.mshv.partition.run(until=lambda: (sc._poll() or True) and done(), timeout=SLICE_S)
+                self.mshv.partition.run(until=lambda: (sc.poll() or True) and done(), timeout=SLICE_S)
                 if done():
                     return
 
@@ -391,7 +389,7 @@ class SidecarFile(File):
         if not nonblock:
             self._drive(lambda: bool(sc.stopped[self.node.index]))
         with self.mshv.lock:
-            sc._poll()
+            sc.poll()
             done = sc.read_stopped(self.node.index)[:count // 4]
             for cpu in done:
                 sc.completed.discard(cpu)

@@ -120,7 +120,8 @@ class Sidecar:
         self.completed.discard(cpu)
         self.partition.raise_interrupt(cpu, int(node.control["request_vector"]))
 
-    def _poll(self) -> None:
+    def poll(self) -> None:
+        """Collect the CPUs whose commands completed (the response IPI's work)."""
         for cpu in self.scanner.poll():
             self.completed.add(cpu)
             self.stopped[self.node_of(cpu).index].append(cpu)
@@ -128,7 +129,7 @@ class Sidecar:
     def wait(self, cpu: int, timeout: float = 30.0) -> None:
         """Run the sidecar CPUs until cpu reports back (IDLE after a command, REMOVED after REMOVE)."""
         def done():
-            self._poll()
+            self.poll()
             return cpu in self.completed
         stop = self.partition.run(until=done, timeout=timeout)
         if not done():
@@ -143,12 +144,22 @@ class Sidecar:
         if len(request) > page["request_data"].nbytes:
             raise SidecarError(f"request for CPU {cpu} is {len(request)} bytes, more than request_data holds")
         page["command"] = command
-        page["has_error"] = 0
-        if command == sl.COMMAND_RUN_VP:
-            self.vtl0_in_context.add(cpu)  # the VP's VTL0 GPRs now live in its cpu_context
         np.asarray(page["request_data"])[:len(request)] = np.frombuffer(request, np.uint8)
-        if not node.cas_status(cpu, sl.CPU_IDLE, sl.CPU_RUN):
+        try:
+            self.start_written(cpu)
+        except SidecarError:
             page["command"] = sl.COMMAND_NONE
+            raise
+
+    def start_written(self, cpu: int) -> None:
+        """START of the command already in cpu's command page (what the driver's ioctl does: the
+        VMM wrote the command through its mapping of the page)."""
+        node = self.node_of(cpu)
+        page = node.command_page(cpu)
+        page["has_error"] = 0
+        if int(page["command"]) == sl.COMMAND_RUN_VP:
+            self.vtl0_in_context.add(cpu)  # the VP's VTL0 GPRs now live in its cpu_context
+        if not node.cas_status(cpu, sl.CPU_IDLE, sl.CPU_RUN):
             raise SidecarError(f"CPU {cpu} is {sl.CPU_STATUS_NAMES.get(node.cpu_status(cpu), '?')}, not IDLE")
         self.kick(node, cpu)
 

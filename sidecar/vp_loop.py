@@ -53,7 +53,7 @@ class VpRunner:
         finished = done or (lambda: False)
 
         def returned():
-            sc._poll()
+            sc.poll()
             return self.cpu in sc.completed or finished()
         self.partition.run(until=returned)
         if self.cpu not in sc.completed:
