@@ -40,6 +40,11 @@ result_dtype = np.dtype([("magic", "<u4"), ("vp_index", "<u4"), ("cpuid_ebx", "<
 assert result_dtype.itemsize == RESULT_SIZE
 
 
+def record_values(rec) -> dict:
+    """One results record as plain data: numbers, and byte arrays as hex."""
+    return {name: (rec[name].tobytes().hex() if rec[name].ndim else int(rec[name])) for name in rec.dtype.names}
+
+
 @dataclass(frozen=True)
 class Vtl0Guest:
     image: object          # elfimage.FirmwareImage

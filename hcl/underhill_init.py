@@ -56,18 +56,17 @@ def parse_options(args: list[str]) -> tuple[list[str], list[str]]:
     return scripts, args[i:]
 
 
+def _env_on(env, name: str) -> bool:
+    """underhill_confidentiality's rule: OPENHCL_<name> (else UNDERHILL_<name>) non-empty, not "0"."""
+    return env.get("OPENHCL_" + name, env.get("UNDERHILL_" + name, "")) not in ("", "0")
+
+
 def confidential(env) -> bool:
-    def on(name):
-        value = env.get("OPENHCL_" + name, env.get("UNDERHILL_" + name, ""))
-        return value not in ("", "0")
-    return on("CONFIDENTIAL")
+    return _env_on(env, "CONFIDENTIAL")
 
 
 def confidential_filtering(env) -> bool:
-    def on(name):
-        value = env.get("OPENHCL_" + name, env.get("UNDERHILL_" + name, ""))
-        return value not in ("", "0")
-    return on("CONFIDENTIAL") and not on("CONFIDENTIAL_DEBUG")
+    return _env_on(env, "CONFIDENTIAL") and not _env_on(env, "CONFIDENTIAL_DEBUG")
 
 
 def init_logging() -> klog.Logger:

@@ -120,9 +120,8 @@ def _vtl0_records(machine) -> list:
     """Each VP's VTL0 test guest record (boot/vtl0_guest.py), as plain numbers and hex bytes."""
     if machine.vtl0_guest is None or machine.engine is None:
         return []
-    results = machine.vtl0_guest.results(machine.mem)
-    return [{name: (rec[name].tobytes().hex() if rec[name].ndim else int(rec[name])) for name in results.dtype.names}
-            for rec in results]
+    from hclsim.boot.vtl0_guest import record_values
+    return [record_values(rec) for rec in machine.vtl0_guest.results(machine.mem)]
 
 
 def _attach(exc, outcome):

@@ -228,9 +228,8 @@ class BootRun:
         results = m.vtl0_guest.results(m.mem)
         runner = vtl0_runner(m.linux, cpu, TestDevices())
         seen = runner.run_until_halted(lambda: results[cpu]["done"] == 1)
-        rec = results[cpu]
-        record = {name: (rec[name].tobytes().hex() if rec[name].ndim else int(rec[name]))
-                  for name in results.dtype.names if name not in ("pad", "pad2")}
+        from hclsim.boot.vtl0_guest import record_values
+        record = {k: v for k, v in record_values(results[cpu]).items() if k not in ("pad", "pad2")}
         return {"cpu": cpu,
                 "intercepts": [_intercept(msg) for msg in seen],
                 "record": record,
