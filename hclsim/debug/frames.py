@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
 from elftools.dwarf.callframe import CFARule, FDE, RegisterRule
-from elftools.elf.elffile import ELFFile
+
+from hclsim.debug.dwarf import dwarf_info
 
 # DWARF register numbers on x86-64 (System V ABI).
 DWARF_REGS = ("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
@@ -45,18 +46,16 @@ class FrameTable:
 @functools.lru_cache(maxsize=16)
 def frame_table(path: str) -> FrameTable | None:
     try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            if not elf.has_dwarf_info():
-                return None
-            dwarf = elf.get_dwarf_info()
-            if not dwarf.has_CFI():
-                return None
-            entries = []
-            for entry in dwarf.CFI_entries():
-                if isinstance(entry, FDE):
-                    start = entry.header["initial_location"]
-                    entries.append((start, start + entry.header["address_range"], entry.get_decoded().table))
+        dwarf = dwarf_info(path)
+        if dwarf is None:
+            return None
+        if not dwarf.has_CFI():
+            return None
+        entries = []
+        for entry in dwarf.CFI_entries():
+            if isinstance(entry, FDE):
+                start = entry.header["initial_location"]
+                entries.append((start, start + entry.header["address_range"], entry.get_decoded().table))
     except (OSError, ELFError, KeyError, ValueError, TypeError):
         return None
     return FrameTable(entries) if entries else None

@@ -6,7 +6,8 @@ import functools
 import os
 
 from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
+
+from hclsim.debug.dwarf import dwarf_info
 
 
 class LineTable:
@@ -71,33 +72,31 @@ def line_table(path: str) -> LineTable | None:
     """The line table of the ELF at path, or None if it has no DWARF line information."""
     files, index, rows = [], {}, []
     try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            if not elf.has_dwarf_info():
-                return None
-            dwarf = elf.get_dwarf_info()
-            for cu in dwarf.iter_CUs():
-                program = dwarf.line_program_for_CU(cu)
-                if program is None:
+        dwarf = dwarf_info(path)
+        if dwarf is None:
+            return None
+        for cu in dwarf.iter_CUs():
+            program = dwarf.line_program_for_CU(cu)
+            if program is None:
+                continue
+            comp_dir = cu.get_top_DIE().attributes.get("DW_AT_comp_dir")
+            comp_dir = comp_dir.value.decode(errors="replace") if comp_dir else ""
+            names = _file_names(program.header, comp_dir)
+            base = 0 if program.header["version"] >= 5 else 1   # DWARF < 5 numbers files from 1
+            for entry in program.get_entries():
+                state = entry.state
+                if state is None:
                     continue
-                comp_dir = cu.get_top_DIE().attributes.get("DW_AT_comp_dir")
-                comp_dir = comp_dir.value.decode(errors="replace") if comp_dir else ""
-                names = _file_names(program.header, comp_dir)
-                base = 0 if program.header["version"] >= 5 else 1   # DWARF < 5 numbers files from 1
-                for entry in program.get_entries():
-                    state = entry.state
-                    if state is None:
-                        continue
-                    if state.end_sequence:
-                        rows.append((state.address, 0, 0))
-                        continue
-                    if not state.is_stmt or not 0 <= state.file - base < len(names):
-                        continue
-                    name = names[state.file - base]
-                    if name not in index:
-                        index[name] = len(files)
-                        files.append(name)
-                    rows.append((state.address, index[name], state.line))
+                if state.end_sequence:
+                    rows.append((state.address, 0, 0))
+                    continue
+                if not state.is_stmt or not 0 <= state.file - base < len(names):
+                    continue
+                name = names[state.file - base]
+                if name not in index:
+                    index[name] = len(files)
+                    files.append(name)
+                rows.append((state.address, index[name], state.line))
     except (OSError, ELFError, KeyError, ValueError, IndexError):
         return None
     return LineTable(files, rows) if rows else None

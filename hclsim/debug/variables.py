@@ -6,7 +6,8 @@ import struct
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
+
+from hclsim.debug.dwarf import dwarf_info
 
 DW_OP_ADDR = 0x03
 MAX_ELEMENTS = 200     # gdb's default `print elements`
@@ -26,23 +27,22 @@ def variables(path: str) -> dict[str, Variable]:
     """name -> Variable of every global or static variable with a fixed address."""
     out = {}
     try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            if not elf.has_dwarf_info():
-                return {}
-            for cu in elf.get_dwarf_info().iter_CUs():
-                for die in cu.get_top_DIE().iter_children():
-                    if die.tag != "DW_TAG_variable" or "DW_AT_location" not in die.attributes:
-                        continue
-                    loc = die.attributes["DW_AT_location"].value
-                    decl = die.get_DIE_from_attribute("DW_AT_specification") \
-                        if "DW_AT_specification" in die.attributes else die   # a definition of an extern
-                    name = decl.attributes.get("DW_AT_name")
-                    if not isinstance(loc, list) or len(loc) != 9 or loc[0] != DW_OP_ADDR or name is None:
-                        continue
-                    typ = decl.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in decl.attributes else None
-                    out[name.value.decode(errors="replace")] = Variable(
-                        name.value.decode(errors="replace"), int.from_bytes(bytes(loc[1:9]), "little"), typ)
+        dwarf = dwarf_info(path)
+        if dwarf is None:
+            return {}
+        for cu in dwarf.iter_CUs():
+            for die in cu.get_top_DIE().iter_children():
+                if die.tag != "DW_TAG_variable" or "DW_AT_location" not in die.attributes:
+                    continue
+                loc = die.attributes["DW_AT_location"].value
+                decl = die.get_DIE_from_attribute("DW_AT_specification") \
+                    if "DW_AT_specification" in die.attributes else die   # a definition of an extern
+                name = decl.attributes.get("DW_AT_name")
+                if not isinstance(loc, list) or len(loc) != 9 or loc[0] != DW_OP_ADDR or name is None:
+                    continue
+                typ = decl.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in decl.attributes else None
+                out[name.value.decode(errors="replace")] = Variable(
+                    name.value.decode(errors="replace"), int.from_bytes(bytes(loc[1:9]), "little"), typ)
     except (OSError, ELFError, KeyError, ValueError):
         return {}
     return out
