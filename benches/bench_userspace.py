@@ -10,7 +10,8 @@ began) and kmsg.
 - test_io_exits_through_the_worker: one VP, HCLSIM_BENCH_EXITS loop iterations (default 20000),
   each a 32-bit OUT to port 0x444 handled by the VM worker process; exits/s = the worker's
   intercepts / (power-off - vtl0); goal >= 50,000 exits/s. Beside it (same run, interleaved) the
-  in-process ceiling: LinuxVpRunner stepping the same guest in this process.
+  in-process ceiling: the worker's VP loop (hcl/vp.py VpLoop) as a thread of this process on the
+  same kernel driver and engine, with no processes or kernel socket in between.
 - test_sidecar_exits_and_conversion: 8 vCPUs, HCLSIM_BENCH_SIDECAR_ITERATIONS iterations (default
   500), with OPENHCL_NO_SIDECAR_HOTPLUG=1 (VPs 1..7 stay on their sidecar CPUs: every exit goes
   through the sidecar device; the timed run) vs the default (each sidecar VP becomes a Linux CPU
@@ -24,13 +25,18 @@ check:
         .venv/bin/pytest benches/bench_userspace.py --benchmark-only -s
     .venv/bin/pytest benches/bench_userspace.py --benchmark-only --benchmark-json=userspace.json -s
 """
+import logging
 import os
 import re
 import statistics
+import threading
 import time
 
 from hclsim.benches.goals import check_goal
 from hclsim.config import BootConfig
+from hclsim.devices.vtl0_test import TestDevices
+from hclsim.hcl.vp import VpLoop
+from hclsim.kernel_stub.mshv import InProcessVtl, Mshv
 from hclsim.machine import Machine
 from hclsim.system import run_system
 
@@ -154,20 +160,24 @@ def test_boot_64_to_power_off(benchmark):
 
 # ---- 2. I/O exits through the VM worker vs in process -------------------------------------
 def _in_process_exits_per_s(iterations: int) -> tuple[float, int]:
-    """The same guest on one VP, stepped here (LinuxVpRunner: no kernel, no worker process)."""
-    from hclsim.devices.vtl0_test import TestDevices
-    from hclsim.sidecar.vp_loop import LinuxVpRunner
+    """The ceiling: the worker's own VP loop (hcl/vp.py VpLoop on the doorbell) as a thread of
+    this process, over the same kernel driver (Mshv) and engine: no processes, no kernel socket."""
     m = Machine(BootConfig(cpus=1, vtl0_iterations=iterations))
     try:
         m.run_to_handoff()
-        devices = TestDevices(1)
-        runner = LinuxVpRunner(m.partition, 0, devices)
-        exits = 0
+        mshv = Mshv(m.linux.partition, m.linux.cpus, m.linux.sidecar, lambda _text, _level=6: None)
+        mshv.prime(0)
+        holder = {}
+        devices = TestDevices(1, on_power_off=lambda: holder["loop"].stop())
+        loop = holder["loop"] = VpLoop(InProcessVtl(mshv), [], devices.bus, logging.getLogger("bench"))
+        thread = threading.Thread(target=loop.run, args=(0, True))
         t0 = time.perf_counter()
-        while runner.step() is not None:
-            exits += 1
+        thread.start()
+        thread.join(TIMEOUT_S)
         elapsed = time.perf_counter() - t0
+        mshv.close()
         assert devices.finished(0)
+        exits = loop.stats[0].exits
     finally:
         m.close()
     return exits / elapsed, exits

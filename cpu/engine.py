@@ -18,7 +18,7 @@ from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
-from hclsim.cpu import fastpath, hypercall_fastpath, msr_fastpath, native
+from hclsim.cpu import fastpath, hypercall_fastpath, msr_fastpath, native, runvp_fastpath
 from hclsim.cpu.native import raw_ctl, raw_reg_read, raw_reg_read_batch, raw_reg_write, raw_reg_write_batch
 from hclsim.cpu.memory import GuestMemory
 from hclsim.cpu.pagetable import translate
@@ -55,7 +55,8 @@ class _RegBatch:
         self.ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
 
 
-_NATIVE_SITES = {"rdmsr": msr_fastpath.hook_rdmsr, "wrmsr": msr_fastpath.hook_wrmsr}
+_NATIVE_SITES = {"rdmsr": msr_fastpath.hook_rdmsr, "wrmsr": msr_fastpath.hook_wrmsr,
+                 "vtl0:in": runvp_fastpath.hook_vtl0_in, "vtl0:out": runvp_fastpath.hook_vtl0_out}
 
 
 class GuestException(Exception):
@@ -142,8 +143,10 @@ SLOW_IO = SlowIoDispatch()
 
 
 class SlowSiteDispatch:
-    """The Python entry point for MSR sites the native hooks (cpu/msr_fastpath.py) pass on."""
-    KINDS = ("rdmsr", "wrmsr")
+    """The Python entry point for the sites native hooks pass on (cpu/msr_fastpath.py,
+    cpu/runvp_fastpath.py), by kind index."""
+    KINDS = {msr_fastpath.SITE_RDMSR: "rdmsr", msr_fastpath.SITE_WRMSR: "wrmsr",
+             runvp_fastpath.SITE_IN: "vtl0:in", runvp_fastpath.SITE_OUT: "vtl0:out"}
 
     def __init__(self):
         self.engines: dict[int, "Engine"] = {}
@@ -237,6 +240,8 @@ class Engine:
         SLOW_IO.engines[native.uc_handle(self.uc)] = self
         SLOW_SITE.engines[native.uc_handle(self.uc)] = self
         self.state.buf[fastpath.H_FN_SLOW_SITE] = SLOW_SITE.address
+        self.runvp = runvp_fastpath.RunVpFastPath()      # RUN_VP by doorbell, answered in the hook
+        self.state.buf[fastpath.H_RUNVP_AREA] = self.runvp.address
         self._stop_reason = None
         self._fault = None
         self.code_signature = None
@@ -261,6 +266,7 @@ class Engine:
         self.after_run = []
         self.state.reset(cpuid_table)
         self.state.buf[fastpath.H_PAGING] = 1
+        self.runvp.reset()
         self.flush_tlb()  # memory contents changed
 
     def load_code(self, signature) -> None:
@@ -274,6 +280,7 @@ class Engine:
         else:
             self._drop_stale_code(pages)
         self.code_signature = (signature, None)  # the pages are known once the machine is done
+        self.runvp.forget()
 
     # A guest that writes over its own code (a stray pointer, a bad ShimParams offset), or a
     # debugger poking it, makes Unicorn retranslate the changed code, and those translations
@@ -435,6 +442,7 @@ class Engine:
         """Guest code in [start, end) (identity-mapped addresses) was rewritten by the host."""
         self.remove_cache(start, end)
         self.state.invalidate_blocks(start, end)
+        self.runvp.forget()
 
     def map_mmio(self, base: int, size: int, read, write) -> None:
         """An MMIO range outside RAM: read(offset, size) -> int, write(offset, size, value).
@@ -552,6 +560,8 @@ class Engine:
     def _run_once(self, timeout_us: int) -> VpExit | None:
         self._stop_reason = None
         self._fault = None
+        h = self.state.buf
+        h[fastpath.H_NATIVE_STOP] = 0
         rip = self.reg("rip")
         # No exception is in flight at an instruction boundary (see _old_exception_offset).
         _raw_context_save(self._uch, self._scratch_ptr)
@@ -579,9 +589,11 @@ class Engine:
         rip = self.reg("rip")
         if self._fault is not None:
             return self._fault
+        if isinstance(self._stop_reason, BaseException):
+            raise self._stop_reason
+        if h[fastpath.H_NATIVE_STOP]:      # before a watchdog's timeout: the exit was answered
+            return VpExit(EXIT_STOP, rip, stop_reason=runvp_fastpath.ANSWERED)
         if self._stop_reason is not None:
-            if isinstance(self._stop_reason, BaseException):
-                raise self._stop_reason
             return VpExit(EXIT_STOP, rip, stop_reason=self._stop_reason)
         if error is not None:
             return VpExit(EXIT_FAULT, rip, message=str(error))

@@ -30,6 +30,9 @@ H_VP_INDEX, H_APIC_TABLE, H_APIC_ROWS, H_MSR_FAST, H_FN_SLOW_SITE = range(24, 29
 # The native vmcall path (cpu/hypercall_fastpath.py): the hypervisor's native area, and the
 # count of hypercalls done there.
 H_HV_AREA, H_HC_FAST = 29, 30
+# RUN_VP by doorbell in the engine (cpu/runvp_fastpath.py): its area, and the flag a hook sets
+# when it ended the run itself with the exit answered (cleared before every run).
+H_RUNVP_AREA, H_NATIVE_STOP = 31, 21
 # The native port table: NPIO_MAX rows of (first port, port count, handler address, state address).
 H_NPIO, NPIO_COLUMNS, NPIO_MAX = 32, 4, 8
 HEADER_SLOTS = H_NPIO + NPIO_COLUMNS * NPIO_MAX

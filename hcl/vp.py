@@ -31,6 +31,9 @@ ONLINE_LOCK = threading.Lock()         # CPUs come online one at a time (the rea
 SPIN_S = 0.0002      # a VP thread spins (no system call) this long for RUN_VP's answer before sleeping...
 SPIN_MAX_BUSY = 2    # ...while at most this many VP threads run (2 host cores)
 SIDECAR_REGISTERS_HEADER = struct.Struct("<HBBH10x")
+_DOORBELL, _ACK, _ERRNO, _CLOSED = (off // 4 for off in (kabi.RUN_DOORBELL, kabi.RUN_DOORBELL_ACK,
+                                                        kabi.RUN_DOORBELL_ERRNO, kabi.RUN_DOORBELL_CLOSED))
+_KICK = kabi.DOORBELL_KICK // 4
 
 
 class VpError(Exception):
@@ -48,31 +51,39 @@ class VpStats:
 class Doorbell:
     """RUN_VP through the run page's doorbell (defs/kabi.py RUN_DOORBELL): write the next request
     number, bump the kick counter and wake the kernel's dispatcher, sleep on the answer word until
-    it has answered that request."""
+    it has answered that request.
+
+    The shared words go through memoryviews of 32-bit items: each access is one load or store.
+    struct.pack_into clears a field before writing its bytes, so the kernel, which spins on
+    the doorbell word, saw a request 0 between two real ones (and ran a VP on stale registers)."""
 
     def __init__(self, run, kick, loop):
-        self.page, self.kick, self.loop = run, kick, loop
+        self.loop = loop
+        self.words, self.kick = memoryview(run).cast("I"), memoryview(kick).cast("I")
         self.kick_addr = futex.address(kick, kabi.DOORBELL_KICK)
         self.ack_addr = futex.address(run, kabi.RUN_DOORBELL_ACK)
-        self.request = _U32.unpack_from(run, kabi.RUN_DOORBELL)[0]
+        self.request = self.words[_DOORBELL]
+
+    def close(self) -> None:
+        self.words.release()
+        self.kick.release()
 
     def run(self) -> None:
-        page = self.page
+        words = self.words
         self.request = request = (self.request + 1) & 0xFFFFFFFF
-        _U32.pack_into(page, kabi.RUN_DOORBELL, request)
+        words[_DOORBELL] = request
         with self.loop.kick_lock:          # one writer of the kick counter: this process
-            _U32.pack_into(self.kick, kabi.DOORBELL_KICK, (_U32.unpack_from(self.kick, kabi.DOORBELL_KICK)[0] + 1)
-                           & 0xFFFFFFFF)
+            self.kick[_KICK] = (self.kick[_KICK] + 1) & 0xFFFFFFFF
         futex.wake(self.kick_addr)
         if self.loop.busy <= SPIN_MAX_BUSY:     # few VPs: the answer comes within ~100 us
             end = time.perf_counter() + SPIN_S
-            while _U32.unpack_from(page, kabi.RUN_DOORBELL_ACK)[0] != request and time.perf_counter() < end:
+            while words[_ACK] != request and time.perf_counter() < end:
                 pass
-        while (ack := _U32.unpack_from(page, kabi.RUN_DOORBELL_ACK)[0]) != request:
-            if _U32.unpack_from(page, kabi.RUN_DOORBELL_CLOSED)[0]:
+        while (ack := words[_ACK]) != request:
+            if words[_CLOSED]:
                 raise OSError(errno.EPIPE, "the kernel has gone away")
             futex.wait(self.ack_addr, ack, 0.5)
-        err = _U32.unpack_from(page, kabi.RUN_DOORBELL_ERRNO)[0]
+        err = words[_ERRNO]
         if err:
             raise OSError(err, os.strerror(err))
 
@@ -179,6 +190,7 @@ class VpLoop:
                 _U32.pack_into(reg, kabi.REGPAGE_DIRTY, dirty)
                 stats.exits += 1
         finally:
+            bell.close()
             with self._lock:
                 self._run_pages.pop(cpu, None)
 

@@ -41,7 +41,8 @@ FASTPATH_SLOTS = ("H_ICOUNT", "H_BLOCKS", "H_IO_FAST", "H_IO_SLOW", "H_CPUID_EXI
 # Pointers and the buffer's layout; the native port table (H_NPIO*) is rebuilt by Bus.attach.
 FASTPATH_LAYOUT = ("H_TOTAL", "H_FN_SLOW_IO", "H_FN_REG_READ", "H_FN_REG_WRITE", "H_FN_UC_STOP", "H_CPUID_OFF",
                    "H_CPUID_ROWS", "H_BT_OFF", "H_BT_SIZE", "H_RAM_ADDR", "H_RAM_SIZE", "H_NPIO_COUNT", "H_NPIO",
-                   "H_APIC_TABLE", "H_APIC_ROWS", "H_FN_SLOW_SITE", "H_HV_AREA")
+                   "H_APIC_TABLE", "H_APIC_ROWS", "H_FN_SLOW_SITE", "H_HV_AREA",
+                   "H_RUNVP_AREA", "H_NATIVE_STOP")   # the doorbell area (armed only inside a RUN_VP); a flag cleared at each run
 HANDOFF_REGS = ("rip", "rdi", "rsi", "rsp", "cr0", "cr3", "cr4", "efer", "cs", "ds", "ss")
 
 

@@ -62,7 +62,8 @@ _FORM_KEY = ("rip", "cr3")
 _IO_FORMS_MAX = 4096
 
 
-def _io_form(engine, rip: int | None = None, cr3: int | None = None) -> tuple:
+def io_form(engine, rip: int | None = None, cr3: int | None = None) -> tuple:
+    """((is_in, size, imm or None, length), the 16 code bytes) of the I/O instruction at rip."""
     # By the loaded code (its digest), CR3 and RIP: the intercepted instructions are exit sites
     # found once in the image's code (cpu/exit_sites.py), which the simulation takes as unchanging.
     if rip is None:
@@ -101,7 +102,7 @@ _IO_ALL_REGS = ("rip", "cr3", "cr0", "cs", "rflags", "rax", "rcx", "rdx", "rsi",
 def io_port(engine, vp_index: int) -> bytes:
     """The X64IoPortIntercept message of the I/O instruction at RIP (fast path of io_port_ctypes)."""
     rip, cr3, cr0, cs, rflags, rax, rcx, rdx, rsi, rdi = engine.read_regs(_IO_ALL_REGS)
-    (is_in, size, imm, length), code = _io_form(engine, rip, cr3)
+    (is_in, size, imm, length), code = io_form(engine, rip, cr3)
     efer = engine.msr(MSR_EFER)
     return _IO_MESSAGE.pack(
         MSG_IO_PORT, _IO_PAYLOAD, 0, 0, 0,
@@ -113,7 +114,7 @@ def io_port(engine, vp_index: int) -> bytes:
 def io_port_ctypes(engine, vp_index: int) -> bytes:
     """io_port built field by field in the defs/hvdef.py structs: the reference the fast path is
     checked against."""
-    (is_in, size, imm, length), code = _io_form(engine)
+    (is_in, size, imm, length), code = io_form(engine)
     m = HvX64IoPortInterceptMessage()
     _header(m.header, engine, vp_index, length, ACCESS_READ if is_in else ACCESS_WRITE)
     rax, rcx, rdx, rsi, rdi = engine.read_regs(_IO_REGS)

@@ -197,10 +197,11 @@ class Partition:
         """Run the simulated CPUs (the sidecar's, VTL2 code) until until() holds or none can run."""
         return self._sched.run(until=until, timeout=timeout)
 
-    def run_vtl0(self, index: int, timeout: float = 30.0, preempt: bool = False):
+    def run_vtl0(self, index: int, timeout: float = 30.0, preempt: bool = False, doorbell=None):
         """RUN_VP on a Linux CPU: VTL0 until its next intercept (the HvMessage), None if it halted;
-        with preempt, hv.scheduler.PREEMPTED once timeout (a time slice) has passed."""
-        return self._sched.run_external_vtl0(self._vp(index), timeout, preempt)
+        with preempt, hv.scheduler.PREEMPTED once timeout (a time slice) has passed; with a
+        doorbell (cpu.runvp_fastpath.DoorbellRun), ANSWERED (see Scheduler.run_external_vtl0)."""
+        return self._sched.run_external_vtl0(self._vp(index), timeout, preempt, doorbell)
 
     def is_linux_cpu(self, index: int) -> bool:
         return self._vp(index).state == EXTERNAL

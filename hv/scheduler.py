@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from hclsim import HclsimError
 from hclsim.cpu import engine as eng
 from hclsim.cpu import interrupts
+from hclsim.cpu.runvp_fastpath import ANSWERED
 from hclsim.hv import intercepts, vtl
 from hclsim.cpu.cpuid import cpuid_lookup
 from hclsim.defs.hvdef import HV_VTL_ENTRY_REASON_INTERCEPT, HV_VTL_ENTRY_REASON_INTERRUPT
@@ -30,6 +31,7 @@ STOP_INTERCEPT = "intercept"    # a Linux CPU's VTL0 needs the host (run_externa
 STOP_HALT = "halt"              # a Linux CPU's VTL0 halted (run_external_vtl0)
 _GO_ON = object()               # an exit handled inside the turn: run on
 PREEMPTED = "preempted"         # run_external_vtl0's time slice ended before an intercept
+STOP_ANSWERED = "answered"      # a doorbell run's last exit was answered in the engine (cpu/runvp_fastpath.py)
 
 
 YIELD = "yield"       # stop reasons the site handler gives the engine
@@ -198,7 +200,11 @@ class Scheduler:
     def _intercept_message(self, vp, kind: str) -> bytes:
         e = self.engine
         if kind in ("in", "out"):
-            return intercepts.io_port(e, vp.index)
+            message = intercepts.io_port(e, vp.index)
+            if e.runvp.armed:                        # its next exits can be answered in the engine
+                rip, cr3 = e.read_regs(("rip", "cr3"))
+                e.runvp.learn(rip, cr3, *intercepts.io_form(e, rip, cr3))
+            return message
         if kind == "hypercall":
             return intercepts.hypercall(e, vp.index)
         if kind == "cpuid":
@@ -295,6 +301,8 @@ class Scheduler:
         reason = exit.stop_reason
         if isinstance(reason, VtlReturn):
             return "vtl-return"
+        if reason is ANSWERED:
+            return "answered"
         if isinstance(reason, Intercept) or (exit.kind == eng.EXIT_FAULT and exit.unmapped_write is not None
                                              and self.hv.vps[vp.index].vtl == 0):
             return "intercept"           # an intercepted VTL0 instruction, or VTL0 MMIO
@@ -328,6 +336,9 @@ class Scheduler:
         reason = exit.stop_reason
         what = reason.kind if isinstance(reason, Intercept) else f"MMIO at {exit.fault_address:#x}"
         return self._observe(observer, vp, "intercept", f"VTL entry: {what} intercept in VTL0 at {exit.rip:#x}")
+
+    def _exit_answered(self, vp, exit, observer):
+        return SchedulerStop(STOP_ANSWERED, vp, exit)
 
     def _exit_yield(self, vp, exit, observer):
         if vp.state == EXTERNAL:        # PAUSE in a Linux CPU's VTL0: nothing else runs on it
@@ -364,7 +375,8 @@ class Scheduler:
             return observer.on_request(vp, exit)
         return SchedulerStop(STOP_FAULT, vp, exit, str(exit.stop_reason))
 
-    _EXITS = {"vtl-return": _exit_vtl_return, "intercept": _exit_intercept, "yield": _exit_yield,
+    _EXITS = {"vtl-return": _exit_vtl_return, "intercept": _exit_intercept, "answered": _exit_answered,
+              "yield": _exit_yield,
               "crash": _exit_crash, "hlt": _exit_hlt, "address": _exit_address, "fault": _exit_fault,
               "timeout": _exit_timeout, "request": _exit_request}
 
@@ -376,12 +388,14 @@ class Scheduler:
         return _GO_ON if stop is None else stop
 
     # ---- Linux CPUs ------------------------------------------------------------------------
-    def run_external_vtl0(self, vp, timeout: float = 30.0, preempt: bool = False):
+    def run_external_vtl0(self, vp, timeout: float = 30.0, preempt: bool = False, doorbell=None):
         """Run VTL0 of a VP the Linux stand-in owns until it needs the host, as mshv_vtl's
         RUN_VP does on a Linux CPU: the same turn as any VP's, except that an intercept comes
         straight back to the caller (VTL2 code is not entered). Returns the intercept's
         HvMessage bytes, or None if VTL0 halted; VpRunError on a fault or a timeout, or with
-        preempt, PREEMPTED when the time slice ran out (the VP goes on where it was next time)."""
+        preempt, PREEMPTED when the time slice ran out (the VP goes on where it was next time).
+        doorbell (a cpu.runvp_fastpath.DoorbellRun): the engine answers I/O exits and takes the
+        next rings itself; ANSWERED when it gave the engine back with the last exit answered."""
         if vp.state != EXTERNAL:
             raise VpRunError(f"VP {vp.index} is not a Linux CPU")
         state = self.hv.vps[vp.index]
@@ -396,11 +410,18 @@ class Scheduler:
             self.loaded = self.parked = vp
         state.vtl = 0
         engine.current_vp = vp
+        if doorbell is not None:
+            engine.runvp.arm(vp.index, doorbell)
         try:
             stop = self.run_turn(vp, time.monotonic() + timeout)
         finally:
             state.vtl = 2                       # back in VTL2 (the kernel), VTL0 parked in the engine
             engine.current_vp = None
+            if doorbell is not None:
+                engine.runvp.disarm(doorbell)
+                self.intercepts += doorbell.answered
+        if stop.reason == STOP_ANSWERED:
+            return ANSWERED
         if stop.reason == STOP_INTERCEPT:
             return stop.message
         if stop.reason == STOP_HALT:

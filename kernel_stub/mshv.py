@@ -14,6 +14,9 @@ import os
 import struct
 import threading
 
+import numpy as np
+
+from hclsim.cpu.runvp_fastpath import ANSWERED
 from hclsim.defs import futex, kabi
 from hclsim.defs.hvdef import HV_MESSAGE_SIZE, MSR_REGISTERS, REGISTER_BY_NAME, VTL0
 from hclsim.hv.scheduler import PREEMPTED, VpRunError
@@ -23,7 +26,7 @@ from hclsim.sidecar.client import SidecarError
 
 SLICE_S = 0.01               # one RUN_VP holds the engine this long at most while others wait
 HALT_POLL_S = 0.5            # a halted VP's RUN_VP sleeps on its cancel word (futex), waking at least this often
-SLICE_EXIT, SLICE_HALTED, SLICE_PREEMPTED = range(3)
+SLICE_EXIT, SLICE_HALTED, SLICE_PREEMPTED, SLICE_ANSWERED = range(4)
 MISC_MAJOR = 10
 SIDECAR_MAJOR = 241          # a dynamic major (Linux hands them out from 254 down): one minor per node
 _U32 = struct.Struct("<I")
@@ -39,12 +42,14 @@ _STORE_NAMES = tuple(_GPR_NAMES) + ("rsp", "rip", "rflags", "cr0", "cr3", "cr4",
 
 class CpuLock:
     """A FIFO lock: waiters get the engine in the order they asked for it, handed over one at a
-    time (no thundering herd: 64 waiting VPs cost one wakeup per release, not 64)."""
+    time (no thundering herd: 64 waiting VPs cost one wakeup per release, not 64). waiting[0]
+    counts the waiters where the engine's doorbell path sees it (it gives the engine back)."""
 
     def __init__(self):
         self._mutex = threading.Lock()
         self._held = False
         self._waiters: deque = deque()
+        self.waiting = np.zeros(1, np.int64)
 
     def __enter__(self):
         with self._mutex:
@@ -54,11 +59,13 @@ class CpuLock:
             turn = threading.Lock()
             turn.acquire()
             self._waiters.append(turn)
+            self.waiting[0] += 1
         turn.acquire()                  # released by the holder handing the lock over
 
     def __exit__(self, *exc):
         with self._mutex:
             if self._waiters:
+                self.waiting[0] -= 1
                 self._waiters.popleft().release()
             else:
                 self._held = False
@@ -180,20 +187,32 @@ class Mshv:
             self._store(cpu)
         self.running.discard(cpu)
 
+    def end_answered(self, cpu: int) -> None:
+        """The end of a run whose exit the engine answered itself: its registers are in the
+        pages already, and the VMM may be changing them."""
+        self.running.discard(cpu)
+
     def cancelled(self, cpu: int) -> bool:
         return bool(_U32.unpack_from(self.pages.map, self.pages.run_page(cpu) + kabi.RUN_CANCEL)[0])
 
-    def run_slice(self, cpu: int) -> int:
+    def run_slice(self, cpu: int, doorbell=None) -> int:
         """One time slice of VTL0 (SLICE_EXIT with the message in the run page, SLICE_HALTED,
-        SLICE_PREEMPTED); KernelError EINTR once cancelled, EFAULT on a fault."""
+        SLICE_PREEMPTED); KernelError EINTR once cancelled, EFAULT on a fault. With a doorbell
+        (cpu.runvp_fastpath.DoorbellRun) the engine answers I/O exits and takes the next rings
+        itself: SLICE_ANSWERED when it gave the engine back with the last exit answered."""
         if self.cancelled(cpu):
             raise KernelError(kabi.EINTR)
         with self.lock:
             try:
-                msg = self.partition.run_vtl0(cpu, SLICE_S, preempt=True)
+                msg = self.partition.run_vtl0(cpu, SLICE_S, preempt=True, doorbell=doorbell)
             except VpRunError as exc:
                 self.log(f"mshv_vtl: CPU {cpu}: {exc}", 3)
                 raise KernelError(kabi.EFAULT) from None
+            finally:
+                if doorbell is not None:
+                    self.run_counts[cpu] += doorbell.answered
+        if msg is ANSWERED:
+            return SLICE_ANSWERED
         if msg is PREEMPTED:
             return SLICE_PREEMPTED
         run = self.pages.run_page(cpu)
@@ -314,6 +333,21 @@ class VtlFile(File):
         if length != kabi.PAGE_SIZE:
             raise KernelError(kabi.EINVAL, "run and register pages are mapped one page at a time")
         return pages.fd, pages.file_offset(offset // kabi.PAGE_SIZE)
+
+
+class InProcessVtl:
+    """The mshv_vtl file as a VMM holds it (mmap, ioctl) for a VMM thread inside the kernel's own
+    process: the VM worker's VP loop without the process boundary (benches, tests)."""
+
+    def __init__(self, mshv: Mshv):
+        self.file = VtlFile(mshv)
+
+    def mmap(self, offset: int, length: int):
+        fd, file_offset = self.file.mmap(offset, length)
+        return mmap.mmap(fd, length, mmap.MAP_SHARED, offset=file_offset)
+
+    def ioctl(self, request: int, arg: bytes):
+        return self.file.ioctl(request, bytes(arg))
 
 
 class Vtl0MemoryFile(File):

@@ -231,7 +231,7 @@ MACHINE_RESTORED = {"serial", "linux"}
 ENGINE_REBUILT = {"mem", "cpuid_table", "io_handler", "hypercall_handler", "after_run", "exits", "uc", "_uch",
                   "_reg_buf", "_reg_ptr", "state", "_stop_reason", "_fault", "code_signature", "pristine",
                   "sites", "site_handler", "_site_hooks", "_hv_tables", "long_mode_templates",
-                  "_scratch", "_scratch_ptr", "_old_exception", "_batches"}
+                  "_scratch", "_scratch_ptr", "_old_exception", "_batches", "runvp"}
 ENGINE_RESTORED = {"current_vp", "vmcall_stops"}
 
 
