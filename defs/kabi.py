@@ -58,6 +58,8 @@ class Op(enum.IntEnum):
     RESOLVE = 14       # (path) -> (host path)   where a rootfs file lives on the host (exec)
     READLINK = 15      # (path) -> (target)
     EXITED = 16        # (pid, wait status) -> ()   a parent reaped a child (the process table's exit status)
+    VSOCK_LISTEN = 17  # (port) -> () + host fd   a vsock listener (kernel_stub/vsock.py): accepted
+                       #   connections arrive on it as descriptors, each with a u32 port
 
 
 # O_* flags as Linux numbers them (the ones the programs use).
@@ -84,6 +86,7 @@ EPERM, ENOENT, EINTR, EIO, EBADF, EAGAIN, ENOMEM, EACCES, EFAULT, EBUSY, EEXIST,
         _errno.EACCES, _errno.EFAULT, _errno.EBUSY, _errno.EEXIST, _errno.ENOTDIR, _errno.EISDIR, _errno.EINVAL,
         _errno.ENOSPC, _errno.EROFS, _errno.ENOSYS, _errno.ELOOP, _errno.ENOTTY, _errno.ENODEV, _errno.ENOEXEC,
         _errno.EPIPE, _errno.ERANGE, _errno.ENXIO, _errno.ENAMETOOLONG)
+EADDRINUSE = _errno.EADDRINUSE
 
 
 # ---- ioctls: Linux's _IOC encoding --------------------------------------------------------

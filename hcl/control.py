@@ -2,9 +2,10 @@
 (underhill_core/src/lib.rs and worker.rs; shared/design/openhcl-userspace.md section 2).
 
 Control: options, the "VMM process" line, the boot-loader times from /sys/firmware/fdt, the pid
-file, then the "vm" host running UnderhillWorker (unless it waits for a diag Start), and an event
-loop over the worker's events and requests. The worker stopping or failing ends the control
-process with a non-zero status (then init exits and the kernel panics).
+file, the diag server (hcl/diag_server.py, on vsock), then the "vm" host running UnderhillWorker
+(unless it waits for a diag Start), and an event loop over the worker's events and requests.
+The worker stopping or failing ends the control process with a non-zero status (then init
+exits and the kernel panics).
 """
 import os
 import queue
@@ -61,6 +62,10 @@ class Control:
         self.state = WAITING_FOR_START if self.opts.wait_for_start else STARTING
         self.events: queue.Queue = queue.Queue()
         self.vm = None
+        self.vm_pid = None
+        self.paused = False
+        self.diag = None
+        self._lock = threading.Lock()
 
     def run(self) -> int:
         log = self.log
@@ -74,17 +79,31 @@ class Control:
             log.info("boot loader times: " + ", ".join(f"{k}={v}" for k, v in times.items()))
         if self.opts.pid:
             linux.write_file(self.opts.pid, str(os.getpid()), kabi.O_WRONLY | kabi.O_CREAT | kabi.O_TRUNC)
+        self.start_diag()
         if self.state == WAITING_FOR_START:
             log.info("waiting for a diag Start request before launching the workers")
         else:
             self.launch_workers()
         return self.event_loop()
 
-    def launch_workers(self) -> None:
+    def start_diag(self) -> None:
+        """The diag server, before the workers (a Start comes through it)."""
+        from hclsim.hcl import diag_server, diag_service
+        from hclsim.hcl.underhill_init import confidential_filtering
+        try:
+            service = diag_service.DiagService(self)
+            self.diag = diag_server.DiagServer(service.services(confidential_filtering(os.environ)), self.log)
+        except OSError as exc:
+            self.log.warn(f"diag server not started: {exc.strerror or exc}")
+            return
+        self.log.info(f"diag server listening on vsock ports {diag_server.CONTROL_PORT} and {diag_server.DATA_PORT}")
+
+    def launch_workers(self, env: dict | None = None) -> None:
         self.state = STARTING
-        proc, channel = mesh.launch_host("vm", self.argv[0], dict(os.environ), self._on_message)
-        self.vm = (proc, channel)
-        params = pb.UnderhillWorkerParams(env={k: v for k, v in os.environ.items()
+        env = dict(os.environ) if env is None else env
+        proc, channel = mesh.launch_host("vm", self.argv[0], env, self._on_message)
+        self.vm, self.vm_pid = (proc, channel), proc
+        params = pb.UnderhillWorkerParams(env={k: v for k, v in env.items()
                                                if k.startswith(("OPENHCL_", "UNDERHILL_", "HCLSIM_"))})
         channel.send(launch=pb.LaunchWorker(worker_id="UnderhillWorker", params=params.SerializeToString()))
         threading.Thread(target=self._watch, args=(proc, channel), name="vm-host-wait", daemon=True).start()
@@ -125,6 +144,133 @@ class Control:
                 return 1
 
 
+    # ---- what diag asks (hcl/diag_service.py) --------------------------------------------
+    def require_started(self) -> None:
+        if self.vm is None:
+            raise self._diag_error("worker has not been started yet")
+
+    @staticmethod
+    def _diag_error(text: str):
+        from hclsim.hcl.diag_server import DiagError
+        return DiagError(text)
+
+    def start(self, env: dict, unset: list[str], args: list[str]) -> None:
+        with self._lock:
+            if self.state != WAITING_FOR_START:
+                raise self._diag_error("workers have already been started")
+            full = dict(os.environ)
+            full.update(env)
+            for name in unset:
+                full.pop(name, None)
+            try:
+                options.parse(args, full)
+            except options.OptionsError as exc:
+                raise self._diag_error(f"invalid options: {exc}") from None
+            self.log.info("diag: starting the workers")
+            self.launch_workers(full)
+
+    def _vm_call(self, **rpc) -> pb.Reply:
+        self.require_started()
+        try:
+            reply = self.vm[1].call(timeout=10, rpc=pb.WorkerRpc(**rpc))
+        except mesh.MeshError as exc:
+            raise self._diag_error(f"the vm worker did not answer: {exc}") from None
+        if reply.error:
+            raise self._diag_error(reply.error)
+        return reply
+
+    def pause(self) -> None:
+        with self._lock:
+            self.require_started()
+            if self.paused:
+                raise self._diag_error("VM is already paused")
+            self._vm_call(pause=pb.Empty())
+            self.paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self.require_started()
+            if not self.paused:
+                raise self._diag_error("VM is currently running")
+            self._vm_call(resume=pb.Empty())
+            self.paused = False
+
+    def crash(self, pid: int) -> None:
+        """Panic the process pid: this one, or a mesh host (fire and forget)."""
+        if pid == os.getpid():
+            threading.Timer(0.1, _panic, args=(self.log,)).start()      # after the reply is out
+            return
+        if self.vm is not None and pid == self.vm_pid:
+            self.vm[1].send(rpc=pb.WorkerRpc(crash=pb.Empty()))
+            return
+        raise self._diag_error(f"no mesh host with pid {pid}")
+
+    def inspect_tree(self) -> dict:
+        from hclsim.hcl import inspect_tree as it
+        tree = {
+            "build_info": lambda: _build_info(),
+            "control_state": it.Leaf(_STATE_NAMES.get(self.state, self.state), sensitivity=it.SAFE),
+            "paused": self.paused,
+            "mesh": {"hosts": ({str(self.vm_pid): {"name": "vm", "pid": self.vm_pid}} if self.vm_pid else {})},
+            "proc": {"pid": os.getpid(), "argv": " ".join(self.argv), "threads": threading.active_count()},
+            "diag": {"connections": self.diag.connections if self.diag else 0,
+                     "parked_data_connections": self.diag.data.parked() if self.diag else 0},
+            "kernel": lambda: _kernel_tree(),
+        }
+        if self.vm is not None:
+            tree["vm"] = it.Remote(self._inspect_vm, self._update_vm)
+        return tree
+
+    def _inspect_vm(self, path: str, depth: int):
+        from hclsim.hcl.pb import inspect_pb2
+        node = inspect_pb2.Node()
+        try:
+            node.ParseFromString(self._vm_call(inspect=pb.InspectRequest(path=path, depth=depth)).payload)
+        except Exception as exc:              # the worker's side failed: the node says so
+            node.failed.field1.mesh.value = str(exc)
+        return node
+
+    def _update_vm(self, path: str, text: str):
+        from hclsim.hcl.pb import inspect_pb2
+        value = inspect_pb2.Value()
+        value.ParseFromString(self._vm_call(update=pb.UpdateRequest(path=path, value=text)).payload)
+        return value
+
+
+_STATE_NAMES = {WAITING_FOR_START: "waiting_for_start", STARTING: "starting", STARTED: "started",
+                RESTARTING: "restarting"}
+
+
+def _panic(log) -> None:
+    log.error("panicked: explicitly requested crash (diag Crash)")
+    os.abort()
+
+
+def _build_info() -> dict:
+    import json
+    try:
+        info = json.loads(linux.read_file("/etc/underhill-build-info.json"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, bool))}
+
+
+def _kernel_tree() -> dict:
+    def text(path: str) -> str:
+        try:
+            return linux.read_file(path).decode("utf-8", "replace").strip()
+        except OSError as exc:
+            return f"<{exc.strerror}>"
+    mounts = {}
+    for i, line in enumerate(text("/proc/mounts").splitlines()):
+        parts = line.split()
+        if len(parts) >= 4:
+            mounts[str(i)] = {"source": parts[0], "target": parts[1], "fstype": parts[2], "options": parts[3]}
+    return {"cpus_online": text("/sys/devices/system/cpu/online"),
+            "cpus_present": text("/sys/devices/system/cpu/present"),
+            "cmdline": text("/proc/cmdline"), "uptime": text("/proc/uptime"), "mounts": mounts}
+
+
 def _status(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by signal {os.WTERMSIG(status)}"
@@ -151,10 +297,8 @@ def host_main(argv: list[str], invitation) -> int:
             workers.append(worker)
             threading.Thread(target=_run_worker, args=(worker, channel, log, done), name="worker",
                              daemon=True).start()
-        elif kind == "rpc" and env.rpc.WhichOneof("rpc") == "stop":
-            for w in workers:
-                w.stop()
-            channel.reply(env.id)
+        elif kind == "rpc":
+            _host_rpc(env, channel, workers, log)
     channel = mesh.Channel(sock, on_message, f"{name} host").start()
     # The host runs until its parent drops it (or its worker ends).
     while not channel.closed.wait(0.5) and not done.is_set():
@@ -162,6 +306,30 @@ def host_main(argv: list[str], invitation) -> int:
     for w in workers:
         w.stop()
     return 0
+
+
+def _host_rpc(env, channel, workers, log) -> None:
+    what = env.rpc.WhichOneof("rpc")
+    if what == "crash":
+        log.error("panicked: explicitly requested crash (diag Crash)")
+        os.abort()
+    if what == "stop":
+        for w in workers:
+            w.stop()
+        channel.reply(env.id)
+        return
+    worker = workers[0] if workers else None
+    handler = getattr(worker, f"rpc_{what}", None) if worker is not None else None
+    if handler is None:
+        channel.reply(env.id, error=f"the {what} request is not handled by this host")
+        return
+
+    def run():                       # off the channel's reader thread: a handler may call back
+        try:
+            channel.reply(env.id, payload=handler(getattr(env.rpc, what)) or b"")
+        except Exception as exc:
+            channel.reply(env.id, error=str(exc))
+    threading.Thread(target=run, name=f"rpc-{what}", daemon=True).start()
 
 
 def _run_worker(worker, channel, log, done) -> None:

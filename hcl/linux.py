@@ -212,7 +212,8 @@ def wait_status_code(status: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
 
 
-def spawn(path: str, argv: list[str], env: dict, *, stdio=(None, None, None), fds: dict | None = None) -> int:
+def spawn(path: str, argv: list[str], env: dict, *, stdio=(None, None, None), fds: dict | None = None,
+          setsid: bool = False) -> int:
     """fork + exec of the rootfs program path (our binfmt: the machine's Python runs the file),
     with stdio (host fds, None = inherit) on 0-2 and fds (child fd -> parent fd) dup'ed into
     place. The kernel's descriptor is inherited. Returns the pid."""
@@ -222,4 +223,32 @@ def spawn(path: str, argv: list[str], env: dict, *, stdio=(None, None, None), fd
     actions += [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in (fds or {}).items()]
     os.set_inheritable(kabi.KERNEL_FD, True)
     return os.posix_spawn(sys.executable, kabi.binfmt_argv(sys.executable, target, argv), env,
-                          file_actions=actions)
+                          file_actions=actions, setsid=setsid)
+
+
+class VsockListener:
+    """A listening vsock socket (the kernel's VSOCK_LISTEN): accept() returns a connected stream
+    socket, the host client's own."""
+
+    def __init__(self, port: int):
+        _out, fd = syscall(kabi.Op.VSOCK_LISTEN, port, want_fd=True)
+        self.port = port
+        self.sock = socket.socket(fileno=fd)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> socket.socket:
+        fds = array.array("i")
+        msg, anc, _flags, _addr = self.sock.recvmsg(4, socket.CMSG_SPACE(4))
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % 4])
+        if not fds:
+            raise OSError(kabi.EPIPE, "the vsock listener closed")
+        for extra in fds[1:]:
+            os.close(extra)
+        return socket.socket(fileno=fds[0])
+
+    def close(self) -> None:
+        self.sock.close()

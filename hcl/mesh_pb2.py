@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nmesh.proto\x12\x0bhclsim.mesh\"C\n\nInvitation\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tsocket_fd\x18\x03 \x01(\x05\"1\n\x0cLaunchWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06params\x18\x02 \x01(\x0c\"\x8d\x01\n\tWorkerRpc\x12\"\n\x04stop\x18\x01 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12%\n\x07restart\x18\x02 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12.\n\x07inspect\x18\x03 \x01(\x0b\x32\x1b.hclsim.mesh.InspectRequestH\x00\x42\x05\n\x03rpc\"-\n\x0eInspectRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"\x90\x01\n\x0bWorkerEvent\x12%\n\x07started\x18\x01 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12%\n\x07stopped\x18\x02 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12\x10\n\x06\x66\x61iled\x18\x03 \x01(\tH\x00\x12\x18\n\x0erestart_failed\x18\x04 \x01(\tH\x00\x42\x07\n\x05\x65vent\"\\\n\x0e\x43ontrolRequest\x12(\n\nflush_logs\x18\x01 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12\x15\n\x0bmake_worker\x18\x02 \x01(\tH\x00\x42\t\n\x07request\"}\n\x15UnderhillWorkerParams\x12\x38\n\x03\x65nv\x18\x01 \x03(\x0b\x32+.hclsim.mesh.UnderhillWorkerParams.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\nTraceEvent\x12\r\n\x05level\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\'\n\x05Reply\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x07\n\x05\x45mpty\"\xae\x02\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08reply_to\x18\x02 \x01(\x04\x12+\n\x06launch\x18\x03 \x01(\x0b\x32\x19.hclsim.mesh.LaunchWorkerH\x00\x12%\n\x03rpc\x18\x04 \x01(\x0b\x32\x16.hclsim.mesh.WorkerRpcH\x00\x12)\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x18.hclsim.mesh.WorkerEventH\x00\x12.\n\x07\x63ontrol\x18\x06 \x01(\x0b\x32\x1b.hclsim.mesh.ControlRequestH\x00\x12(\n\x05trace\x18\x07 \x01(\x0b\x32\x17.hclsim.mesh.TraceEventH\x00\x12#\n\x05reply\x18\x08 \x01(\x0b\x32\x12.hclsim.mesh.ReplyH\x00\x42\x06\n\x04\x62odyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nmesh.proto\x12\x0bhclsim.mesh\"C\n\nInvitation\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tsocket_fd\x18\x03 \x01(\x05\"1\n\x0cLaunchWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06params\x18\x02 \x01(\x0c\"\xab\x02\n\tWorkerRpc\x12\"\n\x04stop\x18\x01 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12%\n\x07restart\x18\x02 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12.\n\x07inspect\x18\x03 \x01(\x0b\x32\x1b.hclsim.mesh.InspectRequestH\x00\x12,\n\x06update\x18\x04 \x01(\x0b\x32\x1a.hclsim.mesh.UpdateRequestH\x00\x12#\n\x05pause\x18\x05 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12$\n\x06resume\x18\x06 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12#\n\x05\x63rash\x18\x07 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x42\x05\n\x03rpc\",\n\rUpdateRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"-\n\x0eInspectRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"\x90\x01\n\x0bWorkerEvent\x12%\n\x07started\x18\x01 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12%\n\x07stopped\x18\x02 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12\x10\n\x06\x66\x61iled\x18\x03 \x01(\tH\x00\x12\x18\n\x0erestart_failed\x18\x04 \x01(\tH\x00\x42\x07\n\x05\x65vent\"\\\n\x0e\x43ontrolRequest\x12(\n\nflush_logs\x18\x01 \x01(\x0b\x32\x12.hclsim.mesh.EmptyH\x00\x12\x15\n\x0bmake_worker\x18\x02 \x01(\tH\x00\x42\t\n\x07request\"}\n\x15UnderhillWorkerParams\x12\x38\n\x03\x65nv\x18\x01 \x03(\x0b\x32+.hclsim.mesh.UnderhillWorkerParams.EnvEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\nTraceEvent\x12\r\n\x05level\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\'\n\x05Reply\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x07\n\x05\x45mpty\"\xae\x02\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08reply_to\x18\x02 \x01(\x04\x12+\n\x06launch\x18\x03 \x01(\x0b\x32\x19.hclsim.mesh.LaunchWorkerH\x00\x12%\n\x03rpc\x18\x04 \x01(\x0b\x32\x16.hclsim.mesh.WorkerRpcH\x00\x12)\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x18.hclsim.mesh.WorkerEventH\x00\x12.\n\x07\x63ontrol\x18\x06 \x01(\x0b\x32\x1b.hclsim.mesh.ControlRequestH\x00\x12(\n\x05trace\x18\x07 \x01(\x0b\x32\x17.hclsim.mesh.TraceEventH\x00\x12#\n\x05reply\x18\x08 \x01(\x0b\x32\x12.hclsim.mesh.ReplyH\x00\x42\x06\n\x04\x62odyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAUNCHWORKER']._serialized_start=96
   _globals['_LAUNCHWORKER']._serialized_end=145
   _globals['_WORKERRPC']._serialized_start=148
-  _globals['_WORKERRPC']._serialized_end=289
-  _globals['_INSPECTREQUEST']._serialized_start=291
-  _globals['_INSPECTREQUEST']._serialized_end=336
-  _globals['_WORKEREVENT']._serialized_start=339
-  _globals['_WORKEREVENT']._serialized_end=483
-  _globals['_CONTROLREQUEST']._serialized_start=485
-  _globals['_CONTROLREQUEST']._serialized_end=577
-  _globals['_UNDERHILLWORKERPARAMS']._serialized_start=579
-  _globals['_UNDERHILLWORKERPARAMS']._serialized_end=704
-  _globals['_UNDERHILLWORKERPARAMS_ENVENTRY']._serialized_start=662
-  _globals['_UNDERHILLWORKERPARAMS_ENVENTRY']._serialized_end=704
-  _globals['_TRACEEVENT']._serialized_start=706
-  _globals['_TRACEEVENT']._serialized_end=766
-  _globals['_REPLY']._serialized_start=768
-  _globals['_REPLY']._serialized_end=807
-  _globals['_EMPTY']._serialized_start=809
-  _globals['_EMPTY']._serialized_end=816
-  _globals['_ENVELOPE']._serialized_start=819
-  _globals['_ENVELOPE']._serialized_end=1121
+  _globals['_WORKERRPC']._serialized_end=447
+  _globals['_UPDATEREQUEST']._serialized_start=449
+  _globals['_UPDATEREQUEST']._serialized_end=493
+  _globals['_INSPECTREQUEST']._serialized_start=495
+  _globals['_INSPECTREQUEST']._serialized_end=540
+  _globals['_WORKEREVENT']._serialized_start=543
+  _globals['_WORKEREVENT']._serialized_end=687
+  _globals['_CONTROLREQUEST']._serialized_start=689
+  _globals['_CONTROLREQUEST']._serialized_end=781
+  _globals['_UNDERHILLWORKERPARAMS']._serialized_start=783
+  _globals['_UNDERHILLWORKERPARAMS']._serialized_end=908
+  _globals['_UNDERHILLWORKERPARAMS_ENVENTRY']._serialized_start=866
+  _globals['_UNDERHILLWORKERPARAMS_ENVENTRY']._serialized_end=908
+  _globals['_TRACEEVENT']._serialized_start=910
+  _globals['_TRACEEVENT']._serialized_end=970
+  _globals['_REPLY']._serialized_start=972
+  _globals['_REPLY']._serialized_end=1011
+  _globals['_EMPTY']._serialized_start=1013
+  _globals['_EMPTY']._serialized_end=1020
+  _globals['_ENVELOPE']._serialized_start=1023
+  _globals['_ENVELOPE']._serialized_end=1325
 # @@protoc_insertion_point(module_scope)

@@ -102,6 +102,44 @@ class VpLoop:
         self._remote: dict = {}                 # cpu -> sidecar device, while the VP runs there
         self.kick_lock = threading.Lock()
         self._kick = None
+        self.running = threading.Event()       # cleared while the VM is paused (diag Pause)
+        self.running.set()
+        self._forced: set[int] = set()          # sidecar VPs told to leave their CPU (inspect)
+
+    @property
+    def paused(self) -> bool:
+        return not self.running.is_set()
+
+    def where(self, cpu: int) -> str:
+        with self._lock:
+            if cpu in self._remote:
+                return "sidecar"
+            if cpu in self._run_pages:
+                return "linux"
+        return "stopped" if self.stopping.is_set() else "idle"
+
+    def pause(self) -> None:
+        """Every VP stops between exits until resume() (runs cancelled as stop() does)."""
+        self.running.clear()
+        self._cancel_runs()
+
+    def resume(self) -> None:
+        self.running.set()
+
+    def force_exit_sidecar(self, cpu: int, on: bool) -> bool:
+        """Take a VP off its sidecar CPU now (its CPU is onlined, the VP goes on there)."""
+        if not on:
+            return False
+        with self._lock:
+            dev = self._remote.get(cpu)
+            self._forced.add(cpu)
+        if dev is None:
+            raise ValueError(f"vp {cpu} is not running on a sidecar CPU")
+        try:
+            dev.ioctl(kabi.MSHV_SIDECAR_STOP, _U32.pack(cpu))
+        except OSError:
+            pass
+        return True
 
     def kick_page(self):
         with self._lock:
@@ -144,6 +182,10 @@ class VpLoop:
     def stop(self) -> None:
         """Cancel every run (the cancel word of each run page; the kernel checks it)."""
         self.stopping.set()
+        self.running.set()
+        self._cancel_runs()
+
+    def _cancel_runs(self) -> None:
         with self._lock:
             pages = list(self._run_pages.values())
             remote = list(self._remote.items())
@@ -172,6 +214,7 @@ class VpLoop:
         bell = Doorbell(run, self.kick_page(), self)
         try:
             while not self.stopping.is_set():
+                self.running.wait()
                 run[kabi.RUN_CANCEL:kabi.RUN_CANCEL + 4] = b"\0\0\0\0"
                 if self.stopping.is_set():
                     return
@@ -219,6 +262,14 @@ class VpLoop:
                 with self._lock:
                     self._remote.pop(cpu, None)
             if not shmem[page + kabi.SIDECAR_CMD_REQUEST_DATA]:
+                with self._lock:
+                    forced = cpu in self._forced
+                    self._forced.discard(cpu)
+                if forced and not self.no_hotplug:
+                    return True                            # inspect asked: onto a Linux CPU now
+                if self.paused and not self.stopping.is_set():
+                    self.running.wait()
+                    continue                               # paused: goes on where it stopped
                 return False                               # stopped without an intercept
             off = page + kabi.SIDECAR_CMD_INTERCEPT_MESSAGE
             msg = parse_intercept(shmem[off:off + 256])

@@ -139,3 +139,75 @@ class UnderhillWorker:
         self.stopped.set()
         if self.loop is not None:
             self.loop.stop()
+
+    # ---- requests from the control process (diag) ---------------------------------------
+    def rpc_pause(self, _req) -> bytes:
+        self._require_loop().pause()
+        self.log.info("VM paused")
+        return b""
+
+    def rpc_resume(self, _req) -> bytes:
+        self._require_loop().resume()
+        self.log.info("VM resumed")
+        return b""
+
+    def rpc_inspect(self, req) -> bytes:
+        from hclsim.hcl import inspect_tree
+        return inspect_tree.inspect(self.inspect_tree(), req.path, req.depth).SerializeToString()
+
+    def rpc_update(self, req) -> bytes:
+        from hclsim.hcl import inspect_tree
+        return inspect_tree.update(self.inspect_tree(), req.path, req.value).SerializeToString()
+
+    def _require_loop(self):
+        if self.loop is None:
+            raise vp.VpError("the VM is not running yet")
+        return self.loop
+
+    def inspect_tree(self) -> dict:
+        """`vm`: the partition's VPs (where each runs, its VTL, its exits), the sidecar nodes,
+        the devices on the bus with their regions and counters, the memory layout."""
+        from hclsim.hcl import inspect_tree as it
+        loop = self.loop
+        if loop is None:
+            return {"state": "starting"}
+        vps = {}
+        for cpu in sorted(loop.stats):
+            st = loop.stats[cpu]
+            vps[str(cpu)] = {
+                "cpu": cpu, "on": loop.where(cpu), "vtl": 0, "exits": it.counter(st.exits),
+                "remote_exits": it.counter(st.remote_exits),
+                "exit_kinds": {f"{kind:#x}": n for kind, n in sorted(st.exit_kinds.items())},
+                "moved_ms": round(st.moved_ms, 3) if st.moved_ms is not None else "",
+                "force_exit_sidecar": it.Leaf(False, update=lambda text, cpu=cpu: loop.force_exit_sidecar(
+                    cpu, it.parse_bool(text))),
+            }
+        nodes = {str(i): {"base_cpu": base, "cpu_count": count}
+                 for i, (_dev, base, count, _shmem) in enumerate(loop.sidecars)}
+        devices = {}
+        for space, name, region, start, size in loop.bus.regions():
+            devices.setdefault(name, {"regions": {}})["regions"][region] = {
+                "space": space, "start": it.hex_(start), "size": it.hex_(size)}
+        for name, dev in loop.bus.devices.items():
+            for attr in ("writes", "reads", "accesses"):
+                v = getattr(dev, attr, None)
+                if isinstance(v, int):
+                    devices.setdefault(name, {})[attr] = it.counter(v)
+                elif isinstance(v, (list, dict)):
+                    devices.setdefault(name, {})[attr] = it.counter(len(v))
+        return {"state": "paused" if loop.paused else ("stopping" if loop.stopping.is_set() else "running"),
+                "vp_count": len(loop.stats), "vps": vps, "sidecar": {"nodes": nodes, "hotplug": not loop.no_hotplug},
+                "devices": devices, "memory": lambda: _memory_layout()}
+
+
+def _memory_layout() -> dict:
+    """The guest memory ranges as /proc/iomem lists them, else the device tree's memory nodes."""
+    try:
+        text = linux.read_file("/proc/iomem").decode()
+    except OSError:
+        return {}
+    out = {}
+    for i, line in enumerate(text.splitlines()):
+        span, _, what = line.strip().partition(" : ")
+        out[str(i)] = f"{span} {what}"
+    return out

@@ -232,6 +232,8 @@ def cmd_boot(args) -> int:
     if args.keep_running:
         raise UsageError("--keep-running keeps the paravisor up after power off: it needs the whole run "
                          "(drop --until handoff)")
+    if args.vsock:
+        raise UsageError("--vsock is the paravisor's diag address: it needs the whole run (drop --until handoff)")
     machine = _new_machine(config, console)
     try:
         try:
@@ -431,7 +433,7 @@ def build_parser():
     parser = Parser(prog="hclsim", description="Simulate the OpenHCL paravisor environment.")
     parser.add_argument("--version", action="version", version=f"hclsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="boot, sidecar, step or firmware")
+                                help="boot, sidecar, step, diag or firmware")
 
     p = sub.add_parser("boot", help="boot the paravisor: the boot shim, the kernel stand-in, its userspace "
                                     "processes and the VTL0 guest on every vCPU, until power off")
@@ -440,6 +442,9 @@ def build_parser():
     p.add_argument("--until", choices=["handoff", "power-off"], default="power-off",
                    help="stop at the kernel handoff (firmware only), or run the whole system until the "
                         "guest powers off (default)")
+    p.add_argument("--vsock", metavar="PATH",
+                   help="put the host side of the VM's hybrid vsock (the diag server's address) at PATH "
+                        "(default: vsock.sock in the run's folder); with --keep-running")
     p.add_argument("--keep-running", action="store_true",
                    help="stay up after power off (for the diag server) until Ctrl-C or SIGTERM")
     p.add_argument("--gdb", metavar="HOST:PORT", help="serve gdb's remote protocol here (gdb: target remote HOST:PORT)")
@@ -456,6 +461,10 @@ def build_parser():
     from hclsim import step_cli
     step_cli.add_parser(sub, _add_boot_options)
     sub.choices["step"].set_defaults(func=lambda args: step_cli.cmd_step(args, config_from_args))
+
+    from hclsim import diag_cli
+    diag_cli.add_parser(sub)
+    sub.choices["diag"].set_defaults(func=diag_cli.cmd_diag)
 
     fw = sub.add_parser("firmware", help="firmware tools")
     fw_sub = fw.add_subparsers(dest="firmware_command", required=True, metavar="{build}")

@@ -58,6 +58,11 @@ class Console:
                     self._say(f"hclsim: {what}: done in {time.monotonic() - start:.1f} s")
         return run()
 
+    def note(self, text: str) -> None:
+        """A line for the person running hclsim (stderr), even with progress off."""
+        with self.lock:
+            self._say(text)
+
     def switch(self, what: str) -> None:
         """Inside phase(): the run goes on to its next phase (its own second before progress)."""
         import time

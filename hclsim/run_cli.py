@@ -58,14 +58,18 @@ def cmd_run(args, config, console) -> int:
     try:
         vcpus = f"{config.cpus} vCPU{'s' if config.cpus > 1 else ''}"
 
-        def phase(name, _t, _detail):
-            if name == "shim":
+        def phase(name, _t, detail):
+            if name == "vsock":
+                if args.keep_running:
+                    console.note(f"diag: hclsim diag vsock:{detail} inspect   (the VM's hybrid vsock)")
+            elif name == "shim":
                 console.switch(f"booting {vcpus}")
             elif name == "handoff":
                 console.switch(f"running the paravisor on {vcpus}")
         with console.phase(f"booting {vcpus}"):
             outcome = run_system(config, on_serial=console.serial, on_kmsg=echo.kmsg, on_console=echo.com1,
-                                 keep_running=args.keep_running, stop=stop.is_set, on_event=phase)
+                                 keep_running=args.keep_running, stop=stop.is_set, on_event=phase,
+                                 vsock_path=args.vsock)
     except GuestFaultError as exc:
         from hclsim.cli import _report_fault
         return _report_fault(args, exc, getattr(exc, "report_dict", None) or {"status": "fault", "error": str(exc)})

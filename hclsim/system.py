@@ -4,6 +4,7 @@ processes) until the guest powers the VM off. A kernel panic with `panic=-1` on 
 (the boot shim puts it there) resets the VM: VTL2 boots again from the boot shim, at most
 MAX_RESETS times; then the run ends with an error.
 """
+import os
 import shutil
 import tempfile
 import time
@@ -53,9 +54,32 @@ class SystemResult:
 
 
 def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_event=None, keep_running=False,
-               stop=None, timeout: float | None = None) -> SystemResult:
+               stop=None, timeout: float | None = None, vsock_path: str | None = None) -> SystemResult:
     """Boot and run until power off (or, with keep_running, until stop() is true after it).
-    Raises GuestFaultError for a firmware fault, SystemError_ when the run cannot finish."""
+    The host side of the VM's hybrid vsock is at vsock_path (default: vsock.sock in the run's
+    folder), the same across resets; a "vsock" event names it. Raises GuestFaultError for a
+    firmware fault, SystemError_ when the run cannot finish."""
+    from hclsim.kernel_stub.userspace import Userspace
+    from hclsim.kernel_stub.vsock import Vsock
+    run_root = tempfile.mkdtemp(prefix="hclsim-vm-")
+    current = {}
+    try:
+        vsock = Vsock(vsock_path or os.path.join(run_root, "vsock.sock"),
+                      lambda text, level=6: current["us"].log(text, level) if current.get("us") else None)
+    except OSError as exc:
+        shutil.rmtree(run_root, ignore_errors=True)
+        raise SystemError_(f"cannot listen for hybrid vsock at {vsock_path}: {exc.strerror or exc}") from None
+    try:
+        return _run_system(config, run_root, vsock, current, on_serial=on_serial, on_kmsg=on_kmsg,
+                           on_console=on_console, on_event=on_event, keep_running=keep_running, stop=stop,
+                           timeout=timeout)
+    finally:
+        vsock.close()
+        shutil.rmtree(run_root, ignore_errors=True)
+
+
+def _run_system(config, run_root, vsock, current, *, on_serial, on_kmsg, on_console, on_event, keep_running, stop,
+                timeout) -> SystemResult:
     from hclsim.kernel_stub.userspace import Userspace
     timeline = Timeline()
     t_run = time.monotonic()
@@ -66,10 +90,13 @@ def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_even
             on_event(name, t, detail)
     resets = 0
     deadline = time.monotonic() + (timeout or config.timeout)
+    if on_event is not None:
+        on_event("vsock", 0.0, vsock.host_path)       # where diag clients connect (not a stage)
     while True:
         machine = Machine(config, on_serial=on_serial)
         us = None
-        run_dir = tempfile.mkdtemp(prefix="hclsim-vm-")
+        run_dir = os.path.join(run_root, f"boot{resets + 1}")
+        os.makedirs(run_dir)
         try:
             t_boot = time.monotonic() - t_run
             note("shim", t_boot, f"boot {resets + 1}" if resets else "")
@@ -84,8 +111,9 @@ def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_even
 
             def event(ev, base=base):
                 note(ev.name, base + ev.t, ev.detail)
-            us = Userspace(result.linux, result.handoff, machine.initrd.data if machine.initrd else None, run_dir,
-                           on_console=on_console, on_kmsg=on_kmsg, on_event=event)
+            us = current["us"] = Userspace(result.linux, result.handoff,
+                                           machine.initrd.data if machine.initrd else None, run_dir,
+                                           on_console=on_console, on_kmsg=on_kmsg, on_event=event, vsock=vsock)
             us.start()
             status = _wait(us, deadline, keep_running, stop)
             outcome = SystemResult(result, status, timeline, bytes(us.com1),
@@ -137,8 +165,10 @@ def _wait(us, deadline: float, keep_running: bool, stop) -> str:
             return "timeout"
     if us.panic is not None:
         return "panic"
-    if keep_running:
+    if keep_running:                 # up for diag until stopped; a panic (diag crash) resets the VM
         while not (stop is not None and stop()):
+            if us.panic is not None:
+                return "panic"
             time.sleep(0.1)
         return "interrupted"
     return "power-off"

@@ -80,6 +80,7 @@ class SyscallServer:
         self._accepter = threading.Thread(target=self._accept, name="kernel-accept", daemon=True)
         self._accepter.start()
         self.on_hello = None                 # (Process) -> None
+        self.vsock = None                    # kernel_stub.vsock.Vsock, once the VM has one
 
     # ---- connections -------------------------------------------------------------------
     def _accept(self) -> None:
@@ -236,6 +237,11 @@ class SyscallServer:
     def _readlink(self, proc, caller, path):
         return [self.ns.readlink(path)], []
 
+    def _vsock_listen(self, proc, caller, port):
+        if self.vsock is None:
+            raise KernelError(kabi.ENODEV, "this VM has no vsock")
+        return [], [self.vsock.listen(port)]
+
     def _exited(self, proc, caller, pid, status):
         with self._lock:
             child = self.processes.get(pid)
@@ -250,7 +256,7 @@ class SyscallServer:
             kabi.Op.LISTDIR: (_listdir, (str,)), kabi.Op.MKDIR: (_mkdir, (str, int)),
             kabi.Op.FINIT_MODULE: (_finit_module, (str, str)), kabi.Op.POLL: (_poll, (int, int)),
             kabi.Op.RESOLVE: (_resolve, (str,)), kabi.Op.READLINK: (_readlink, (str,)),
-            kabi.Op.EXITED: (_exited, (int, int))}
+            kabi.Op.EXITED: (_exited, (int, int)), kabi.Op.VSOCK_LISTEN: (_vsock_listen, (int,))}
 
     # ---- the end -----------------------------------------------------------------------
     def close(self) -> None:

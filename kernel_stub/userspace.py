@@ -92,7 +92,7 @@ class CpuControl:
 
 class Userspace:
     def __init__(self, linux, handoff, initrd: bytes | None, run_dir: str, *, on_console=None, on_kmsg=None,
-                 on_event=None):
+                 on_event=None, vsock=None):
         """linux: kernel_stub.kernel.Kernel; on_console(vp, bytes): a VTL0 console line;
         on_kmsg(line): a kernel log line for the console; on_event(Event)."""
         self.linux, self.handoff, self.initrd, self.run_dir = linux, handoff, initrd, run_dir
@@ -116,6 +116,8 @@ class Userspace:
                 self.kmsg.add_console(on_kmsg)
         self.args = kcmdline.init_args(handoff.cmdline_bytes)
         self.mshv = self.server = self.devices = None
+        self.tearing_down = False
+        self.vsock = vsock                          # kernel_stub.vsock.Vsock: the VM's, across resets
 
     def log(self, text: str, level: int = 6) -> None:
         self.kmsg.log(text, level)
@@ -173,6 +175,7 @@ class Userspace:
             self.devices, self.log)
         self.server = SyscallServer(self.run_dir, self.namespace, self.log)
         self.server.on_hello = self._hello
+        self.server.vsock = self.vsock
         self._start_init()
 
     def _procfs(self):
@@ -220,7 +223,7 @@ class Userspace:
         proc = self.server.processes.get(self.init_proc.pid)
         if proc is not None:
             proc.exit_status = status
-        if not self.finished.is_set():
+        if not self.tearing_down and self.panic is None:   # also after power off (a VM kept running)
             self._panic(f"Attempted to kill init! exitcode={status:#010x}", status)
 
     def _panic(self, message: str, status: int) -> None:
@@ -263,7 +266,8 @@ class Userspace:
 
     def shutdown(self) -> None:
         """Kill every process of the VM, wait for them, stop serving, remove the run folder."""
-        self.finished.set()                    # from here PID 1 dying is the teardown, not a panic
+        self.tearing_down = True               # from here PID 1 dying is the teardown, not a panic
+        self.finished.set()
         if self.init_proc is not None:
             try:
                 os.killpg(self.init_proc.pid, signal.SIGKILL)   # PID 1's session: every process of the VM

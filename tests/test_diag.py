@@ -1,0 +1,232 @@
+"""The diag server of a running paravisor (issue 11): hybrid vsock, ttrpc with the public
+protobufs, the services, `hclsim diag`, and bad input that leaves the server serving."""
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hclsim.config import BootConfig
+from hclsim.diag_client import DiagClient, RpcError, connect
+from hclsim.hcl import ttrpc
+from hclsim.hcl.pb import diag_pb2, inspect_service_pb2 as ipb, ttrpc_pb2
+from google.protobuf import empty_pb2
+
+CLI = [sys.executable, "-m", "hclsim"]
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory):
+    from hclsim.system import run_system
+    path = str(tmp_path_factory.mktemp("diag") / "vm.sock")
+    stop = threading.Event()
+    box = {}
+
+    def run():
+        try:
+            box["outcome"] = run_system(BootConfig(cpus=2), keep_running=True, stop=stop.is_set, vsock_path=path)
+        except Exception as exc:          # reported by the test that needs the VM
+            box["error"] = exc
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    client = DiagClient(path, wait=30)
+    client.call("diag.OpenhclDiag", "Ping", empty_pb2.Empty(), empty_pb2.Empty)
+    yield path, client
+    client.close()
+    stop.set()
+    t.join(30)
+    assert "error" not in box, box.get("error")
+
+
+def _empty():
+    return empty_pb2.Empty()
+
+
+def test_ping_and_the_hybrid_vsock_handshake_forms(vm):
+    path, client = vm
+    client.call("diag.OpenhclDiag", "Ping", _empty(), empty_pb2.Empty)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b"connect 00000001-facb-11e6-bd58-64006a7986d3\n")      # the service id form, any case
+    assert s.recv(64) == b"OK 00000001-facb-11e6-bd58-64006a7986d3\n"
+    s.close()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b"CONNECT 77\n")                                     # nobody listens there: closed, no OK
+    assert s.recv(64) == b""
+    s.close()
+
+
+def test_inspect_tree_of_control_kernel_and_vm(vm):
+    _path, client = vm
+    root = client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(path="", depth=0),
+                       ipb.InspectResponse).result
+    names = {e.name: e.node.WhichOneof("variant") for e in root.dir.field1}
+    assert names["control_state"] == "value" and names["vm"] == "unevaluated" and names["kernel"] == "unevaluated"
+    from hclsim.diag_cli import node_json
+    full = node_json(client.call("inspect.InspectService", "Inspect",
+                                 ipb.InspectRequest(path="", depth=0xFFFFFFFF), ipb.InspectResponse).result)
+    assert full["control_state"] == "started"
+    assert full["kernel"]["cpus_online"] == "0-1"
+    assert {v["name"] for v in full["mesh"]["hosts"].values()} == {"vm"}
+    assert set(full["vm"]["vps"]) == {"0", "1"} and full["vm"]["vps"]["0"]["exits"] > 0
+    assert "com1" in full["vm"]["devices"] or full["vm"]["devices"]
+    missing = client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(path="no/such", depth=0),
+                          ipb.InspectResponse).result
+    assert missing.failed.field1.WhichOneof("variant") == "not_found"
+    with pytest.raises(RpcError, match="immutable"):
+        client.call("inspect.InspectService", "Update", ipb.UpdateRequest(path="control_state", value="x"),
+                    ipb.UpdateResponse)
+
+
+def _read_all(conn) -> bytes:
+    chunks = []
+    while True:
+        b = conn.recv(65536)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+
+
+def test_kmsg_records_are_nul_separated_and_files_are_raw(vm):
+    _path, client = vm
+    conn_id, conn = client.data_connection()
+    client.call("diag.UnderhillDiag", "Kmsg", diag_pb2.KmsgRequest(conn=conn_id), empty_pb2.Empty)
+    records = _read_all(conn).split(b"\0")
+    assert records[-1] == b"" and any(b"Linux version" in r for r in records)
+    assert all(r.split(b";", 1)[0].count(b",") >= 3 for r in records[:-1])       # prio,seq,usec,flags;text
+    conn_id, conn = client.data_connection()
+    client.call("diag.UnderhillDiag", "ReadFile", diag_pb2.FileRequest(conn=conn_id, file_path="/proc/cmdline"),
+                empty_pb2.Empty)
+    cmdline = _read_all(conn)
+    assert b"rdinit=/underhill-init" in cmdline and b"\0" not in cmdline
+    conn_id, _conn = client.data_connection()
+    with pytest.raises(RpcError, match="cannot read directory"):
+        client.call("diag.UnderhillDiag", "ReadFile", diag_pb2.FileRequest(conn=conn_id, file_path="/proc"),
+                    empty_pb2.Empty)
+    with pytest.raises(RpcError, match="invalid connection id"):
+        client.call("diag.UnderhillDiag", "Kmsg", diag_pb2.KmsgRequest(conn=10_000), empty_pb2.Empty)
+
+
+def test_data_connection_ids_count_from_one_native_endian(vm):
+    path, _client = vm
+    ids = []
+    for _ in range(3):
+        s = connect(path, 2)
+        ids.append(struct.unpack("=Q", s.recv(8))[0])
+        s.close()
+    assert ids == sorted(ids) and ids[1] == ids[0] + 1 and ids[0] >= 1
+
+
+def test_pause_and_resume_answer_as_openhcl_does(vm):
+    _path, client = vm
+    client.call("diag.UnderhillDiag", "Pause", _empty(), empty_pb2.Empty)
+    with pytest.raises(RpcError, match="already paused"):
+        client.call("diag.UnderhillDiag", "Pause", _empty(), empty_pb2.Empty)
+    client.call("diag.UnderhillDiag", "Resume", _empty(), empty_pb2.Empty)
+    with pytest.raises(RpcError, match="currently running"):
+        client.call("diag.UnderhillDiag", "Resume", _empty(), empty_pb2.Empty)
+    with pytest.raises(RpcError, match="already been started"):
+        client.call("diag.UnderhillDiag", "Start", diag_pb2.StartRequest(), empty_pb2.Empty)
+
+
+def _raw_call(path, frame: bytes) -> tuple[int, int, bytes] | None:
+    s = connect(path, 1)
+    s.sendall(frame)
+    got = ttrpc.read_frame(s)
+    s.close()
+    return got
+
+
+def _status(payload: bytes):
+    r = ttrpc_pb2.Response.FromString(payload)
+    assert r.WhichOneof("result") == "status"
+    return r.status.code, r.status.message
+
+
+def test_bad_requests_get_statuses_and_the_server_keeps_serving(vm):
+    path, client = vm
+    with pytest.raises(RpcError) as exc:
+        client.call("nope.Service", "X", _empty(), empty_pb2.Empty)
+    assert exc.value.code == ttrpc.UNIMPLEMENTED and "unknown service nope.Service" in exc.value.text
+    with pytest.raises(RpcError) as exc:
+        client.call("diag.OpenhclDiag", "Nope", _empty(), empty_pb2.Empty)
+    assert exc.value.code == ttrpc.UNIMPLEMENTED
+    bad = ttrpc_pb2.Request(service="diag.UnderhillDiag", method="Wait", payload=b"\xff\xff\xff").SerializeToString()
+    _sid, _kind, payload = _raw_call(path, ttrpc.encode(1, ttrpc.TYPE_REQUEST, bad))
+    assert _status(payload)[0] == ttrpc.INVALID_ARGUMENT
+    _sid, _kind, payload = _raw_call(path, ttrpc.encode(1, ttrpc.TYPE_REQUEST, b"\xff\xff\xff"))
+    assert _status(payload)[0] == ttrpc.INVALID_ARGUMENT
+    sid, _kind, payload = _raw_call(path, ttrpc.encode(2, ttrpc.TYPE_REQUEST, b""))
+    assert sid == 2 and _status(payload)[0] == ttrpc.INVALID_ARGUMENT              # even stream id
+    # An oversized frame is read and dropped; the same connection then answers a Ping.
+    s = connect(path, 1)
+    big = ttrpc.MAX_MESSAGE + 1
+    s.sendall(ttrpc.HEADER.pack(big, 5, ttrpc.TYPE_REQUEST, 0) + bytes(big))
+    sid, _k, payload = ttrpc.read_frame(s)
+    assert sid == 5 and _status(payload)[0] == 8                                   # ResourceExhausted
+    ping = ttrpc_pb2.Request(service="diag.OpenhclDiag", method="Ping").SerializeToString()
+    s.sendall(ttrpc.encode(7, ttrpc.TYPE_REQUEST, ping))
+    sid, _k, payload = ttrpc.read_frame(s)
+    assert sid == 7 and ttrpc_pb2.Response.FromString(payload).WhichOneof("result") == "payload"
+    s.close()
+    # A truncated frame, then the client vanishes.
+    s = connect(path, 1)
+    s.sendall(ttrpc.HEADER.pack(100, 9, ttrpc.TYPE_REQUEST, 0) + b"abc")
+    s.close()
+    client.call("diag.OpenhclDiag", "Ping", _empty(), empty_pb2.Empty)
+
+
+def test_a_hundred_clients_at_once(vm):
+    path, _client = vm
+    errors, done = [], []
+
+    def one():
+        try:
+            c = DiagClient(path)
+            c.call("diag.OpenhclDiag", "Ping", _empty(), empty_pb2.Empty)
+            c.close()
+            done.append(1)
+        except Exception as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=one) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(done) == 100
+    time.sleep(0.5)
+    _p, client = vm
+    from hclsim.diag_cli import node_json
+    diag = node_json(client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(path="diag", depth=1),
+                                 ipb.InspectResponse).result)
+    assert diag["connections"] <= 2                    # the fixture's, and no leak of the hundred
+
+
+def _cli(*args, env=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([*CLI, "diag", *args], capture_output=True, text=True, timeout=60, env=e)
+
+
+def test_cli_inspect_kmsg_file_and_errors(vm):
+    path, _client = vm
+    out = _cli(f"vsock:{path}", "inspect", "control_state")
+    assert out.returncode == 0 and out.stdout.strip() == '"started"', out.stderr
+    out = _cli(f"vsock:{path}", "inspect", "-r", "-j", "kernel")
+    assert json.loads(out.stdout)["cpus_online"] == "0-1"
+    out = _cli(f"vsock:{path}", "kmsg")
+    assert out.returncode == 0 and "Linux version" in out.stdout and out.stdout.startswith("[")
+    out = _cli(f"vsock:{path}", "file", "-p", "/proc/cmdline")
+    assert "rdinit=/underhill-init" in out.stdout
+    out = _cli(f"vsock:{path}", "pause")
+    assert out.returncode == 0
+    out = _cli(f"vsock:{path}", "pause")
+    assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "already paused" in out.stderr
+    assert _cli(f"vsock:{path}", "resume").returncode == 0
+    out = _cli("vsock:/nonexistent/vm.sock", "inspect", env={"HCLSIM_DIAG_WAIT_S": "0"})
+    assert out.returncode != 0 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1
