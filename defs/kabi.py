@@ -60,6 +60,8 @@ class Op(enum.IntEnum):
     EXITED = 16        # (pid, wait status) -> ()   a parent reaped a child (the process table's exit status)
     VSOCK_LISTEN = 17  # (port) -> () + host fd   a vsock listener (kernel_stub/vsock.py): accepted
                        #   connections arrive on it as descriptors, each with a u32 port
+    STACKS = 18        # (text) -> ()   the caller's Python stacks, folded, for the profiler
+                       #   (kernel_stub/profiling.py); "" registers it for SIGPROF sampling
 
 
 # O_* flags as Linux numbers them (the ones the programs use).

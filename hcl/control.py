@@ -66,6 +66,9 @@ class Control:
         self.paused = False
         self.diag = None
         self._lock = threading.Lock()
+        self.profiler = None                  # (pid, Channel) of the "profiler" host, once started
+        self._profile_lock = threading.Lock()
+        self._profile_events: queue.Queue = queue.Queue()
 
     def run(self) -> int:
         log = self.log
@@ -205,21 +208,89 @@ class Control:
             return
         raise self._diag_error(f"no mesh host with pid {pid}")
 
+    def profile(self, duration: int, args: list[str], conn) -> None:
+        """Profile.AzureProfiler: the "profiler" host (started once, then reused) runs a
+        ProfilerWorker with the data connection; its result is the call's; cancelled after
+        duration + 30 s."""
+        with self._profile_lock:
+            if self.profiler is None:
+                pid, channel = mesh.launch_host("profiler", self.argv[0], dict(os.environ), self._on_profiler_message)
+                self.profiler = (pid, channel)
+                threading.Thread(target=self._watch_profiler, args=(pid,), name="profiler-host-wait",
+                                 daemon=True).start()
+            _pid, channel = self.profiler
+            while not self._profile_events.empty():
+                self._profile_events.get_nowait()
+            params = pb.ProfilerParams(duration=duration, profiler_args=args)
+            try:
+                channel.send(launch=pb.LaunchWorker(worker_id="ProfilerWorker", params=params.SerializeToString()),
+                             fds=(conn.fileno(),))
+            except mesh.MeshError as exc:
+                raise self._diag_error(f"cannot reach the profiler host: {exc}") from None
+            finally:
+                conn.close()                  # the host holds its own copy
+            try:
+                what, detail = self._profile_events.get(timeout=duration + 30)
+            except queue.Empty:
+                raise self._diag_error(f"the profiler did not finish within {duration + 30} s") from None
+            if what != "stopped":
+                raise self._diag_error(detail)
+
+    def _on_profiler_message(self, channel, env: pb.Envelope) -> None:
+        kind = env.WhichOneof("body")
+        if kind == "event":
+            what = env.event.WhichOneof("event")
+            self._profile_events.put((what, getattr(env.event, what) if what in ("failed", "restart_failed") else ""))
+        elif kind == "control":
+            channel.reply(env.id, error="" if env.control.WhichOneof("request") == "flush_logs"
+                          else "the profiler host cannot launch hosts")
+        elif kind == "trace":
+            self.log.log(env.trace.level, f"{env.trace.target}: {env.trace.message}")
+
+    def _watch_profiler(self, pid: int) -> None:
+        _pid, status = os.waitpid(pid, 0)
+        linux.exited(pid, status)
+        self.log.warn(f"the profiler host exited ({_status(status)})")
+        with self._lock:
+            if self.profiler is not None and self.profiler[0] == pid:
+                self.profiler = None
+        self._profile_events.put(("failed", f"the profiler host exited ({_status(status)})"))
+
     def inspect_tree(self) -> dict:
         from hclsim.hcl import inspect_tree as it
         tree = {
-            "build_info": lambda: _build_info(),
+            "build_info": it.Lazy(_build_info),
             "control_state": it.Leaf(_STATE_NAMES.get(self.state, self.state), sensitivity=it.SAFE),
             "paused": self.paused,
-            "mesh": {"hosts": ({str(self.vm_pid): {"name": "vm", "pid": self.vm_pid}} if self.vm_pid else {})},
+            "mesh": {"hosts": self._hosts()},
             "proc": {"pid": os.getpid(), "argv": " ".join(self.argv), "threads": threading.active_count()},
             "diag": {"connections": self.diag.connections if self.diag else 0,
                      "parked_data_connections": self.diag.data.parked() if self.diag else 0},
-            "kernel": lambda: _kernel_tree(),
+            "kernel": it.Lazy(_kernel_tree),
+            "trace": {"level": it.Leaf(_LEVEL_NAMES[self.log.max_level], update=self._set_log_level)},
         }
         if self.vm is not None:
             tree["vm"] = it.Remote(self._inspect_vm, self._update_vm)
         return tree
+
+    def _hosts(self) -> dict:
+        hosts = {}
+        if self.vm_pid:
+            hosts[str(self.vm_pid)] = {"name": "vm", "pid": self.vm_pid}
+        profiler = self.profiler
+        if profiler is not None:
+            hosts[str(profiler[0])] = {"name": "profiler", "pid": profiler[0]}
+        return hosts
+
+    def _set_log_level(self, text: str) -> str:
+        """What the control process logs to kmsg: error, warn, info, debug or trace."""
+        from hclsim.hcl import klog
+        level = {name: n for n, name in _LEVEL_NAMES.items()}.get(text.strip().lower())
+        if level is None:
+            raise ValueError(f"unknown level {text!r} (error, warn, info, debug, trace)")
+        self.log.max_level = level
+        self.log.info(f"log level set to {text.strip().lower()}")
+        return _LEVEL_NAMES[level]
 
     def _inspect_vm(self, path: str, depth: int):
         from hclsim.hcl.pb import inspect_pb2
@@ -237,6 +308,7 @@ class Control:
         return value
 
 
+_LEVEL_NAMES = {3: "error", 4: "warn", 5: "info", 6: "debug", 7: "trace"}
 _STATE_NAMES = {WAITING_FOR_START: "waiting_for_start", STARTING: "starting", STARTED: "started",
                 RESTARTING: "restarting"}
 
@@ -256,6 +328,8 @@ def _build_info() -> dict:
 
 
 def _kernel_tree() -> dict:
+    from hclsim.hcl import inspect_tree
+
     def text(path: str) -> str:
         try:
             return linux.read_file(path).decode("utf-8", "replace").strip()
@@ -268,7 +342,30 @@ def _kernel_tree() -> dict:
             mounts[str(i)] = {"source": parts[0], "target": parts[1], "fstype": parts[2], "options": parts[3]}
     return {"cpus_online": text("/sys/devices/system/cpu/online"),
             "cpus_present": text("/sys/devices/system/cpu/present"),
-            "cmdline": text("/proc/cmdline"), "uptime": text("/proc/uptime"), "mounts": mounts}
+            "cmdline": text("/proc/cmdline"), "uptime": text("/proc/uptime"), "mounts": mounts,
+            "kmsg": inspect_tree.Lazy(_kmsg_tree)}
+
+
+def _kmsg_tree() -> dict:
+    """How many records the kernel's ring holds, and the newest ones (a reader of its own)."""
+    records = []
+    try:
+        with linux.open_file("/dev/kmsg", kabi.O_RDONLY | kabi.O_NONBLOCK) as f:
+            while True:
+                try:
+                    rec = f.read(kabi.MAX_READ)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == kabi.EPIPE:
+                        continue
+                    break
+                if not rec:
+                    break
+                records.append(rec.split(b";", 1)[-1].split(b"\n", 1)[0].decode("utf-8", "replace"))
+    except OSError:
+        pass
+    return {"records": len(records), "last": {str(i): line for i, line in enumerate(records[-5:])}}
 
 
 def _status(status: int) -> str:
@@ -290,10 +387,13 @@ def host_main(argv: list[str], invitation) -> int:
         kind = env.WhichOneof("body")
         if kind == "launch":
             factory = registered_workers().get(env.launch.worker_id)
+            fds = channel.take_fds(env.id)
             if factory is None:
+                for fd in fds:
+                    os.close(fd)
                 channel.send(event=pb.WorkerEvent(failed=f"unknown worker {env.launch.worker_id!r}"))
                 return
-            worker = factory(env.launch.params, channel, log)
+            worker = factory(env.launch.params, channel, log, fds=fds)
             workers.append(worker)
             threading.Thread(target=_run_worker, args=(worker, channel, log, done), name="worker",
                              daemon=True).start()
@@ -343,9 +443,10 @@ def _run_worker(worker, channel, log, done) -> None:
         except mesh.MeshError:
             pass
     finally:
-        done.set()
+        if getattr(worker, "ends_host", True):   # the profiler's host stays for the next request
+            done.set()
 
 
 def registered_workers() -> dict:
-    from hclsim.hcl import worker
-    return {"UnderhillWorker": worker.UnderhillWorker}
+    from hclsim.hcl import profiler, worker
+    return {"UnderhillWorker": worker.UnderhillWorker, "ProfilerWorker": profiler.ProfilerWorker}

@@ -46,15 +46,16 @@ class DataConnections:
                 conn = self.listener.accept()
             except OSError:
                 return
-            with self._lock:
+            with self._lock:          # parked before the client learns its id: it may use it at once
                 conn_id, self._next = self._next, self._next + 1
+                self._parked[conn_id] = conn
             try:
                 conn.sendall(_ID.pack(conn_id))
             except OSError:
+                with self._lock:
+                    self._parked.pop(conn_id, None)
                 conn.close()
                 continue
-            with self._lock:
-                self._parked[conn_id] = conn
             self._wake_w.send(b"x")
 
     def _watch(self) -> None:

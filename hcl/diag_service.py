@@ -68,12 +68,15 @@ class DiagService:
 
     # ---- processes ----------------------------------------------------------------------
     def _resolve(self, command: str, env: dict) -> str:
-        if "/" in command:
-            return command
-        for d in env.get("PATH", DEFAULT_PATH).split(":"):
-            path = f"{d.rstrip('/')}/{command}"
-            if linux.stat_kind(path) == kabi.KIND_FILE:
+        """command as PATH finds it (the kernel's RESOLVE: a regular file, links followed)."""
+        candidates = [command] if "/" in command else \
+            [f"{d.rstrip('/')}/{command}" for d in env.get("PATH", DEFAULT_PATH).split(":") if d]
+        for path in candidates:
+            try:
+                linux.host_path(path)
                 return path
+            except OSError:
+                continue
         raise DiagError(f"failed to launch {command}: No such file or directory (os error 2)")
 
     def exec(self, req):
@@ -169,8 +172,10 @@ class DiagService:
     def memory_profile_trace(self, _req):
         raise DiagError("memory profile tracing is not enabled in this paravisor")
 
-    def profile(self, _req):
-        raise DiagError("the profiler is not available in hclsim yet")
+    def profile(self, req):
+        conn = self.control.diag.data.take(req.conn)
+        self.control.profile(req.duration, list(req.profiler_args), conn)
+        return EMPTY()
 
     # ---- files --------------------------------------------------------------------------
     def kmsg(self, req):

@@ -1,5 +1,6 @@
 """The one program of the rootfs, dispatched on the name it was run by, as
-openhcl/underhill_entry does: underhill-init, underhill-crash, underhill-dump, else openvmm_hcl."""
+openhcl/underhill_entry does: underhill-init, underhill-crash, underhill-dump, hclsim's profiler
+binary (underhill_profiler_binary), else openvmm_hcl."""
 import os
 
 
@@ -9,6 +10,9 @@ def main(argv: list[str]) -> int:
     if name == "underhill-init":
         from hclsim.hcl import underhill_init
         return underhill_init.main(argv)
+    if name == "underhill_profiler_binary":
+        from hclsim.hcl import profiler
+        return profiler.main(argv)
     if name in ("underhill-crash", "underhill-dump"):
         from hclsim.hcl import klog
         linux.start_process(name, argv)

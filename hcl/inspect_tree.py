@@ -30,6 +30,13 @@ class Leaf:
 
 
 @dataclass
+class Lazy:
+    """A directory made when the walk goes into it (not at depth 0, where it is Unevaluated)."""
+    make: object
+    sensitivity: str = UNSPECIFIED
+
+
+@dataclass
 class Remote:
     """A subtree answered elsewhere: inspect(path, depth) -> Node; update(path, text) -> Value."""
     inspect: object
@@ -81,13 +88,17 @@ def _entries(tree: dict) -> list:
 
 
 def _sensitivity(child) -> str:
-    return child.sensitivity if isinstance(child, (Leaf, Remote)) else UNSPECIFIED
+    return child.sensitivity if isinstance(child, (Leaf, Remote, Lazy)) else UNSPECIFIED
 
 
 def _resolve(child):
-    while callable(child) and not isinstance(child, (Leaf, Remote)):
-        child = child()
-    return child
+    while True:
+        if isinstance(child, Lazy):
+            child = child.make()
+        elif callable(child) and not isinstance(child, (Leaf, Remote)):
+            child = child()
+        else:
+            return child
 
 
 def node(tree, depth: int, level: str = SENSITIVE) -> ipb.Node:
@@ -116,15 +127,16 @@ def node(tree, depth: int, level: str = SENSITIVE) -> ipb.Node:
         e = d.field1.add(name=name)
         getattr(e.sensitivity, sens).SetInParent()
         resolved = child
-        if not isinstance(child, (dict, Remote)):
+        if not isinstance(child, (dict, Remote, Lazy)):
             try:
                 resolved = _resolve(child)
             except Exception:
                 resolved = child
-        if isinstance(resolved, (dict, Remote)) and depth == 0:
+        if isinstance(resolved, (dict, Remote, Lazy)) and depth == 0:
             e.node.unevaluated.SetInParent()
         else:
-            e.node.CopyFrom(node(resolved, depth - 1 if isinstance(resolved, (dict, Remote)) else depth, level))
+            e.node.CopyFrom(node(resolved, depth - 1 if isinstance(resolved, (dict, Remote, Lazy)) else depth,
+                                 level))
     return n
 
 

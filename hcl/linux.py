@@ -49,7 +49,7 @@ def syscall(op: int, *values, want_fd: bool = False):
     try:
         conn.sendall(kabi.encode_request(seq, op, values))
         fds = array.array("i")
-        msg, anc, _flags, _addr = conn.recvmsg(kabi.MAX_MESSAGE, socket.CMSG_SPACE(4 * 4))
+        msg, anc, _flags, _addr = conn.recvmsg(kabi.MAX_MESSAGE, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise KernelGone(exc.errno, "the kernel has gone away") from None
     if not msg:
@@ -205,6 +205,44 @@ def start_process(comm: str, argv: list[str]) -> None:
     if parent == 1:          # the parent died before the prctl: follow it
         os._exit(1)
     syscall(kabi.Op.HELLO, list(argv))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGPROF, _report_stacks)
+        syscall(kabi.Op.STACKS, "")          # sample me: the profiler may send SIGPROF now
+
+
+def folded_stacks(interrupted=None) -> str:
+    """Every thread's Python stack, one line each: 'thread;outermost;...;innermost' (frames as
+    'function (file:line)'), as flame graph tools fold them. interrupted: this thread's frame
+    where a signal handler interrupted it (the handler's own frames are left out)."""
+    import sys
+    import traceback
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        if ident == me and interrupted is not None:
+            frame = interrupted
+        if frame is None:
+            continue
+        stack = traceback.extract_stack(frame)
+        lines.append(";".join([names.get(ident, f"thread-{ident}")] +
+                              [f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})" for f in stack]))
+    return "\n".join(lines)
+
+
+def _report_stacks(_signum, frame) -> None:
+    """SIGPROF: tell the kernel where every thread is. A connection of its own: the main thread
+    may be inside a system call on its usual one."""
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            conn.connect(f"/proc/self/fd/{kabi.KERNEL_FD}/{kabi.KERNEL_SOCKET}")
+            conn.sendall(kabi.encode_request(1, kabi.Op.STACKS, [folded_stacks(frame)[:1 << 20]]))
+            conn.recv(kabi.MAX_MESSAGE)
+        finally:
+            conn.close()
+    except OSError:
+        pass                                  # the kernel is going away
 
 
 def wait_status_code(status: int) -> int:
@@ -222,8 +260,45 @@ def spawn(path: str, argv: list[str], env: dict, *, stdio=(None, None, None), fd
     actions = [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in enumerate(stdio) if src is not None]
     actions += [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in (fds or {}).items()]
     os.set_inheritable(kabi.KERNEL_FD, True)
-    return os.posix_spawn(sys.executable, kabi.binfmt_argv(sys.executable, target, argv), env,
-                          file_actions=actions, setsid=setsid)
+    return _on_spawner(lambda: os.posix_spawn(sys.executable, kabi.binfmt_argv(sys.executable, target, argv), env,
+                                              file_actions=actions, setsid=setsid))
+
+
+_spawner = None
+
+
+def _on_spawner(fn):
+    """Run fn (a posix_spawn) on a thread that lives as long as the process: the child's
+    PR_SET_PDEATHSIG fires when the *thread* that created it ends, and a diag call's thread
+    ends as soon as it has answered."""
+    global _spawner
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    import queue
+    with _SPAWN_LOCK:
+        if _spawner is None:
+            jobs: queue.Queue = queue.Queue()
+
+            def serve():
+                while True:
+                    job, box, done = jobs.get()
+                    try:
+                        box.append((True, job()))
+                    except BaseException as exc:      # handed back to the caller
+                        box.append((False, exc))
+                    done.set()
+            threading.Thread(target=serve, name="spawner", daemon=True).start()
+            _spawner = jobs
+    box, done = [], threading.Event()
+    _spawner.put((fn, box, done))
+    done.wait()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+_SPAWN_LOCK = threading.Lock()
 
 
 class VsockListener:
@@ -240,7 +315,7 @@ class VsockListener:
 
     def accept(self) -> socket.socket:
         fds = array.array("i")
-        msg, anc, _flags, _addr = self.sock.recvmsg(4, socket.CMSG_SPACE(4))
+        msg, anc, _flags, _addr = self.sock.recvmsg(4, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - len(data) % 4])

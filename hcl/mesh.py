@@ -4,6 +4,7 @@ stdout on /dev/null, comm "underhill-<node>"), and the channel both ends talk ov
 Envelopes (hcl/mesh.proto), one per SOCK_SEQPACKET packet, each with an id, replies naming the
 id they answer (support/mesh/mesh_process in the real source).
 """
+import array
 import base64
 import itertools
 import os
@@ -32,21 +33,31 @@ class Channel:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self.closed = threading.Event()
+        self._fds: dict[int, list[int]] = {}    # descriptors that came with an envelope, by its id
         self._reader = threading.Thread(target=self._read, name=f"mesh-{name}", daemon=True)
 
     def start(self) -> "Channel":
         self._reader.start()
         return self
 
-    def send(self, reply_to: int = 0, **body) -> int:
+    def send(self, reply_to: int = 0, fds: tuple = (), **body) -> int:
+        """fds: descriptors to pass with the envelope (SCM_RIGHTS; the receiver's take_fds)."""
         env = pb.Envelope(id=next(self._ids), reply_to=reply_to, **body)
         data = env.SerializeToString()
         with self._send_lock:
             try:
-                self.sock.send(data)
+                if fds:
+                    self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                else:
+                    self.sock.send(data)
             except OSError as exc:
                 raise MeshError(f"{self.name}: the peer is gone ({exc.strerror})") from None
         return env.id
+
+    def take_fds(self, env_id: int) -> list[int]:
+        """The descriptors that came with envelope env_id (each once)."""
+        with self._lock:
+            return self._fds.pop(env_id, [])
 
     def call(self, timeout: float | None = None, **body) -> pb.Reply:
         """Send and wait for the reply (MeshError if the peer goes away first)."""
@@ -73,16 +84,25 @@ class Channel:
         try:
             while True:
                 try:
-                    data = self.sock.recv(MAX_PACKET)
+                    data, anc, _flags, _addr = self.sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
                 except OSError:
                     return
                 if not data:
                     return
+                fds = array.array("i")
+                for level, kind, raw in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.frombytes(raw[:len(raw) - len(raw) % 4])
                 env = pb.Envelope()
                 try:
                     env.ParseFromString(data)
                 except Exception:      # protobuf's DecodeError: a peer speaking nonsense
+                    for fd in fds:
+                        os.close(fd)
                     continue
+                if fds:
+                    with self._lock:
+                        self._fds[env.id] = list(fds)
                 if env.reply_to:
                     with self._lock:
                         slot = self._pending.pop(env.reply_to, None)

@@ -105,6 +105,7 @@ class VpLoop:
         self.running = threading.Event()       # cleared while the VM is paused (diag Pause)
         self.running.set()
         self._forced: set[int] = set()          # sidecar VPs told to leave their CPU (inspect)
+        self._on_sidecar: set[int] = set()      # VPs running on their sidecar CPU
 
     @property
     def paused(self) -> bool:
@@ -112,7 +113,7 @@ class VpLoop:
 
     def where(self, cpu: int) -> str:
         with self._lock:
-            if cpu in self._remote:
+            if cpu in self._on_sidecar:
                 return "sidecar"
             if cpu in self._run_pages:
                 return "linux"
@@ -131,15 +132,22 @@ class VpLoop:
         if not on:
             return False
         with self._lock:
-            dev = self._remote.get(cpu)
+            if cpu not in self._on_sidecar:
+                raise ValueError(f"vp {cpu} is not running on a sidecar CPU")
             self._forced.add(cpu)
-        if dev is None:
-            raise ValueError(f"vp {cpu} is not running on a sidecar CPU")
-        try:
-            dev.ioctl(kabi.MSHV_SIDECAR_STOP, _U32.pack(cpu))
-        except OSError:
-            pass
+            dev = self._remote.get(cpu)
+        if dev is not None:                      # running now: stop its command
+            try:
+                dev.ioctl(kabi.MSHV_SIDECAR_STOP, _U32.pack(cpu))
+            except OSError:
+                pass
         return True
+
+    def _take_forced(self, cpu: int) -> bool:
+        with self._lock:
+            forced = cpu in self._forced
+            self._forced.discard(cpu)
+            return forced
 
     def kick_page(self):
         with self._lock:
@@ -163,7 +171,14 @@ class VpLoop:
             node = self._node_of(cpu)
             if node is None:
                 raise VpError(f"cpu {cpu} is offline")
-            if not self._run_remote(cpu, node, stats):
+            with self._lock:
+                self._on_sidecar.add(cpu)
+            try:
+                moving = self._run_remote(cpu, node, stats)
+            finally:
+                with self._lock:
+                    self._on_sidecar.discard(cpu)
+            if not moving:
                 return
             if self.stopping.is_set():
                 return
@@ -262,10 +277,7 @@ class VpLoop:
                 with self._lock:
                     self._remote.pop(cpu, None)
             if not shmem[page + kabi.SIDECAR_CMD_REQUEST_DATA]:
-                with self._lock:
-                    forced = cpu in self._forced
-                    self._forced.discard(cpu)
-                if forced and not self.no_hotplug:
+                if self._take_forced(cpu):
                     return True                            # inspect asked: onto a Linux CPU now
                 if self.paused and not self.stopping.is_set():
                     self.running.wait()
@@ -286,7 +298,7 @@ class VpLoop:
             self._sidecar_run(dev, arg, shmem, page, cpu)
             stats.exits += 1
             stats.remote_exits += 1
-            if not self.no_hotplug:
+            if not self.no_hotplug or self._take_forced(cpu):
                 return True
         return False
 

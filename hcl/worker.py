@@ -36,7 +36,7 @@ def is_cpu_online(cpu: int) -> bool:
 
 
 class UnderhillWorker:
-    def __init__(self, params: bytes, channel, log):
+    def __init__(self, params: bytes, channel, log, fds=()):
         self.params = pb.UnderhillWorkerParams.FromString(params)
         self.channel, self.log = channel, log
         self.env = dict(self.params.env)
@@ -195,9 +195,11 @@ class UnderhillWorker:
                     devices.setdefault(name, {})[attr] = it.counter(v)
                 elif isinstance(v, (list, dict)):
                     devices.setdefault(name, {})[attr] = it.counter(len(v))
+        convert = it.Leaf("", update=lambda text: str(loop.force_exit_sidecar(int(text, 0), True) and int(text, 0)))
         return {"state": "paused" if loop.paused else ("stopping" if loop.stopping.is_set() else "running"),
-                "vp_count": len(loop.stats), "vps": vps, "sidecar": {"nodes": nodes, "hotplug": not loop.no_hotplug},
-                "devices": devices, "memory": lambda: _memory_layout()}
+                "vp_count": len(loop.stats), "vps": vps,
+                "sidecar": {"nodes": nodes, "hotplug": not loop.no_hotplug, "convert": convert},
+                "devices": devices, "memory": it.Lazy(_memory_layout)}
 
 
 def _memory_layout() -> dict:

@@ -5,6 +5,7 @@ server of a running `hclsim boot --keep-running` (its address: vsock:PATH, print
     hclsim diag vsock:/tmp/vm.sock kmsg -f
     hclsim diag vsock:/tmp/vm.sock run cat /proc/cmdline
 """
+import argparse
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ def add_parser(sub) -> None:
     i.add_argument("--count", type=int, help="with -p: this many times")
     i.add_argument("-u", "--update", metavar="VALUE", help="update the leaf at PATH to VALUE")
     i.add_argument("-t", "--timeout", type=float, default=1.0, help="seconds (0: none)")
-    u = cmds.add_parser("update", help=argparse_suppress())
+    u = cmds.add_parser("update", help=argparse.SUPPRESS)
     u.add_argument("path")
     u.add_argument("value")
     k = cmds.add_parser("kmsg", help="the kernel log")
@@ -43,10 +44,10 @@ def add_parser(sub) -> None:
     f.add_argument("-f", "--follow", action="store_true")
     r = cmds.add_parser("run", help="run a program of the paravisor's rootfs; exits with its status")
     r.add_argument("cmd")
-    r.add_argument("args", nargs="*")
+    r.add_argument("args", nargs=argparse.REMAINDER, help="its arguments (options included)")
     sh = cmds.add_parser("shell", help="a shell in the paravisor (a pty)")
     sh.add_argument("shell", nargs="?", default="/bin/sh")
-    sh.add_argument("args", nargs="*")
+    sh.add_argument("args", nargs=argparse.REMAINDER)
     s = cmds.add_parser("start", help="start the workers of a paravisor waiting for Start")
     s.add_argument("-e", "--env", action="append", default=[], metavar="X=Y")
     s.add_argument("-u", "--unset", action="append", default=[], metavar="NAME")
@@ -62,11 +63,6 @@ def add_parser(sub) -> None:
     pr.add_argument("--duration", type=int, default=5)
     pr.add_argument("-o", "--output", required=True)
     pr.add_argument("--format", choices=["speedscope", "collapsed"], default="speedscope")
-
-
-def argparse_suppress():
-    import argparse
-    return argparse.SUPPRESS
 
 
 def cmd_diag(args) -> int:
@@ -167,7 +163,24 @@ def _stream(client, method: str, request_fields: dict, follow: bool, nul_separat
 
 
 def _kmsg(client, args) -> int:
-    return _stream(client, "Kmsg", {"follow": args.follow}, args.follow, True)
+    """With -r: when the VM goes away (a reset, a crash), wait for it (Ping) and go on."""
+    while True:
+        try:
+            status = _stream(client, "Kmsg", {"follow": args.follow}, args.follow, True)
+        except DiagClientError:
+            status = 1
+        if not args.reconnect:
+            return status
+        client.close()
+        print("hclsim: kmsg: the VM went away; waiting for it", file=sys.stderr)
+        while True:
+            try:
+                client = DiagClient(parse_vm(args.vm), wait=WAIT_S)
+                _d, _i, e = _pb()
+                client.call("diag.OpenhclDiag", "Ping", e.Empty(), e.Empty, timeout=5)
+                break
+            except DiagClientError:
+                time.sleep(1)
 
 
 def _file(client, args) -> int:
@@ -272,16 +285,42 @@ def resolve_host_pid(client, name: str) -> int:
 
 
 def _profile(client, args) -> int:
+    """profile.AzureProfiler/Profile; what the profiler writes to the data connection goes to -o."""
     from hclsim.hcl.pb import profile_pb2
     from google.protobuf import empty_pb2
+    if args.duration <= 0:
+        raise DiagClientError("--duration must be at least 1 second")
     conn_id, conn = client.data_connection()
+    received = []
+    reader = threading.Thread(target=lambda: received.append(_read_all(conn)), daemon=True)
+    reader.start()
     try:
-        client.call("profile.AzureProfiler", "Profile", profile_pb2.ProfileRequest(conn=conn_id,
-                                                                                  duration=args.duration),
-                    empty_pb2.Empty)
+        client.call("profile.AzureProfiler", "Profile",
+                    profile_pb2.ProfileRequest(conn=conn_id, duration=args.duration,
+                                               profiler_args=[f"format={args.format}"]), empty_pb2.Empty)
+        reader.join(10)
     finally:
         conn.close()
+    data = received[0] if received else b""
+    if not data:
+        raise DiagClientError("the profiler sent no profile")
+    with open(args.output, "wb") as f:
+        f.write(data)
+    print(f"wrote {args.output} ({len(data)} bytes, {args.format})")
     return 0
+
+
+def _read_all(conn) -> bytes:
+    chunks = []
+    try:
+        while True:
+            b = conn.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    except OSError:
+        pass
+    return b"".join(chunks)
 
 
 def _pump(src, dst) -> None:

@@ -113,7 +113,8 @@ def _run_system(config, run_root, vsock, current, *, on_serial, on_kmsg, on_cons
                 note(ev.name, base + ev.t, ev.detail)
             us = current["us"] = Userspace(result.linux, result.handoff,
                                            machine.initrd.data if machine.initrd else None, run_dir,
-                                           on_console=on_console, on_kmsg=on_kmsg, on_event=event, vsock=vsock)
+                                           on_console=on_console, on_kmsg=on_kmsg, on_event=event, vsock=vsock,
+                                           symbolize=machine.symbolize)
             us.start()
             status = _wait(us, deadline, keep_running, stop)
             outcome = SystemResult(result, status, timeline, bytes(us.com1),

@@ -29,6 +29,8 @@ class Process:
     files: dict = field(default_factory=dict)
     next_fd: int = 3
     exit_status: int | None = None       # the wait status its parent reaped
+    sampled: bool = False                # it answers SIGPROF with its stacks (STACKS)
+    stacks: tuple | None = None          # (monotonic time, folded stacks) it last reported
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def install(self, f: File) -> int:
@@ -242,6 +244,14 @@ class SyscallServer:
             raise KernelError(kabi.ENODEV, "this VM has no vsock")
         return [], [self.vsock.listen(port)]
 
+    def _stacks(self, proc, caller, text):
+        if len(text) > 1 << 20:
+            raise KernelError(kabi.EINVAL, "a stack report over 1 MiB")
+        proc.sampled = True
+        if text:
+            proc.stacks = (time.monotonic(), text)
+        return [], []
+
     def _exited(self, proc, caller, pid, status):
         with self._lock:
             child = self.processes.get(pid)
@@ -256,7 +266,8 @@ class SyscallServer:
             kabi.Op.LISTDIR: (_listdir, (str,)), kabi.Op.MKDIR: (_mkdir, (str, int)),
             kabi.Op.FINIT_MODULE: (_finit_module, (str, str)), kabi.Op.POLL: (_poll, (int, int)),
             kabi.Op.RESOLVE: (_resolve, (str,)), kabi.Op.READLINK: (_readlink, (str,)),
-            kabi.Op.EXITED: (_exited, (int, int)), kabi.Op.VSOCK_LISTEN: (_vsock_listen, (int,))}
+            kabi.Op.EXITED: (_exited, (int, int)), kabi.Op.VSOCK_LISTEN: (_vsock_listen, (int,)),
+            kabi.Op.STACKS: (_stacks, (str,))}
 
     # ---- the end -----------------------------------------------------------------------
     def close(self) -> None:

@@ -92,7 +92,7 @@ class CpuControl:
 
 class Userspace:
     def __init__(self, linux, handoff, initrd: bytes | None, run_dir: str, *, on_console=None, on_kmsg=None,
-                 on_event=None, vsock=None):
+                 on_event=None, vsock=None, symbolize=None):
         """linux: kernel_stub.kernel.Kernel; on_console(vp, bytes): a VTL0 console line;
         on_kmsg(line): a kernel log line for the console; on_event(Event)."""
         self.linux, self.handoff, self.initrd, self.run_dir = linux, handoff, initrd, run_dir
@@ -118,6 +118,7 @@ class Userspace:
         self.mshv = self.server = self.devices = None
         self.tearing_down = False
         self.vsock = vsock                          # kernel_stub.vsock.Vsock: the VM's, across resets
+        self.symbolize = symbolize                  # guest address -> "image:symbol+off" (profiling)
 
     def log(self, text: str, level: int = 6) -> None:
         self.kmsg.log(text, level)
@@ -179,10 +180,16 @@ class Userspace:
         self._start_init()
 
     def _procfs(self):
-        return procfs.make_procfs(cmdline=self.handoff.cmdline_bytes, dtb=self.handoff.dtb,
+        from hclsim.kernel_stub import profiling
+        root = procfs.make_procfs(cmdline=self.handoff.cmdline_bytes, dtb=self.handoff.dtb,
                                   clock=lambda: time.monotonic() - self.t0, meminfo=self._meminfo,
                                   modules=self._modules, mounts=self.namespace.mounts, cpus=self.cpu_control,
                                   sysctl=self.sysctl, random=self.devices.random)
+        root.add("hclsim", profiling.proc_dir(self.linux.partition, self.linux.cpus, self.mshv.lock,
+                                              self.symbolize, self.server))
+        from hclsim.kernel_stub.procpid import pid_dirs
+        fixed = root.children()
+        return Dir(make=lambda: {**fixed, **pid_dirs(self.server)})
 
     def _sysfs(self):
         return sysfs.make_sysfs(dtb=self.handoff.dtb, cpus=self.cpu_control, state=self.sysfs_state)

@@ -230,3 +230,187 @@ def test_cli_inspect_kmsg_file_and_errors(vm):
     assert _cli(f"vsock:{path}", "resume").returncode == 0
     out = _cli("vsock:/nonexistent/vm.sock", "inspect", env={"HCLSIM_DIAG_WAIT_S": "0"})
     assert out.returncode != 0 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+
+
+def _boot_kept(config, path):
+    from hclsim.system import run_system
+    stop = threading.Event()
+    box = {}
+
+    def run():
+        try:
+            box["outcome"] = run_system(config, keep_running=True, stop=stop.is_set, vsock_path=path)
+        except Exception as exc:
+            box["error"] = exc
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return stop, t, box
+
+
+def test_a_confidential_vm_has_no_diag_services_and_safe_inspect_only(tmp_path):
+    path = str(tmp_path / "cvm.sock")
+    stop, t, box = _boot_kept(BootConfig(cpus=1, isolation="vbs"), path)
+    try:
+        client = None
+        deadline = time.monotonic() + 30
+        while client is None:
+            try:
+                client = DiagClient(path, wait=30)
+                client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(), ipb.InspectResponse)
+            except RpcError:
+                break
+        with pytest.raises(RpcError) as exc:
+            client.call("diag.OpenhclDiag", "Ping", _empty(), empty_pb2.Empty)
+        assert exc.value.code == ttrpc.UNIMPLEMENTED and "unknown service" in exc.value.text
+        root = client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(path="", depth=0xFFFFFFFF),
+                           ipb.InspectResponse).result
+        assert [e.name for e in root.dir.field1] == ["control_state"]
+        assert all(e.sensitivity.WhichOneof("variant") == "safe" for e in root.dir.field1)
+        with pytest.raises(RpcError) as exc:               # the profiler stays registered
+            client.call("profile.AzureProfiler", "Profile", __import__("hclsim.hcl.pb.profile_pb2",
+                        fromlist=["x"]).ProfileRequest(conn=12345, duration=1), empty_pb2.Empty)
+        assert exc.value.code != ttrpc.UNIMPLEMENTED
+        client.close()
+        assert time.monotonic() < deadline
+    finally:
+        stop.set()
+        t.join(30)
+    assert "error" not in box, box.get("error")
+
+
+def test_force_exit_sidecar_moves_a_vp_kept_on_its_sidecar_cpu(tmp_path):
+    path = str(tmp_path / "sc.sock")
+    stop, t, box = _boot_kept(BootConfig(cpus=4, vtl0_iterations=3000, host_bootargs="OPENHCL_NO_SIDECAR_HOTPLUG=1"),
+                              path)
+    from hclsim.diag_cli import node_json
+    try:
+        client = DiagClient(path, wait=30)
+        where = None
+        for _ in range(100):
+            vps = node_json(client.call("inspect.InspectService", "Inspect",
+                                        ipb.InspectRequest(path="vm/vps", depth=1), ipb.InspectResponse).result)
+            where = {k: v["on"] for k, v in vps.items()} if isinstance(vps, dict) else None
+            if where and where.get("3") == "sidecar":
+                break
+            time.sleep(0.05)
+        assert where and where["3"] == "sidecar", where
+        client.call("inspect.InspectService", "Update", ipb.UpdateRequest(path="vm/vps/3/force_exit_sidecar",
+                                                                         value="true"), ipb.UpdateResponse)
+        for _ in range(100):
+            vp3 = node_json(client.call("inspect.InspectService", "Inspect",
+                                        ipb.InspectRequest(path="vm/vps/3", depth=0), ipb.InspectResponse).result)
+            if vp3["on"] == "linux" or vp3["moved_ms"] != "":
+                break
+            time.sleep(0.05)
+        assert vp3["moved_ms"] != ""                   # it went to a Linux CPU and went on there
+        online = node_json(client.call("inspect.InspectService", "Inspect",
+                                       ipb.InspectRequest(path="kernel/cpus_online", depth=0),
+                                       ipb.InspectResponse).result)
+        assert "3" in online or "0-3" == online or online.endswith("3"), online
+        client.close()
+    finally:
+        stop.set()
+        t.join(30)
+    assert "error" not in box, box.get("error")
+
+
+def _exec(client, command, args=(), stdin_data=None, tty=False):
+    """Exec with data connections; (exit code, stdout, stderr)."""
+    ids, conns = [], []
+    for _ in range(2 if tty else 3):
+        i, c = client.data_connection()
+        ids.append(i)
+        conns.append(c)
+    req = diag_pb2.ExecRequest(command=command, args=list(args), tty=tty, stdin=ids[0], stdout=ids[1],
+                               stderr=0 if tty else ids[2])
+    pid = client.call("diag.UnderhillDiag", "Exec", req, diag_pb2.ExecResponse).pid
+    if stdin_data is not None:
+        conns[0].sendall(stdin_data)
+    if not tty:
+        conns[0].shutdown(socket.SHUT_WR)
+    outs = {}
+    threads = [threading.Thread(target=lambda k=k, c=c: outs.__setitem__(k, _read_all(c)))
+               for k, c in zip(("out", "err"), conns[1:])]
+    for t in threads:
+        t.start()
+    code = client.call("diag.UnderhillDiag", "Wait", diag_pb2.WaitRequest(pid=pid), diag_pb2.WaitResponse).exit_code
+    for t in threads:
+        t.join(10)
+    return code, outs.get("out", b""), outs.get("err", b"")
+
+
+def test_exec_runs_rootfs_programs_that_see_the_simulated_kernel(vm):
+    _path, client = vm
+    code, out, err = _exec(client, "cat", ["/proc/cmdline"])
+    assert code == 0 and b"rdinit=/underhill-init" in out, (code, out, err)
+    code, out, err = _exec(client, "/bin/sh", ["-c", "echo hi; exit 3"])
+    assert (code, out) == (3, b"hi\n"), (code, out, err)
+    code, out, err = _exec(client, "sh", ["-c", "kill -9 $$"])
+    assert code == 255, (code, out, err)                       # a signal ended it
+    code, out, err = _exec(client, "sh", stdin_data=b"echo from-stdin\n")
+    assert code == 0 and out == b"from-stdin\n", (code, out, err)
+    code, out, err = _exec(client, "ps")
+    assert code == 0 and b"underhill-init" in out and b"openvmm_hcl" in out and b"underhill-vm" in out, \
+        (code, out, err)
+    with pytest.raises(RpcError, match="failed to launch nope"):
+        _exec(client, "nope")
+    with pytest.raises(RpcError, match="pid not found"):
+        client.call("diag.UnderhillDiag", "Wait", diag_pb2.WaitRequest(pid=1), diag_pb2.WaitResponse)
+
+
+def test_exec_with_a_tty_runs_a_shell_on_a_pty(vm):
+    _path, client = vm
+    code, out, _err = _exec(client, "/bin/sh", tty=True, stdin_data=b"echo on-a-pty\nexit 4\n")
+    assert code == 4 and b"on-a-pty" in out
+
+
+def test_cli_run_exits_with_the_remote_status(vm):
+    path, _client = vm
+    out = _cli(f"vsock:{path}", "run", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (out.returncode, out.stdout, out.stderr) == (7, "out\n", "err\n")
+
+
+def test_profile_writes_speedscope_and_collapsed_stacks_and_reuses_its_host(vm, tmp_path):
+    path, client = vm
+    out = _cli(f"vsock:{path}", "profile", "--duration", "1", "-o", str(tmp_path / "p.json"))
+    assert out.returncode == 0, out.stderr
+    prof = json.loads((tmp_path / "p.json").read_text())
+    assert prof["$schema"] == "https://www.speedscope.app/file-format-schema.json"
+    names = [p["name"] for p in prof["profiles"]]
+    assert "vp 0" in names and "vp 1" in names and any(n.startswith("openvmm_hcl (") for n in names)
+    frames = {f["name"] for f in prof["shared"]["frames"]}
+    assert frames & {"vtl0", "shim", "sidecar"}                # symbolized by image
+    for p in prof["profiles"]:
+        assert len(p["samples"]) == len(p["weights"]) and all(i < len(frames) + 1 for s in p["samples"] for i in s)
+    from hclsim.diag_cli import node_json, resolve_host_pid
+    first = resolve_host_pid(client, "profiler")
+    out = _cli(f"vsock:{path}", "profile", "--duration", "1", "-o", str(tmp_path / "p.txt"), "--format", "collapsed")
+    assert out.returncode == 0, out.stderr
+    lines = (tmp_path / "p.txt").read_text().splitlines()
+    assert lines and all(line.rsplit(" ", 1)[1].isdigit() for line in lines)
+    assert any(line.startswith("vp_0;") for line in lines)
+    assert resolve_host_pid(client, "profiler") == first        # the same host, reused
+    hosts = node_json(client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(path="mesh/hosts",
+                                                                                           depth=1),
+                                  ipb.InspectResponse).result)
+    assert {h["name"] for h in hosts.values()} == {"vm", "profiler"}
+
+
+def test_the_profilers_memory_floor_and_limit():
+    from hclsim.hcl.profiler import limit_arg
+    assert limit_arg(100) == "LimitMB:75" and limit_arg(10) == "LimitMB:7"
+    with pytest.raises(RuntimeError, match="Not enough memory"):
+        limit_arg(9)
+
+
+def test_log_level_is_an_updatable_leaf(vm):
+    _path, client = vm
+    from hclsim.diag_cli import value_json
+    new = client.call("inspect.InspectService", "Update", ipb.UpdateRequest(path="trace/level", value="debug"),
+                      ipb.UpdateResponse).new_value
+    assert value_json(new) == "debug"
+    with pytest.raises(RpcError, match="unknown level"):
+        client.call("inspect.InspectService", "Update", ipb.UpdateRequest(path="trace/level", value="loud"),
+                    ipb.UpdateResponse)
+    client.call("inspect.InspectService", "Update", ipb.UpdateRequest(path="trace/level", value="info"),
+                ipb.UpdateResponse)

@@ -16,10 +16,13 @@ from libarchive.entry import FileType
 from hclsim import HclsimError
 from hclsim.boot import initrd
 from hclsim.boot.initrd import InitrdError, build_initrd_from_config, compress, load_initrd, parse_rootfs_config
+from hclsim.hcl import tools
 from hclsim.kernel_stub import images
 from hclsim.kernel_stub.rootfs import DeviceNode, RootfsError, unpack
 
 from .tools import require
+
+TOOLS = sorted(tools.TOOLS)      # sh, cat, ls, ps, env, kill: each /usr/bin/NAME -> hcltools
 
 TYPE_BITS = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "slink": stat.S_IFLNK}
 
@@ -43,7 +46,8 @@ def test_shipped_config_builds(shipped_initrd, config):
     names = {e.name for e in config}
     for name in ("bin", "sbin", "tmp", "dev/pts", "var/run", "lib/modules/999/hv_storvsc.ko",
                  "dev/console", "usr/bin/openvmm_hcl", "underhill-init", "usr/bin/underhill-dump",
-                 "etc/underhill-build-info.json", "etc/kernel-build-info.json"):
+                 "etc/underhill-build-info.json", "etc/kernel-build-info.json", "usr/bin/hcltools",
+                 *(f"usr/bin/{tool}" for tool in TOOLS)):
         assert name in names
 
 
@@ -68,6 +72,9 @@ def test_gnu_cpio_lists_every_entry(shipped_initrd, config):
     assert by_name["tmp"].startswith("drwxrwxrwt")
     assert by_name["dev/kmsg"].startswith("crw-r--r--") and " 1,  11 " in by_name["dev/kmsg"]
     assert by_name["usr/bin/openvmm_hcl"].startswith("-rwxr-xr-x")
+    assert by_name["usr/bin/hcltools"].startswith("-rwxr-xr-x")
+    links = {line.split()[-3]: line.split()[-1] for line in lines if "->" in line}
+    assert {links[f"usr/bin/{tool}"] for tool in TOOLS} == {"hcltools"}
 
 
 def test_builds_are_byte_identical(shipped_initrd, tmp_path, monkeypatch):
@@ -87,7 +94,7 @@ def test_builds_are_byte_identical(shipped_initrd, tmp_path, monkeypatch):
 
 # --- the unpacked shipped rootfs --------------------------------------------------------------
 
-def test_unpacked_shipped_rootfs(rootfs):
+def test_unpacked_shipped_rootfs(rootfs, config):
     program = rootfs.resolve("/underhill-init")
     assert program == rootfs.root / "usr" / "bin" / "openvmm_hcl"
     assert program.read_bytes() == (images.ROOTFS_SOURCES / "openvmm_hcl").read_bytes()
@@ -106,12 +113,30 @@ def test_unpacked_shipped_rootfs(rootfs):
     assert set(rootfs.devices) == {"/dev/null", "/dev/kmsg", "/dev/ttyprintk"}
     assert (rootfs.root / "dev" / "kmsg").read_bytes() == b""  # the placeholder
     assert stat.S_IMODE((rootfs.root / "tmp").stat().st_mode) == 0o1777
-    assert rootfs.listdir("/bin") == ["openvmm_hcl", "underhill-crash", "underhill-dump"]
+    in_usr_bin = sorted(n.rsplit("/", 1)[1] for e in config for n in (e.name, *e.links)
+                        if n.startswith("usr/bin/"))
+    assert {"hcltools", "openvmm_hcl", "underhill-crash", "underhill-dump", *TOOLS} <= set(in_usr_bin)
+    assert rootfs.listdir("/bin") == in_usr_bin
     assert rootfs.listdir("/lib/modules") == ["000", "001", "999"]
     assert rootfs.warnings == []
     with pytest.raises(RootfsError) as info:
         rootfs.listdir("/bin/openvmm_hcl")
     assert info.value.errno == errno.ENOTDIR
+
+
+def test_the_small_programs_are_one_file_linked_by_their_names(rootfs, config):
+    """/usr/bin/hcltools (hcl/tools.py's launcher) and a link per tool, relative as the
+    openvmm_hcl links are; every tool the program dispatches has its link, and no more."""
+    program = rootfs.resolve("/usr/bin/hcltools")
+    assert program.read_bytes() == (images.ROOTFS_SOURCES / "hcltools").read_bytes()
+    assert stat.S_IMODE(program.stat().st_mode) == 0o755
+    assert b"from hclsim.hcl.tools import main" in program.read_bytes()
+    for tool in TOOLS:
+        assert rootfs.lookup(f"/usr/bin/{tool}") == "symlink"
+        assert os.readlink(rootfs.root / "usr" / "bin" / tool) == "hcltools"
+        assert rootfs.resolve(f"/bin/{tool}") == program
+    linked = {e.name.rsplit("/", 1)[1] for e in config if e.kind == "slink" and e.target == "hcltools"}
+    assert linked == set(TOOLS)
 
 
 def test_modules_are_relocatable_elf_with_modinfo(rootfs):
