@@ -6,6 +6,8 @@ compiles the header and compares every size and offset.
 import ctypes
 from ctypes import c_int64 as i64, c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as u64
 
+from hclsim.defs.platform import MEMORY_VTL_TYPE  # noqa: F401  (layout users read it here)
+
 
 PAGE_SIZE = 4096
 
@@ -23,12 +25,7 @@ SETUP_NONE, SETUP_E820_EXT, SETUP_DTB = 0, 1, 2
 
 SHIM_LOG_MAGIC = 0x474F4C53
 
-# MemoryVtlType (reference section 1)
-MEMORY_VTL_TYPE = {
-    "VTL0": 0, "VTL2_RAM": 1, "VTL2_CONFIG": 2, "SIDECAR_IMAGE": 3, "SIDECAR_NODE": 4,
-    "VTL0_MMIO": 5, "VTL2_MMIO": 6, "VTL2_RESERVED": 7, "GPA_POOL": 8,
-    "BOOTSHIM_LOG_BUFFER": 10, "PERSISTED_STATE_HEADER": 11, "PERSISTED_STATE_PROTOBUF": 12,
-}
+# MemoryVtlType: defs/platform.py MEMORY_VTL_TYPE (the VM worker's inspect reads it too).
 IGVM_MEMORY_TYPE_RAM, IGVM_MEMORY_TYPE_VTL2 = 0, 1
 
 

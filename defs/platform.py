@@ -51,3 +51,12 @@ VTL0_HYPERCALL_STATUS = 0x0012      # ...so the VMM answers HV_STATUS_INVALID_CO
 VTL0_CHECKSUM_BASIS = 0xCBF29CE484222325
 VTL0_CHECKSUM_PRIME = 0x100000001B3
 VTL0_MAX_ITERATIONS = 10**9       # BootConfig.vtl0_iterations: 0..this (the guest counts in 32 bits)
+
+
+# MemoryVtlType (openhcl-reference.md section 1): the openhcl,memory-type of each /openhcl
+# memory node of the device tree the boot shim writes (and the VM worker's inspect reads).
+MEMORY_VTL_TYPE = {
+    "VTL0": 0, "VTL2_RAM": 1, "VTL2_CONFIG": 2, "SIDECAR_IMAGE": 3, "SIDECAR_NODE": 4,
+    "VTL0_MMIO": 5, "VTL2_MMIO": 6, "VTL2_RESERVED": 7, "GPA_POOL": 8,
+    "BOOTSHIM_LOG_BUFFER": 10, "PERSISTED_STATE_HEADER": 11, "PERSISTED_STATE_PROTOBUF": 12,
+}

@@ -87,7 +87,11 @@ class Control:
             log.info("waiting for a diag Start request before launching the workers")
         else:
             self.launch_workers()
-        return self.event_loop()
+        try:
+            return self.event_loop()
+        finally:
+            if self.diag is not None:
+                self.diag.shutdown()          # calls in flight are answered Cancelled
 
     def start_diag(self) -> None:
         """The diag server, before the workers (a Start comes through it)."""

@@ -106,7 +106,18 @@ class DiagServer:
         self.data = DataConnections(linux.VsockListener(DATA_PORT))
         self.connections = 0
         self._lock = threading.Lock()
+        self._in_flight: dict[tuple, object] = {}    # (connection id, stream id) -> its write lock
+        self._closing = False
         threading.Thread(target=self._accept, name="diag-accept", daemon=True).start()
+
+    def shutdown(self) -> None:
+        """The control process is ending: calls still running are answered Cancelled."""
+        with self._lock:
+            self._closing = True
+            calls = list(self._in_flight.items())
+            self._in_flight.clear()
+        for (conn, stream_id), write_lock in calls:
+            self._respond(conn, write_lock, stream_id, status=(ttrpc.CANCELLED, "the diag server is shutting down"))
 
     def _accept(self) -> None:
         while True:
@@ -172,7 +183,27 @@ class DiagServer:
         timeout = request.timeout_nano / 1e9 if request.timeout_nano else None
         outcome = {}
         done = threading.Event()
+        key = (conn, stream_id)
+        with self._lock:
+            closing = self._closing
+            if not closing:
+                self._in_flight[key] = write_lock
+        if closing:
+            self._respond(conn, write_lock, stream_id, status=(ttrpc.CANCELLED, "the diag server is shutting down"))
+            return
+        try:
+            self._run_call(method, args, request, timeout, outcome, done)
+        finally:
+            with self._lock:
+                answered = self._in_flight.pop(key, None) is None     # shutdown() answered it Cancelled
+        if answered:
+            return
+        if "status" in outcome:
+            self._respond(conn, write_lock, stream_id, status=outcome["status"])
+        else:
+            self._respond(conn, write_lock, stream_id, payload=outcome["reply"].SerializeToString())
 
+    def _run_call(self, method, args, request, timeout, outcome: dict, done) -> None:
         def run():
             try:
                 outcome["reply"] = method.handler(args)
@@ -187,11 +218,8 @@ class DiagServer:
         else:
             threading.Thread(target=run, name="diag-handler", daemon=True).start()
             if not done.wait(timeout):
-                outcome = {"status": (ttrpc.DEADLINE_EXCEEDED, "deadline exceeded")}
-        if "status" in outcome:
-            self._respond(conn, write_lock, stream_id, status=outcome["status"])
-        else:
-            self._respond(conn, write_lock, stream_id, payload=outcome["reply"].SerializeToString())
+                outcome.clear()
+                outcome["status"] = (ttrpc.DEADLINE_EXCEEDED, "deadline exceeded")
 
     @staticmethod
     def _respond(conn, write_lock, stream_id: int, payload: bytes | None = None, status=None) -> None:

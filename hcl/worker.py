@@ -203,13 +203,24 @@ class UnderhillWorker:
 
 
 def _memory_layout() -> dict:
-    """The guest memory ranges as /proc/iomem lists them, else the device tree's memory nodes."""
-    try:
-        text = linux.read_file("/proc/iomem").decode()
-    except OSError:
-        return {}
+    """The partition's memory map as the boot shim gave it to the kernel: each /openhcl memory
+    node of the device tree (its range and MemoryVtlType), by base address."""
+    from hclsim.defs.platform import MEMORY_VTL_TYPE
+    from hclsim.hcl import inspect_tree as it
+    names = {v: k for k, v in MEMORY_VTL_TYPE.items()}
+    base = "/proc/device-tree/openhcl"
     out = {}
-    for i, line in enumerate(text.splitlines()):
-        span, _, what = line.strip().partition(" : ")
-        out[str(i)] = f"{span} {what}"
+    try:
+        nodes = sorted(n for n in linux.listdir(base) if n.startswith("memory@"))
+    except OSError:
+        return out
+    for node in nodes:
+        try:
+            reg = linux.read_file(f"{base}/{node}/reg")
+            kind = int.from_bytes(linux.read_file(f"{base}/{node}/openhcl,memory-type")[:4], "big")
+        except OSError:
+            continue
+        if len(reg) >= 16:
+            start, size = int.from_bytes(reg[:8], "big"), int.from_bytes(reg[8:16], "big")
+            out[f"{start:#x}"] = {"type": names.get(kind, str(kind)), "start": it.hex_(start), "size": it.hex_(size)}
     return out

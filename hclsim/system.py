@@ -53,15 +53,45 @@ class SystemResult:
         return out
 
 
+RUN_PREFIX = "hclsim-vm-"
+OWNER_FILE = "owner.pid"
+
+
+def remove_stale_run_folders() -> None:
+    """Run folders of runs whose process is gone (killed with -9: nothing of it could clean up)."""
+    root = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(RUN_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue                          # not ours to judge
+        try:
+            os.kill(pid, 0)
+            continue                          # its run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_event=None, keep_running=False,
                stop=None, timeout: float | None = None, vsock_path: str | None = None) -> SystemResult:
     """Boot and run until power off (or, with keep_running, until stop() is true after it).
     The host side of the VM's hybrid vsock is at vsock_path (default: vsock.sock in the run's
     folder), the same across resets; a "vsock" event names it. Raises GuestFaultError for a
     firmware fault, SystemError_ when the run cannot finish."""
-    from hclsim.kernel_stub.userspace import Userspace
     from hclsim.kernel_stub.vsock import Vsock
-    run_root = tempfile.mkdtemp(prefix="hclsim-vm-")
+    remove_stale_run_folders()
+    run_root = tempfile.mkdtemp(prefix=RUN_PREFIX)
+    with open(os.path.join(run_root, OWNER_FILE), "w") as f:
+        f.write(str(os.getpid()))
     current = {}
     try:
         vsock = Vsock(vsock_path or os.path.join(run_root, "vsock.sock"),

@@ -75,7 +75,9 @@ def test_inspect_tree_of_control_kernel_and_vm(vm):
     assert full["kernel"]["cpus_online"] == "0-1"
     assert {v["name"] for v in full["mesh"]["hosts"].values()} == {"vm"}
     assert set(full["vm"]["vps"]) == {"0", "1"} and full["vm"]["vps"]["0"]["exits"] > 0
-    assert "com1" in full["vm"]["devices"] or full["vm"]["devices"]
+    assert full["vm"]["devices"]["COM1"]["regions"]["registers"]["start"] == 0x3F8
+    memory = full["vm"]["memory"]
+    assert memory["0x0"]["type"] == "VTL0" and {m["type"] for m in memory.values()} >= {"VTL0", "VTL2_RAM"}
     missing = client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(path="no/such", depth=0),
                           ipb.InspectResponse).result
     assert missing.failed.field1.WhichOneof("variant") == "not_found"
@@ -414,3 +416,126 @@ def test_log_level_is_an_updatable_leaf(vm):
                     ipb.UpdateResponse)
     client.call("inspect.InspectService", "Update", ipb.UpdateRequest(path="trace/level", value="info"),
                 ipb.UpdateResponse)
+
+
+def _host_fds_and_threads(client) -> tuple[int, int]:
+    from hclsim.diag_cli import node_json
+    proc = node_json(client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(path="proc", depth=0),
+                                 ipb.InspectResponse).result)
+    return len(os.listdir(f"/proc/{proc['pid']}/fd")), proc["threads"]
+
+
+def test_no_descriptor_or_thread_leaks_after_clients_that_vanish(vm):
+    path, client = vm
+    before = _host_fds_and_threads(client)
+    for _ in range(20):
+        # a follower that goes away mid-stream, a data connection never used, a half-sent request
+        conn_id, conn = client.data_connection()
+        t = threading.Thread(target=lambda i=conn_id: client.call("diag.UnderhillDiag", "Kmsg",
+                                                                  diag_pb2.KmsgRequest(follow=True, conn=i),
+                                                                  empty_pb2.Empty), daemon=True)
+        t.start()
+        conn.recv(100)
+        conn.close()
+        t.join(10)
+        assert not t.is_alive()                        # the follow ended when its peer hung up
+        _i, unused = client.data_connection()
+        unused.close()
+        s = connect(path, 1)
+        s.sendall(ttrpc.HEADER.pack(50, 1, ttrpc.TYPE_REQUEST, 0) + b"half")
+        s.close()
+    deadline = time.monotonic() + 10
+    while True:
+        after = _host_fds_and_threads(client)
+        if after[0] <= before[0] and after[1] <= before[1] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert after[0] <= before[0] and after[1] <= before[1], (before, after)
+
+
+def test_start_launches_the_workers_of_a_vm_waiting_for_it(tmp_path):
+    path = str(tmp_path / "wait.sock")
+    stop, t, box = _boot_kept(BootConfig(cpus=1, host_bootargs="OPENHCL_WAIT_FOR_START=1"), path)
+    try:
+        client = DiagClient(path, wait=30)
+        from hclsim.diag_cli import node_json
+        root = node_json(client.call("inspect.InspectService", "Inspect", ipb.InspectRequest(path="", depth=0),
+                                     ipb.InspectResponse).result)
+        assert root["control_state"] == "waiting_for_start" and "vm" not in root
+        with pytest.raises(RpcError, match="not been started"):
+            client.call("diag.UnderhillDiag", "Pause", _empty(), empty_pb2.Empty)
+        out = _cli(f"vsock:{path}", "start", "-e", "OPENHCL_HCLSIM_TEST=1")
+        assert out.returncode == 0, out.stderr
+        for _ in range(100):
+            state = node_json(client.call("inspect.InspectService", "Inspect",
+                                          ipb.InspectRequest(path="control_state", depth=0),
+                                          ipb.InspectResponse).result)
+            if state == "started":
+                break
+            time.sleep(0.05)
+        assert state == "started"
+        assert _cli(f"vsock:{path}", "start").returncode == 1            # already started
+        client.close()
+    finally:
+        stop.set()
+        t.join(30)
+    assert "error" not in box, box.get("error")
+
+
+def test_crash_of_the_vm_worker_resets_the_vm_and_diag_comes_back(tmp_path):
+    path = str(tmp_path / "crash.sock")
+    stop, t, box = _boot_kept(BootConfig(cpus=1), path)
+    try:
+        client = DiagClient(path, wait=30)
+        out = _cli(f"vsock:{path}", "crash", "panic", "-n", "vm")
+        assert out.returncode == 0, out.stderr
+        client.close()
+        deadline = time.monotonic() + 30
+        seen = b""
+        while time.monotonic() < deadline:
+            try:
+                c = DiagClient(path, wait=5)
+                conn_id, conn = c.data_connection()
+                c.call("diag.UnderhillDiag", "Kmsg", diag_pb2.KmsgRequest(conn=conn_id), empty_pb2.Empty)
+                seen = _read_all(conn)
+                c.close()
+                if b"Kernel panic" not in seen and seen.count(b"Linux version") == 1 and b"VM worker started" in seen:
+                    break                     # the new boot's log: the VM came back
+            except Exception:
+                pass
+            time.sleep(0.3)
+        assert b"VM worker started" in seen
+    finally:
+        stop.set()
+        t.join(30)
+    assert "error" not in box, box.get("error")
+    assert box["outcome"].resets == 1
+
+
+def test_calls_in_flight_are_cancelled_when_the_control_process_ends(tmp_path):
+    path = str(tmp_path / "cancel.sock")
+    stop, t, box = _boot_kept(BootConfig(cpus=1), path)
+    try:
+        client = DiagClient(path, wait=30)
+        in_id, conn_in = client.data_connection()
+        pid = client.call("diag.UnderhillDiag", "Exec", diag_pb2.ExecRequest(command="sh", stdin=in_id),
+                          diag_pb2.ExecResponse).pid        # waits on its stdin: Wait blocks
+        got = {}
+
+        def wait():
+            try:
+                client.call("diag.UnderhillDiag", "Wait", diag_pb2.WaitRequest(pid=pid), diag_pb2.WaitResponse)
+            except RpcError as exc:
+                got["code"] = exc.code
+        w = threading.Thread(target=wait)
+        w.start()
+        time.sleep(0.3)
+        from hclsim.diag_cli import resolve_host_pid
+        os.kill(resolve_host_pid(client, "vm"), 9)       # the worker dies: the control process ends
+        w.join(15)
+        assert got.get("code") == ttrpc.CANCELLED
+        conn_in.close()
+        client.close()
+    finally:
+        stop.set()
+        t.join(30)

@@ -117,7 +117,9 @@ def test_snapshot_stores_only_pages_with_data(hclsim_machine, hclsim_snapshot):
     m = hclsim_machine(cpus=4)
     m.run_to_handoff()
     present = ram_pages.present_pages(m.mem)
-    assert present.sum() < present.size // 16  # the untouched GiB is never read
+    # Never the whole GiB: at most what machines of this process touched before (pooled RAM is
+    # zeroed in place, up to 256 MiB of pages; runs of the VTL0 guest touch its pages too).
+    assert present.sum() <= present.size // 4
     path = hclsim_snapshot.save(m)
     info = hclsim_snapshot.info(path)
     assert 0 < info["ram_bytes"] < 8 << 20

@@ -279,3 +279,20 @@ def test_every_exit_kind_is_completed_by_the_worker():
         assert rec["hypercall_status"] == VTL0_HYPERCALL_STATUS
         assert rec["iterations"] == 9 and rec["checksum"] == loop_checksum(9)
         assert rec["in_value"] == VTL0_TEST_PORT_VALUE and rec["mmio_value"] == 0xF00D0000 | 64 * vp
+
+
+def test_run_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path, monkeypatch):
+    import tempfile
+    from hclsim import system
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / "hclsim-vm-dead"
+    dead.mkdir()
+    (dead / "owner.pid").write_text(str(2 ** 22 + 12345))           # beyond pid_max: no such process
+    (dead / "vsock.sock").write_text("")
+    live = tmp_path / "hclsim-vm-live"
+    live.mkdir()
+    (live / "owner.pid").write_text(str(os.getpid()))
+    foreign = tmp_path / "hclsim-vm-foreign"                         # no owner file: not ours to judge
+    foreign.mkdir()
+    system.remove_stale_run_folders()
+    assert not dead.exists() and live.exists() and foreign.exists()
