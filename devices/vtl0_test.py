@@ -147,16 +147,22 @@ class PowerOff:
         self._fired = bool(values["fired"])
 
 
-def vtl0_bus(vp_count: int | None, console_sink=None, on_power_off=None) -> Bus:
+def vtl0_bus(vp_count: int | None, console_sink=None, on_power_off=None, replace: dict | None = None) -> Bus:
     """The VP loop's bus with the VTL0 test guest's devices for a VM of vp_count VPs (None: not
-    known, see PowerOff); console_sink(name, bytes) sees COM1, on_power_off() the power-off."""
+    known, see PowerOff); console_sink(name, bytes) sees COM1, on_power_off() the power-off.
+    replace: {name: device} put on the bus instead of those (a device worker's proxy)."""
+    replace = replace or {}
     bus = Bus("vtl0")
     bus.add(Uart16550("COM1", COM1_PORT, sink=console_sink, native=False))
-    bus.add(TestPort())
-    bus.add(MmioTestRange())
-    bus.add(LoopPort())
+    for name, make in WORKER_DEVICES.items():
+        bus.add(replace.get(name) or make())
     bus.add(PowerOff(vp_count, on_power_off))
     return bus
+
+
+# The devices that can run in a device worker (devices/device_worker.py): plain state, no calls
+# back into the VM (COM1 feeds the console, power-off stops the VM: those stay in the VM worker).
+WORKER_DEVICES = {"test_port": TestPort, "mmio_test": MmioTestRange, "loop_port": LoopPort}
 
 
 class TestDevices:

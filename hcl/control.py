@@ -67,6 +67,7 @@ class Control:
         self.diag = None
         self._lock = threading.Lock()
         self.profiler = None                  # (pid, Channel) of the "profiler" host, once started
+        self.device_hosts: dict[str, dict] = {}   # device worker hosts by device name
         self._profile_lock = threading.Lock()
         self._profile_events: queue.Queue = queue.Queue()
 
@@ -128,8 +129,9 @@ class Control:
             req = env.control.WhichOneof("request")
             if req == "flush_logs":
                 channel.reply(env.id)
-            else:
-                channel.reply(env.id, error=f"cannot launch a {env.control.make_worker!r} host yet")
+            else:                             # off the reader thread: launching takes a while
+                threading.Thread(target=self._make_worker, args=(channel, env.id, env.control.make_worker),
+                                 name="make-worker", daemon=True).start()
         elif kind == "trace":
             self.log.log(env.trace.level, f"{env.trace.target}: {env.trace.message}")
 
@@ -277,6 +279,55 @@ class Control:
             tree["vm"] = it.Remote(self._inspect_vm, self._update_vm)
         return tree
 
+    def _make_worker(self, channel, env_id: int, name: str) -> None:
+        """MakeWorker(name) from the VM worker: a host "name" (underhill-<name>) running the
+        device worker, joined to the VM worker by a socket pair (one end in the reply). A host
+        of that name already there (a hung or crashed worker) is killed first."""
+        from hclsim.devices.vtl0_test import WORKER_DEVICES
+        from hclsim.hcl import device_host
+        if name not in WORKER_DEVICES:
+            channel.reply(env_id, error=f"no device {name!r} can run in a worker")
+            return
+        with self._lock:
+            old = self.device_hosts.get(name)
+        if old is not None and old["pid"] > 0:     # 0: it exited (kill(0) would signal our whole group)
+            try:
+                os.kill(old["pid"], 9)
+            except ProcessLookupError:
+                pass
+        vm_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid, host = mesh.launch_host(name, self.argv[0], dict(os.environ), self._on_device_host_message)
+            host.send(launch=device_host.launch(name), fds=(worker_end.fileno(),))
+            with self._lock:
+                restarts = old["restarts"] + 1 if old is not None else 0
+                self.device_hosts[name] = {"pid": pid, "channel": host, "restarts": restarts}
+            threading.Thread(target=self._watch_device_host, args=(name, pid), daemon=True).start()
+            channel.reply(env_id, fds=(vm_end.fileno(),))
+        except (OSError, mesh.MeshError) as exc:
+            channel.reply(env_id, error=f"cannot start the {name} host: {exc}")
+        finally:
+            vm_end.close()
+            worker_end.close()
+
+    def _on_device_host_message(self, channel, env: pb.Envelope) -> None:
+        kind = env.WhichOneof("body")
+        if kind == "event" and env.event.WhichOneof("event") == "failed":
+            self.log.error(f"device worker failed: {env.event.failed}")
+        elif kind == "control":
+            channel.reply(env.id)
+        elif kind == "trace":
+            self.log.log(env.trace.level, f"{env.trace.target}: {env.trace.message}")
+
+    def _watch_device_host(self, name: str, pid: int) -> None:
+        _pid, status = os.waitpid(pid, 0)
+        linux.exited(pid, status)
+        with self._lock:
+            host = self.device_hosts.get(name)
+            if host is not None and host["pid"] == pid:
+                host["pid"] = 0                # gone; the next MakeWorker restarts it
+        self.log.info(f"device worker host {name} exited ({_status(status)})")
+
     def _hosts(self) -> dict:
         hosts = {}
         if self.vm_pid:
@@ -284,6 +335,10 @@ class Control:
         profiler = self.profiler
         if profiler is not None:
             hosts[str(profiler[0])] = {"name": "profiler", "pid": profiler[0]}
+        with self._lock:
+            for name, host in self.device_hosts.items():
+                if host["pid"]:
+                    hosts[str(host["pid"])] = {"name": name, "pid": host["pid"], "restarts": host["restarts"]}
         return hosts
 
     def _set_log_level(self, text: str) -> str:
@@ -382,6 +437,10 @@ def _status(status: int) -> str:
 def host_main(argv: list[str], invitation) -> int:
     name = invitation.node_name
     linux.start_process(f"underhill-{name}", argv)
+    from hclsim.devices.vtl0_test import WORKER_DEVICES
+    if name in WORKER_DEVICES:                  # a device host: restricted before any other thread
+        from hclsim.hcl import device_host
+        device_host.prepare_host()
     log = klog.Logger(klog.UNDERHILL_FACILITY, f"underhill-{name}")
     sock = socket.socket(fileno=invitation.socket_fd)
     done = threading.Event()
@@ -452,5 +511,6 @@ def _run_worker(worker, channel, log, done) -> None:
 
 
 def registered_workers() -> dict:
-    from hclsim.hcl import profiler, worker
-    return {"UnderhillWorker": worker.UnderhillWorker, "ProfilerWorker": profiler.ProfilerWorker}
+    from hclsim.hcl import device_host, profiler, worker
+    return {"UnderhillWorker": worker.UnderhillWorker, "ProfilerWorker": profiler.ProfilerWorker,
+            "openhcl_remote_chipset_worker": device_host.RemoteChipsetDeviceWorker}

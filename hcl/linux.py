@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import weakref
 
 from hclsim.defs import kabi
 
@@ -33,13 +34,22 @@ def root_dir() -> str:
     return os.path.join(run_dir(), "root")
 
 
+_connections = weakref.WeakSet()         # every live thread's connection (kernel_fds); a thread's goes with it
+
+
 def _connection() -> socket.socket:
     conn = getattr(_local, "conn", None)
     if conn is None:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         conn.connect(f"/proc/self/fd/{kabi.KERNEL_FD}/{kabi.KERNEL_SOCKET}")
         _local.conn, _local.seq = conn, 0
+        _connections.add(conn)
     return conn
+
+
+def kernel_fds() -> list[int]:
+    """The descriptors of this process's open connections to the kernel (one per thread)."""
+    return [c.fileno() for c in list(_connections) if c.fileno() >= 0]
 
 
 def syscall(op: int, *values, want_fd: bool = False):

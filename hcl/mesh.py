@@ -59,9 +59,10 @@ class Channel:
         with self._lock:
             return self._fds.pop(env_id, [])
 
-    def call(self, timeout: float | None = None, **body) -> pb.Reply:
-        """Send and wait for the reply (MeshError if the peer goes away first)."""
-        slot = [threading.Event(), None]
+    def call(self, timeout: float | None = None, fds_out: list | None = None, **body) -> pb.Reply:
+        """Send and wait for the reply (MeshError if the peer goes away first); fds_out gets the
+        descriptors that came with the reply."""
+        slot = [threading.Event(), None, 0]
         with self._lock:
             msg_id = next(self._ids)
             self._pending[msg_id] = slot
@@ -75,10 +76,16 @@ class Channel:
             raise MeshError(f"{self.name}: no reply within {timeout} s")
         if slot[1] is None:
             raise MeshError(f"{self.name}: the peer went away before replying")
+        fds = self.take_fds(slot[2])
+        if fds_out is not None:
+            fds_out.extend(fds)
+        else:
+            for fd in fds:
+                os.close(fd)
         return slot[1]
 
-    def reply(self, to: int, error: str = "", payload: bytes = b"") -> None:
-        self.send(reply_to=to, reply=pb.Reply(error=error, payload=payload))
+    def reply(self, to: int, error: str = "", payload: bytes = b"", fds: tuple = ()) -> None:
+        self.send(reply_to=to, fds=fds, reply=pb.Reply(error=error, payload=payload))
 
     def _read(self) -> None:
         try:
@@ -107,7 +114,7 @@ class Channel:
                     with self._lock:
                         slot = self._pending.pop(env.reply_to, None)
                     if slot is not None:
-                        slot[1] = env.reply
+                        slot[1], slot[2] = env.reply, env.id
                         slot[0].set()
                     continue
                 self.on_message(self, env)

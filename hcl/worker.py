@@ -7,6 +7,8 @@ The VTL0 console (COM1, a 16550 emulated here) goes to the host line by line, pe
 host channel (/dev/hclsim_host: where the real worker's serial backend and GET notifications go
 over VMBus).
 """
+import os
+import socket
 import struct
 import threading
 import time
@@ -45,6 +47,7 @@ class UnderhillWorker:
         self.stopped = threading.Event()
         self.loop = None
         self.host = None
+        self.proxies: dict = {}
         self._console: dict[int, bytearray] = {}
         self._host_lock = threading.Lock()
 
@@ -71,6 +74,26 @@ class UnderhillWorker:
     def _power_off(self) -> None:
         self.powered_off.set()
 
+    # ---- device workers -------------------------------------------------------------------
+    def _worker_socket(self, name: str) -> socket.socket:
+        """MakeWorker(name): the control process starts its host; the reply brings our end."""
+        fds: list[int] = []
+        reply = self.channel.call(timeout=20, fds_out=fds, control=pb.ControlRequest(make_worker=name))
+        for extra in fds[1:]:
+            os.close(extra)
+        if reply.error or not fds:
+            if fds:
+                os.close(fds[0])
+            raise vp.VpError(f"device worker {name}: {reply.error or 'no socket came with the reply'}")
+        return socket.socket(fileno=fds[0])
+
+    def _proxy(self, name: str):
+        from hclsim.devices.device_worker import ProxyDevice
+        proxy = ProxyDevice(name, self._worker_socket(name), relaunch=lambda: self._worker_socket(name),
+                            log=self.log.warn)
+        self.log.info(f"device {name} runs in its worker (underhill-{name})")
+        return proxy
+
     # ---- the VM -------------------------------------------------------------------------
     def _open_sidecars(self) -> list:
         nodes = []
@@ -91,7 +114,10 @@ class UnderhillWorker:
         vtl = mshv.ioctl_file(kabi.MSHV_CREATE_VTL, path="mshv_vtl")
         present = cpu_list(linux.read_file("/sys/devices/system/cpu/present").decode())
         sidecars = self._open_sidecars()
-        bus = vtl0_bus(len(present), console_sink=self._console_output, on_power_off=self._power_off)
+        names = [n for n in self.env.get("HCLSIM_DEVICE_WORKERS", "").split(",") if n]
+        self.proxies = {name: self._proxy(name) for name in names}
+        bus = vtl0_bus(len(present), console_sink=self._console_output, on_power_off=self._power_off,
+                       replace=self.proxies)
         self.loop = loop = vp.VpLoop(vtl, sidecars, bus, self.log, no_sidecar_hotplug=self.opts.no_sidecar_hotplug)
         online = {cpu: is_cpu_online(cpu) for cpu in present}
         for cpu, up in online.items():
@@ -139,6 +165,8 @@ class UnderhillWorker:
         self.stopped.set()
         if self.loop is not None:
             self.loop.stop()
+        for proxy in self.proxies.values():
+            proxy.close()
 
     # ---- requests from the control process (diag) ---------------------------------------
     def rpc_pause(self, _req) -> bytes:
@@ -189,6 +217,12 @@ class UnderhillWorker:
             devices.setdefault(name, {"regions": {}})["regions"][region] = {
                 "space": space, "start": it.hex_(start), "size": it.hex_(size)}
         for name, dev in loop.bus.devices.items():
+            if name in self.proxies:
+                devices.setdefault(name, {})["worker"] = {
+                    "host": f"underhill-{name}", "restarts": it.counter(dev.restarts),
+                    "failed_accesses": it.counter(dev.failed_accesses), "requests": it.counter(dev.requests),
+                    "restored": dev.restored, "state": it.Lazy(lambda d=dev: _device_state(d))}
+                continue
             for attr in ("writes", "reads", "accesses"):
                 v = getattr(dev, attr, None)
                 if isinstance(v, int):
@@ -200,6 +234,13 @@ class UnderhillWorker:
                 "vp_count": len(loop.stats), "vps": vps,
                 "sidecar": {"nodes": nodes, "hotplug": not loop.no_hotplug, "convert": convert},
                 "devices": devices, "memory": it.Lazy(_memory_layout)}
+
+
+def _device_state(proxy) -> dict:
+    """The device's saved state as its worker has it now (a Save RPC): field name -> value."""
+    import json
+    blob = json.loads(proxy.rpc("save").state)
+    return {k: (v if isinstance(v, (int, str, bool)) else str(v)) for k, v in blob.get("fields", {}).items()}
 
 
 def _memory_layout() -> dict:

@@ -190,7 +190,8 @@ def config_from_args(args):
                         isolation=args.isolation, static_cmdline=args.static_cmdline,
                         cmdline_policy=args.cmdline_policy, host_bootargs=args.host_bootargs,
                         com3=not args.no_com3, timeout=args.timeout,
-                        vtl0_iterations=args.vtl0_iterations).validated()
+                        vtl0_iterations=args.vtl0_iterations,
+                        device_workers=tuple(getattr(args, "device_worker", None) or ())).validated()
     for option in ("kernel", "initrd", "shim", "sidecar"):
         path = getattr(config, option)
         if path is not None and not os.path.exists(path):
@@ -442,6 +443,9 @@ def build_parser():
     p.add_argument("--until", choices=["handoff", "power-off"], default="power-off",
                    help="stop at the kernel handoff (firmware only), or run the whole system until the "
                         "guest powers off (default)")
+    p.add_argument("--device-worker", action="append", metavar="NAME",
+                   help="run the VTL0 device NAME (test_port, mmio_test, loop_port) in a device worker "
+                        "process of its own (repeatable)")
     p.add_argument("--vsock", metavar="PATH",
                    help="put the host side of the VM's hybrid vsock (the diag server's address) at PATH "
                         "(default: vsock.sock in the run's folder); with --keep-running")

@@ -77,6 +77,7 @@ class BootConfig:
     com3: bool = True                 # the host offers the ns16550 at 0x3E8
     host_cpu_order: tuple | None = None  # adversarial hosts: DT cpu order as a VP-index permutation
     timeout: float = 120.0            # wall-clock seconds before a running guest is stopped
+    device_workers: tuple = ()        # VTL0 devices the VM worker runs in device worker processes
 
     def validated(self) -> "BootConfig":
         """self, or ConfigError naming the option and what it must be (nothing is built yet)."""
@@ -113,6 +114,11 @@ class BootConfig:
         for option, text in (("--static-cmdline", self.static_cmdline), ("--host-bootargs", self.host_bootargs)):
             if "\0" in text:
                 raise ConfigError(f"{option} {text!r}: a NUL byte would end the kernel command line there")
+        from hclsim.devices.vtl0_test import WORKER_DEVICES
+        for name in self.device_workers:
+            if name not in WORKER_DEVICES:
+                raise ConfigError(f"--device-worker {name}: no such device for a worker (one of "
+                                  f"{', '.join(sorted(WORKER_DEVICES))})")
         if self.host_cpu_order is not None and sorted(self.host_cpu_order) != list(range(self.cpus)):
             raise ConfigError("host_cpu_order must be a permutation of the VP indexes")
         return self
@@ -128,6 +134,13 @@ class BootConfig:
 
     def with_(self, **changes) -> "BootConfig":
         return replace(self, **changes)
+
+    @property
+    def bootargs(self) -> str:
+        """What the host's device tree gives the kernel: --host-bootargs, and which devices run
+        in workers (HCLSIM_DEVICE_WORKERS, passed to userspace like any unknown KEY=VALUE)."""
+        extra = f"HCLSIM_DEVICE_WORKERS={','.join(self.device_workers)}" if self.device_workers else ""
+        return " ".join(w for w in (self.host_bootargs, extra) if w)
 
     @property
     def isolation_type(self) -> int:

@@ -81,7 +81,7 @@ class Machine:
         cfg.check_layout(self.layout.vtl2_base, self.layout.vtl2_size)   # RAM is never grown behind the user
         memory = cfg.memory
         host = build_host_config(cfg.cpus, cfg.numa_nodes, memory, self.layout.vtl2_base,
-                                 self.layout.vtl2_size, bootargs=cfg.host_bootargs, com3=cfg.com3)
+                                 self.layout.vtl2_size, bootargs=cfg.bootargs, com3=cfg.com3)
         if cfg.host_cpu_order is not None:
             host = dataclasses.replace(host, cpus=tuple(host.cpus[i] for i in cfg.host_cpu_order))
         self.host_dt = write_host_dt(host)

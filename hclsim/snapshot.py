@@ -164,8 +164,9 @@ def _config(header: dict, path, images: dict) -> BootConfig:
     if bad:
         raise SnapshotError(f"restore: only image paths can be replaced, not {sorted(bad)}")
     values = dict(saved, **{k: str(v) for k, v in images.items()})
-    if values.get("host_cpu_order") is not None:
-        values["host_cpu_order"] = tuple(values["host_cpu_order"])
+    for name in ("host_cpu_order", "device_workers"):          # tuples that JSON made lists
+        if values.get(name) is not None:
+            values[name] = tuple(values[name])
     return BootConfig(**values)
 
 

@@ -1,0 +1,336 @@
+"""Chipset devices in their own process (workers/chipset_device_worker in OpenVMM; section 6 of
+shared/design/openhcl-userspace.md), both ends, over one SOCK_SEQPACKET socket carrying
+devices/device_worker.proto messages.
+
+DeviceServer (in the device worker) sends DeviceInit (the device's static regions), then
+answers each request: accesses with the id they came with, Stop/Reset/Save/Restore as RPCs.
+After every write it completed, it hands the device's saved state to commit() (the worker
+keeps it in its state folder), so a restarted worker goes on from the last committed state.
+
+ProxyDevice (on the VM worker's bus) declares the regions DeviceInit named and answers every
+access with a Deferred, completed when the reply with its id arrives. A worker that goes away
+(its socket closes: crashed, killed) or that does not answer within HANG_S fails every pending
+access (a read floats high, as with no device) and is restarted: relaunch() gives a new socket
+to a new worker, which restores the committed state; then accesses go on.
+"""
+import json
+import socket
+import threading
+
+from hclsim.defs.platform import Region
+from hclsim.devices import device_worker_pb2 as pb
+from hclsim.devices.bus import Deferred, IoError
+
+MAX_PACKET = 1 << 20
+HANG_S = 2.0                   # an access unanswered this long: the worker is hung
+RESTART_WAIT_S = 10.0          # an access while the worker restarts waits this long for it
+
+
+class WorkerGone(Exception):
+    pass
+
+
+def _send(sock, msg) -> None:
+    try:
+        sock.send(msg.SerializeToString())
+    except OSError as exc:
+        raise WorkerGone(f"the device worker is gone ({exc.strerror})") from None
+
+
+def _regions(regions) -> list:
+    return [pb.Region(name=r.name, start=r.start, end_inclusive=r.end - 1) for r in regions]
+
+
+def state_bytes(device) -> bytes:
+    """The device's saved state (devices/saved_state.py's blob) as bytes, for the wire and files."""
+    return json.dumps(device.saved_state.encode(device.save()), sort_keys=True).encode()
+
+
+def restore_bytes(device, blob: bytes | None) -> None:
+    """Restore from state_bytes' bytes; None: as at power on (every field at its default)."""
+    state = json.loads(blob) if blob is not None else {"package": device.saved_state.package}
+    device.restore(device.saved_state.decode(state))
+
+
+# ---- the worker's side ------------------------------------------------------------------------
+class DeviceServer:
+    """Serves one device object (devices/bus.py's duck type) on sock."""
+
+    def __init__(self, device, sock: socket.socket, commit=None, restored: bool = False):
+        self.device, self.sock, self.commit, self.restored = device, sock, commit, restored
+        self.started = False
+
+    def init_message(self, error: str = "") -> pb.DeviceInit:
+        d = self.device
+        return pb.DeviceInit(mmio=_regions(getattr(d, "mmio_regions", ())), pio=_regions(getattr(d, "pio_regions", ())),
+                             error=error, restored=self.restored)
+
+    def serve(self) -> None:
+        """Until the proxy hangs up."""
+        _send(self.sock, self.init_message())
+        while True:
+            try:
+                data = self.sock.recv(MAX_PACKET)
+            except OSError:
+                return
+            if not data:
+                return
+            req = pb.DeviceRequest()
+            try:
+                req.ParseFromString(data)
+            except Exception:                   # DecodeError: a proxy speaking nonsense
+                continue
+            reply = self.handle(req)
+            if reply is not None:
+                _send(self.sock, reply)
+
+    def _saved(self) -> bytes:
+        return state_bytes(self.device)
+
+    def handle(self, req: pb.DeviceRequest) -> pb.DeviceResponse | None:
+        kind = req.WhichOneof("request")
+        d = self.device
+        if kind in ("mmio_read", "pio_read"):
+            r = getattr(req, kind)
+            fn = d.mmio_read if kind == "mmio_read" else d.pio_read
+            try:
+                result = fn(r.address, r.size)
+            except Exception as exc:            # a device bug is the access's error, not the worker's end
+                result = IoError(f"{type(exc).__name__}: {exc}")
+            if isinstance(result, Deferred):
+                result = result.wait()
+            if isinstance(result, IoError):
+                return pb.DeviceResponse(read=pb.ReadResponse(id=r.id, error=result.message or "I/O error"))
+            return pb.DeviceResponse(read=pb.ReadResponse(id=r.id, data=(int(result) & ((1 << (8 * r.size)) - 1))
+                                                          .to_bytes(r.size, "little")))
+        if kind in ("mmio_write", "pio_write"):
+            w = getattr(req, kind)
+            fn = d.mmio_write if kind == "mmio_write" else d.pio_write
+            try:
+                result = fn(w.address, len(w.data), int.from_bytes(w.data, "little"))
+            except Exception as exc:
+                result = IoError(f"{type(exc).__name__}: {exc}")
+            if isinstance(result, Deferred):
+                result = result.wait()
+            if isinstance(result, IoError):
+                return pb.DeviceResponse(write=pb.WriteResponse(id=w.id, error=result.message or "I/O error"))
+            if self.commit is not None:
+                self.commit(self._saved())       # committed before the guest sees the write done
+            return pb.DeviceResponse(write=pb.WriteResponse(id=w.id))
+        if kind in ("pci_config_read", "pci_config_write"):
+            r = getattr(req, kind)
+            if kind == "pci_config_read":
+                return pb.DeviceResponse(read=pb.ReadResponse(id=r.id, error="not a PCI device"))
+            return pb.DeviceResponse(write=pb.WriteResponse(id=r.id, error="not a PCI device"))
+        if kind == "start":
+            self.started = True
+            return None
+        rpc_id = getattr(req, kind).id
+        try:
+            if kind == "stop":
+                self.started = False
+                return pb.DeviceResponse(rpc=pb.RpcResponse(id=rpc_id))
+            if kind == "reset":
+                restore_bytes(d, None)                          # as at power on
+                if self.commit is not None:
+                    self.commit(self._saved())
+                return pb.DeviceResponse(rpc=pb.RpcResponse(id=rpc_id))
+            if kind == "save":
+                return pb.DeviceResponse(rpc=pb.RpcResponse(id=rpc_id, state=self._saved()))
+            if kind == "restore":
+                restore_bytes(d, req.restore.state)
+                if self.commit is not None:
+                    self.commit(self._saved())
+                return pb.DeviceResponse(rpc=pb.RpcResponse(id=rpc_id))
+        except Exception as exc:
+            return pb.DeviceResponse(rpc=pb.RpcResponse(id=rpc_id, error=f"{type(exc).__name__}: {exc}"))
+        return pb.DeviceResponse(rpc=pb.RpcResponse(id=rpc_id, error=f"unknown request {kind}"))
+
+
+# ---- the VM worker's side ---------------------------------------------------------------------
+class ProxyDevice:
+    """A device on the bus whose accesses go to its worker. relaunch() -> a new socket (a new
+    worker, restored from its committed state); log(text) says what happened."""
+
+    def __init__(self, name: str, sock: socket.socket, relaunch, log=lambda text: None):
+        self.name, self.relaunch, self.log = name, relaunch, log
+        self.restarts = 0
+        self.failed_accesses = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[Deferred, int]] = {}   # id -> (its completion, read size or -1)
+        self._next = 1
+        self._rpcs: dict[int, list] = {}
+        self._up = threading.Event()           # set while a worker serves us
+        self._connect(sock)
+
+    # ---- the connection -----------------------------------------------------------------
+    def _connect(self, sock: socket.socket) -> None:
+        sock.settimeout(10)
+        raw = sock.recv(MAX_PACKET)
+        sock.settimeout(None)
+        if not raw:
+            raise WorkerGone(f"device worker {self.name} closed before DeviceInit")
+        init = pb.DeviceInit.FromString(raw)
+        if init.error:
+            raise WorkerGone(f"device worker {self.name} refused the device: {init.error}")
+        regions = {"mmio": tuple(Region(r.name, r.start, r.end_inclusive - r.start + 1) for r in init.mmio),
+                   "pio": tuple(Region(r.name, r.start, r.end_inclusive - r.start + 1) for r in init.pio)}
+        if hasattr(self, "mmio_regions") and (regions["mmio"], regions["pio"]) != (self.mmio_regions,
+                                                                                   self.pio_regions):
+            raise WorkerGone(f"device worker {self.name} came back with other regions")
+        self.mmio_regions, self.pio_regions = regions["mmio"], regions["pio"]
+        self.sock = sock
+        self.restored = init.restored
+        self._up.set()
+        self._reader = threading.Thread(target=self._read, args=(sock,), name=f"proxy-{self.name}", daemon=True)
+        self._reader.start()
+        _send(sock, pb.DeviceRequest(start=pb.Rpc()))
+
+    def _read(self, sock) -> None:
+        while True:
+            try:
+                data = sock.recv(MAX_PACKET)
+            except OSError:
+                data = b""
+            if not data:
+                self._lost(sock, "its socket closed (the worker exited or was killed)")
+                return
+            resp = pb.DeviceResponse()
+            try:
+                resp.ParseFromString(data)
+            except Exception:
+                continue
+            kind = resp.WhichOneof("response")
+            body = getattr(resp, kind)
+            if kind == "rpc":
+                with self._lock:
+                    slot = self._rpcs.pop(body.id, None)
+                if slot is not None:
+                    slot.append(body)
+                    slot[0].set()
+                continue
+            with self._lock:
+                entry = self._pending.pop(body.id, None)
+            if entry is None:
+                continue
+            done, size = entry
+            if body.error:
+                done.fail(body.error)
+            elif kind == "read":
+                done.complete(int.from_bytes(body.data, "little"))
+            else:
+                done.complete(0)
+
+    def _lost(self, sock, why: str) -> None:
+        """Fail what is pending on sock's worker, and bring a new worker up."""
+        with self._lock:
+            if sock is not self.sock or getattr(self, "_closing", False):
+                return                       # an older worker's reader, or we hung up ourselves
+            pending, self._pending = self._pending, {}
+            rpcs, self._rpcs = self._rpcs, {}
+            self.sock = None
+            self._up.clear()
+        for done, _size in pending.values():
+            self.failed_accesses += 1
+            done.fail(f"device worker {self.name} lost: {why}")
+        for slot in rpcs.values():
+            slot[0].set()
+        try:
+            sock.close()
+        except OSError:
+            pass
+        self.log(f"device worker {self.name}: {why}; restarting it from its last saved state")
+        try:
+            new = self.relaunch()
+            self._connect(new)
+        except Exception as exc:
+            self.log(f"device worker {self.name}: restart failed: {exc}")
+            return
+        self.restarts += 1
+        self.log(f"device worker {self.name}: restarted ({'restored' if self.restored else 'fresh'} state)")
+
+    # ---- accesses ---------------------------------------------------------------------------
+    def _access(self, kind: str, address: int, size: int, value: int | None):
+        done = Deferred()
+        if not self._up.wait(RESTART_WAIT_S):       # a restart under way: the access waits for it
+            self.failed_accesses += 1
+            return IoError(f"device worker {self.name} did not come back")
+        with self._lock:
+            sock = self.sock
+            if sock is None:
+                self.failed_accesses += 1
+                return IoError(f"device worker {self.name} is restarting")
+            req_id, self._next = self._next, self._next + 1
+            self._pending[req_id] = (done, size if value is None else -1)
+            self.requests += 1
+        if value is None:
+            msg = pb.DeviceRequest(**{kind: pb.ReadRequest(id=req_id, address=address, size=size)})
+        else:
+            msg = pb.DeviceRequest(**{kind: pb.WriteRequest(id=req_id, address=address,
+                                                           data=value.to_bytes(size, "little"))})
+        try:
+            _send(sock, msg)
+        except WorkerGone:
+            pass                              # its reader sees the close and fails this access
+        return _HangWatch(done, self, sock)
+
+    def pio_read(self, port: int, size: int):
+        return self._access("pio_read", port, size, None)
+
+    def pio_write(self, port: int, size: int, value: int):
+        return self._access("pio_write", port, size, value)
+
+    def mmio_read(self, gpa: int, size: int):
+        return self._access("mmio_read", gpa, size, None)
+
+    def mmio_write(self, gpa: int, size: int, value: int):
+        return self._access("mmio_write", gpa, size, value)
+
+    # ---- RPCs ---------------------------------------------------------------------------------
+    def rpc(self, kind: str, state: bytes = b"", timeout: float = 10.0) -> pb.RpcResponse:
+        slot = [threading.Event()]
+        with self._lock:
+            sock = self.sock
+            if sock is None:
+                raise WorkerGone(f"device worker {self.name} is restarting")
+            rpc_id, self._next = self._next, self._next + 1
+            self._rpcs[rpc_id] = slot
+        msg = pb.DeviceRequest(restore=pb.RestoreRequest(id=rpc_id, state=state)) if kind == "restore" else \
+            pb.DeviceRequest(**{kind: pb.Rpc(id=rpc_id)})
+        _send(sock, msg)
+        if not slot[0].wait(timeout) or len(slot) < 2:
+            raise WorkerGone(f"device worker {self.name} did not answer {kind}")
+        if slot[1].error:
+            raise WorkerGone(f"device worker {self.name}: {kind} failed: {slot[1].error}")
+        return slot[1]
+
+    def close(self) -> None:
+        with self._lock:
+            sock, self.sock = self.sock, None
+            self._closing = True
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+class _HangWatch(Deferred):
+    """The bus's wait on a proxied access, with the hang limit: past HANG_S the worker is taken
+    for hung, killed by closing its socket (its host then exits), and restarted."""
+
+    def __init__(self, done: Deferred, proxy: ProxyDevice, sock):
+        self.inner, self.proxy, self.sock = done, proxy, sock
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    def wait(self, timeout: float = HANG_S):
+        result = self.inner.wait(min(timeout, HANG_S))
+        if isinstance(result, IoError) and not self.inner.done:
+            self.proxy._lost(self.sock, f"no answer within {HANG_S:g} s (hung)")
+            return self.inner.wait(1.0)
+        return result
