@@ -102,3 +102,27 @@ def test_crash_to_running(benchmark):
     benchmark.extra_info.update(restarts=len(times), crash_to_running_ms=round(ms, 2))
     print(f"\nworker killed -> next access answered by its replacement: {ms:.2f} ms median")
     check_goal(benchmark, "a worker crash to the guest running again (median)", ms, 200, unit=" ms")
+
+
+def test_whole_vm_exit_through_a_device_worker(benchmark):
+    """The VTL0 loop's OUT on one VP in whole runs (run_system): the device in a worker vs on the
+    VM worker's bus (same run, interleaved); per exit = (power off - VTL0 running) / iterations."""
+    from hclsim.config import BootConfig
+    from hclsim.system import run_system
+    iterations = 5000
+    worker, local = [], []
+
+    def per_exit(config) -> float:
+        r = run_system(config)
+        ev = {name: t for name, t, _ in r.timeline.events}
+        return (ev["power-off"] - ev["vtl0"]) / iterations
+
+    benchmark.pedantic(lambda: worker.append(per_exit(BootConfig(cpus=1, vtl0_iterations=iterations,
+                                                                 device_workers=("loop_port",)))),
+                       setup=lambda: (local.append(per_exit(BootConfig(cpus=1, vtl0_iterations=iterations))),
+                                      ((), {}))[1], rounds=3, warmup_rounds=0)
+    w, l_ = statistics.median(worker) * 1e6, statistics.median(local) * 1e6
+    benchmark.extra_info.update(worker_us_per_exit=round(w, 1), in_process_us_per_exit=round(l_, 1),
+                                worker_vs_in_process=round(w / l_, 1))
+    print(f"\nan I/O exit to a device in a worker, whole VM: {w:.1f} us; on the VM worker's bus {l_:.1f} us "
+          f"({w / l_:.1f}x)")
