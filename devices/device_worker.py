@@ -78,6 +78,39 @@ def restore_bytes(device, blob: bytes | None) -> None:
 
 
 # ---- the worker's side ------------------------------------------------------------------------
+class GuestMemoryError(Exception):
+    pass
+
+
+class ProxiedGuestMemory:
+    """Guest memory for a device in a worker that cannot map it: each access is a request to
+    the proxy, answered from the VM's guest RAM (blocking, one at a time). A device that wants
+    it says uses_guest_memory = True and finds it as its guest_memory attribute."""
+
+    def __init__(self, server: "DeviceServer"):
+        self.server = server
+        self._next = 1
+        self.requests = 0
+
+    def _call(self, **op) -> bytes:
+        req_id, self._next = self._next, self._next + 1
+        self.requests += 1
+        _send(self.server.sock, pb.DeviceResponse(memory=pb.GuestMemoryRequest(id=req_id, **op)))
+        reply = self.server.wait_memory_reply(req_id)
+        if reply.error:
+            raise GuestMemoryError(reply.error)
+        return reply.data
+
+    def read(self, address: int, length: int) -> bytes:
+        return self._call(read=pb.GuestMemoryRead(address=address, length=length))
+
+    def write(self, address: int, data: bytes) -> None:
+        self._call(write=pb.GuestMemoryWrite(address=address, data=bytes(data)))
+
+    def fill(self, address: int, value: int, length: int) -> None:
+        self._call(fill=pb.GuestMemoryFill(address=address, value=value & 0xFF, length=length))
+
+
 class DeviceServer:
     """Serves one device object (devices/bus.py's duck type) on sock."""
 
@@ -86,6 +119,24 @@ class DeviceServer:
         self.device, self.sock, self.commit, self.restored = device, sock, commit, restored
         self.spin = spin
         self.started = False
+        self._backlog: list[pb.DeviceRequest] = []     # requests that came while waiting for memory
+        if getattr(device, "uses_guest_memory", False) and getattr(device, "guest_memory", None) is None:
+            device.guest_memory = ProxiedGuestMemory(self)      # not mapped for it: ask the proxy
+
+    def wait_memory_reply(self, req_id: int) -> pb.GuestMemoryResponse:
+        """Read until the proxy's answer to memory request req_id; other requests wait."""
+        while True:
+            data = _recv_spinning(self.sock, self.spin)
+            if not data:
+                raise GuestMemoryError("the proxy hung up")
+            req = pb.DeviceRequest()
+            try:
+                req.ParseFromString(data)
+            except Exception:
+                continue
+            if req.WhichOneof("request") == "memory" and req.memory.id == req_id:
+                return req.memory
+            self._backlog.append(req)
 
     def init_message(self, error: str = "") -> pb.DeviceInit:
         d = self.device
@@ -96,17 +147,20 @@ class DeviceServer:
         """Until the proxy hangs up."""
         _send(self.sock, self.init_message())
         while True:
-            try:
-                data = _recv_spinning(self.sock, self.spin)
-            except OSError:
-                return
-            if not data:
-                return
-            req = pb.DeviceRequest()
-            try:
-                req.ParseFromString(data)
-            except Exception:                   # DecodeError: a proxy speaking nonsense
-                continue
+            if self._backlog:
+                req = self._backlog.pop(0)
+            else:
+                try:
+                    data = _recv_spinning(self.sock, self.spin)
+                except OSError:
+                    return
+                if not data:
+                    return
+                req = pb.DeviceRequest()
+                try:
+                    req.ParseFromString(data)
+                except Exception:               # DecodeError: a proxy speaking nonsense
+                    continue
             reply = self.handle(req)
             if reply is not None:
                 _send(self.sock, reply)
@@ -122,6 +176,8 @@ class DeviceServer:
             fn = d.mmio_read if kind == "mmio_read" else d.pio_read
             try:
                 result = fn(r.address, r.size)
+            except GuestMemoryError as exc:
+                result = IoError(f"guest memory: {exc}")
             except Exception as exc:            # a device bug is the access's error, not the worker's end
                 result = IoError(f"{type(exc).__name__}: {exc}")
             if isinstance(result, Deferred):
@@ -135,6 +191,8 @@ class DeviceServer:
             fn = d.mmio_write if kind == "mmio_write" else d.pio_write
             try:
                 result = fn(w.address, len(w.data), int.from_bytes(w.data, "little"))
+            except GuestMemoryError as exc:
+                result = IoError(f"guest memory: {exc}")
             except Exception as exc:
                 result = IoError(f"{type(exc).__name__}: {exc}")
             if isinstance(result, Deferred):
@@ -179,9 +237,14 @@ class ProxyDevice:
     """A device on the bus whose accesses go to its worker. relaunch() -> a new socket (a new
     worker, restored from its committed state); log(text) says what happened."""
 
-    def __init__(self, name: str, sock: socket.socket, relaunch, log=lambda text: None, spin: float = SPIN_S):
+    def __init__(self, name: str, sock: socket.socket, relaunch, log=lambda text: None, spin: float = SPIN_S,
+                 guest_memory=None):
+        """guest_memory: read(gpa, n) -> bytes, write(gpa, data), for the worker's
+        GuestMemoryRequests (None: each is answered with an error)."""
         self.name, self.relaunch, self.log = name, relaunch, log
         self.spin = spin
+        self.guest_memory = guest_memory
+        self.memory_requests = 0
         self.restarts = 0
         self.failed_accesses = 0
         self.requests = 0
@@ -280,6 +343,9 @@ class ProxyDevice:
         if kind is None:
             return
         body = getattr(resp, kind)
+        if kind == "memory":
+            self._serve_memory(body)
+            return
         if kind == "rpc":
             with self._lock:
                 slot = self._rpcs.pop(body.id, None)
@@ -298,6 +364,34 @@ class ProxyDevice:
             done.complete(int.from_bytes(body.data, "little"))
         else:
             done.complete(0)
+
+    def _serve_memory(self, req: pb.GuestMemoryRequest) -> None:
+        """A worker's guest-memory access, answered from the VM's RAM."""
+        self.memory_requests += 1
+        reply = pb.GuestMemoryResponse(id=req.id)
+        mem = self.guest_memory
+        op = req.WhichOneof("op")
+        try:
+            if mem is None:
+                raise ValueError("this VM gives the worker no guest memory")
+            if op == "read":
+                if req.read.length > MAX_PACKET // 2:
+                    raise ValueError(f"a {req.read.length}-byte read is over the {MAX_PACKET // 2}-byte limit")
+                reply.data = bytes(mem.read(req.read.address, req.read.length))
+            elif op == "write":
+                mem.write(req.write.address, req.write.data)
+            elif op == "fill":
+                mem.write(req.fill.address, bytes([req.fill.value & 0xFF]) * req.fill.length)
+            else:
+                raise ValueError("an empty guest memory request")
+        except (ValueError, IndexError, OSError) as exc:
+            reply.error = str(exc) or type(exc).__name__
+        sock = self.sock
+        if sock is not None:
+            try:
+                _send(sock, pb.DeviceRequest(memory=reply))
+            except WorkerGone:
+                pass
 
     def _lost(self, sock, why: str) -> None:
         """Fail what is pending on sock's worker, and bring a new worker up."""

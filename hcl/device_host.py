@@ -76,11 +76,9 @@ def restrict() -> list[str]:
 def prepare_host() -> None:
     """A device host, before its first other thread: load what serving needs (no imports once
     files cannot be opened), then restrict."""
-    import json  # noqa: F401
-    import resource  # noqa: F401
-    import traceback  # noqa: F401
+    import json, resource, traceback  # noqa: F401,E401  (imported later, in serving)
     from hclsim.devices import device_worker, device_worker_pb2, vtl0_test  # noqa: F401
-    from hclsim.hcl import klog, profiler, worker  # noqa: F401  (registered_workers imports them)
+    from hclsim.hcl import guest_ram, klog, profiler, underhill_init, worker  # noqa: F401
     restrict()
 
 
@@ -137,10 +135,27 @@ class RemoteChipsetDeviceWorker:
         device = make()
         if blob is not None:
             restore_bytes(device, blob)
+        memory = "no guest memory"
+        if getattr(device, "uses_guest_memory", False):
+            memory = self._map_guest_memory(device)
         applied = isolate({mesh_fd(), kabi.KERNEL_FD, self.sock.fileno(), *store.fds, *linux.kernel_fds()})
         self.log.info(f"device {name}: serving ({'restored from' if blob else 'new, state in'} "
-                      f"{self.params.state_dir}; {applied})")
+                      f"{self.params.state_dir}; {memory}; {applied})")
         DeviceServer(device, self.sock, commit=store.commit, restored=blob is not None).serve()
+
+    @staticmethod
+    def _map_guest_memory(device) -> str:
+        """The shared guest RAM mapped, where allowed (not in a confidential VM, whose memory the
+        paravisor must not hand out); else each access is a request to the proxy."""
+        from hclsim.hcl import guest_ram
+        from hclsim.hcl.underhill_init import confidential
+        if confidential(os.environ):
+            return "guest memory through the proxy (confidential VM)"
+        try:
+            device.guest_memory = guest_ram.map_vtl0()
+        except OSError as exc:
+            return f"guest memory through the proxy ({exc.strerror or exc})"
+        return "guest RAM mapped" if device.guest_memory is not None else "guest memory through the proxy"
 
     def stop(self) -> None:
         if self.sock is not None:

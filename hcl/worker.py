@@ -15,7 +15,7 @@ import time
 
 from hclsim.defs import kabi
 from hclsim.devices.vtl0_test import vtl0_bus
-from hclsim.hcl import linux, options, vp
+from hclsim.hcl import guest_ram, linux, options, vp
 from hclsim.hcl import mesh_pb2 as pb
 
 
@@ -87,10 +87,20 @@ class UnderhillWorker:
             raise vp.VpError(f"device worker {name}: {reply.error or 'no socket came with the reply'}")
         return socket.socket(fileno=fds[0])
 
+    def _guest_ram(self):
+        """VTL0's RAM for the device workers' guest-memory requests (once, None if not mappable)."""
+        if not hasattr(self, "_ram"):
+            try:
+                self._ram = guest_ram.map_vtl0()
+            except OSError as exc:
+                self._ram = None
+                self.log.warn(f"device workers get no guest memory: {exc.strerror or exc}")
+        return self._ram
+
     def _proxy(self, name: str):
         from hclsim.devices.device_worker import ProxyDevice
         proxy = ProxyDevice(name, self._worker_socket(name), relaunch=lambda: self._worker_socket(name),
-                            log=self.log.warn)
+                            log=self.log.warn, guest_memory=self._guest_ram())
         self.log.info(f"device {name} runs in its worker (underhill-{name})")
         return proxy
 
@@ -233,7 +243,7 @@ class UnderhillWorker:
         return {"state": "paused" if loop.paused else ("stopping" if loop.stopping.is_set() else "running"),
                 "vp_count": len(loop.stats), "vps": vps,
                 "sidecar": {"nodes": nodes, "hotplug": not loop.no_hotplug, "convert": convert},
-                "devices": devices, "memory": it.Lazy(_memory_layout)}
+                "devices": devices, "memory": it.Lazy(guest_ram.memory_layout)}
 
 
 def _device_state(proxy) -> dict:
@@ -241,27 +251,3 @@ def _device_state(proxy) -> dict:
     import json
     blob = json.loads(proxy.rpc("save").state)
     return {k: (v if isinstance(v, (int, str, bool)) else str(v)) for k, v in blob.get("fields", {}).items()}
-
-
-def _memory_layout() -> dict:
-    """The partition's memory map as the boot shim gave it to the kernel: each /openhcl memory
-    node of the device tree (its range and MemoryVtlType), by base address."""
-    from hclsim.defs.platform import MEMORY_VTL_TYPE
-    from hclsim.hcl import inspect_tree as it
-    names = {v: k for k, v in MEMORY_VTL_TYPE.items()}
-    base = "/proc/device-tree/openhcl"
-    out = {}
-    try:
-        nodes = sorted(n for n in linux.listdir(base) if n.startswith("memory@"))
-    except OSError:
-        return out
-    for node in nodes:
-        try:
-            reg = linux.read_file(f"{base}/{node}/reg")
-            kind = int.from_bytes(linux.read_file(f"{base}/{node}/openhcl,memory-type")[:4], "big")
-        except OSError:
-            continue
-        if len(reg) >= 16:
-            start, size = int.from_bytes(reg[:8], "big"), int.from_bytes(reg[8:16], "big")
-            out[f"{start:#x}"] = {"type": names.get(kind, str(kind)), "start": it.hex_(start), "size": it.hex_(size)}
-    return out

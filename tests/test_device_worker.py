@@ -80,8 +80,9 @@ def test_a_worker_killed_mid_run_is_restarted_from_its_committed_state(tmp_path)
         state = worker["state"]                  # the device as the new worker has it
         writes = json.loads(json.dumps(state))["1"]
         failed = worker["failed_accesses"]
-        # Every loop write the guest saw completed is there; the ones that failed are not.
-        assert writes == iterations - failed, (writes, iterations, failed)
+        # Every loop write the guest saw completed is there (one that failed may have been committed
+        # just before the worker died, its answer lost with it).
+        assert iterations - failed <= writes <= iterations, (writes, iterations, failed)
         assert 0 <= failed <= 2                  # at most the access in flight when it died
         new_hosts = _inspect(client, "mesh/hosts")
         assert any(h["name"] == "loop_port" and int(p) != pid and h["restarts"] >= 1 for p, h in new_hosts.items())
@@ -170,3 +171,66 @@ def test_the_proxy_completes_accesses_by_id_and_fails_them_when_the_worker_dies(
     pending.join(15)
     assert results["lost"] == 0xFFFFFFFF and proxy.failed_accesses >= 1 and relaunched
     assert any("device worker test_port lost" in e[3] for e in bus.errors)
+
+
+class _DmaDevice:
+    """A device that copies guest memory as it is told: a write of a GPA to its port reads 16
+    bytes there, writes them reversed 16 bytes on, fills the next 8 with 0xAB."""
+    name = "dma"
+    uses_guest_memory = True
+
+    def __init__(self):
+        from hclsim.defs.platform import Region
+        from hclsim.devices.saved_state import Schema
+        self.pio_regions = (Region("doorbell", 0x500, 4),)
+        self.saved_state = Schema("tests.dma", ())
+        self.guest_memory = None
+
+    def pio_read(self, port, size):
+        return 0
+
+    def pio_write(self, port, size, gpa):
+        data = self.guest_memory.read(gpa, 16)
+        self.guest_memory.write(gpa + 16, data[::-1])
+        self.guest_memory.fill(gpa + 32, 0xAB, 8)
+
+    def save(self):
+        return {}
+
+    def restore(self, values):
+        pass
+
+
+class _Ram:
+    def __init__(self, size):
+        self.b = bytearray(size)
+
+    def read(self, gpa, n):
+        if gpa + n > len(self.b):
+            raise ValueError(f"{n} bytes at {gpa:#x} are not VTL0 RAM")
+        return bytes(self.b[gpa:gpa + n])
+
+    def write(self, gpa, data):
+        if gpa + len(data) > len(self.b):
+            raise ValueError(f"{len(data)} bytes at {gpa:#x} are not VTL0 RAM")
+        self.b[gpa:gpa + len(data)] = data
+
+
+def test_a_worker_reads_and_writes_guest_memory_through_the_proxy():
+    import socket
+    from hclsim.devices.bus import Bus
+    from hclsim.devices.device_worker import DeviceServer, ProxyDevice
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = DeviceServer(_DmaDevice(), theirs)
+    threading.Thread(target=server.serve, daemon=True).start()
+    ram = _Ram(0x10000)
+    ram.b[0x1000:0x1010] = bytes(range(16))
+    proxy = ProxyDevice("dma", ours, relaunch=lambda: (_ for _ in ()).throw(OSError("none")), guest_memory=ram)
+    bus = Bus("t")
+    bus.add(proxy)
+    bus.pio_write(0x500, 4, 0x1000)
+    assert ram.b[0x1010:0x1020] == bytes(range(16))[::-1] and ram.b[0x1020:0x1028] == b"\xab" * 8
+    assert proxy.memory_requests == 3 and not bus.errors
+    bus.pio_write(0x500, 4, 0xFFF8)                      # reads past the end of RAM: the access fails
+    assert bus.errors and "not VTL0 RAM" in bus.errors[-1][3]
+    proxy.close()
