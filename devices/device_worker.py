@@ -27,6 +27,7 @@ from hclsim.devices import device_worker_pb2 as pb
 from hclsim.devices.bus import Deferred, IoError
 
 MAX_PACKET = 1 << 20
+PROTOCOL_VERSION = 1
 HANG_S = 2.0                   # an access unanswered this long: the worker is hung
 # A blocking wake-up across processes costs ~48 us each way on a 2-core VM (a SOCK_SEQPACKET
 # ping-pong: 95 us), so both ends poll for the other's next message before they sleep, with a
@@ -141,7 +142,7 @@ class DeviceServer:
     def init_message(self, error: str = "") -> pb.DeviceInit:
         d = self.device
         return pb.DeviceInit(mmio=_regions(getattr(d, "mmio_regions", ())), pio=_regions(getattr(d, "pio_regions", ())),
-                             error=error, restored=self.restored)
+                             error=error, restored=self.restored, version=PROTOCOL_VERSION)
 
     def serve(self) -> None:
         """Until the proxy hangs up."""
@@ -167,6 +168,28 @@ class DeviceServer:
 
     def _saved(self) -> bytes:
         return state_bytes(self.device)
+
+    def _pci(self, kind: str, r) -> pb.DeviceResponse:
+        """Configuration space: a 4-byte register at offset, byte_enable naming the bytes."""
+        fn = getattr(self.device, kind, None)
+        try:
+            if fn is None:
+                result = IoError("not a PCI device")
+            elif kind == "pci_config_read":
+                result = fn(r.offset, r.byte_enable)
+            else:
+                result = fn(r.offset, r.value, r.byte_enable)
+        except Exception as exc:
+            result = IoError(f"{type(exc).__name__}: {exc}")
+        if kind == "pci_config_read":
+            if isinstance(result, IoError):
+                return pb.DeviceResponse(read=pb.ReadResponse(id=r.id, error=result.message))
+            return pb.DeviceResponse(read=pb.ReadResponse(id=r.id, data=(int(result) & 0xFFFFFFFF).to_bytes(4, "little")))
+        if isinstance(result, IoError):
+            return pb.DeviceResponse(write=pb.WriteResponse(id=r.id, error=result.message))
+        if self.commit is not None:
+            self.commit(self._saved())
+        return pb.DeviceResponse(write=pb.WriteResponse(id=r.id))
 
     def handle(self, req: pb.DeviceRequest) -> pb.DeviceResponse | None:
         kind = req.WhichOneof("request")
@@ -203,10 +226,7 @@ class DeviceServer:
                 self.commit(self._saved())       # committed before the guest sees the write done
             return pb.DeviceResponse(write=pb.WriteResponse(id=w.id))
         if kind in ("pci_config_read", "pci_config_write"):
-            r = getattr(req, kind)
-            if kind == "pci_config_read":
-                return pb.DeviceResponse(read=pb.ReadResponse(id=r.id, error="not a PCI device"))
-            return pb.DeviceResponse(write=pb.WriteResponse(id=r.id, error="not a PCI device"))
+            return self._pci(kind, getattr(req, kind))
         if kind == "start":
             self.started = True
             return None
@@ -264,6 +284,8 @@ class ProxyDevice:
         if not raw:
             raise WorkerGone(f"device worker {self.name} closed before DeviceInit")
         init = pb.DeviceInit.FromString(raw)
+        if init.version != PROTOCOL_VERSION:
+            raise WorkerGone(f"device worker {self.name} speaks protocol {init.version}, not {PROTOCOL_VERSION}")
         if init.error:
             raise WorkerGone(f"device worker {self.name} refused the device: {init.error}")
         regions = {"mmio": tuple(Region(r.name, r.start, r.end_inclusive - r.start + 1) for r in init.mmio),
@@ -422,7 +444,7 @@ class ProxyDevice:
         self.log(f"device worker {self.name}: restarted ({'restored' if self.restored else 'fresh'} state)")
 
     # ---- accesses ---------------------------------------------------------------------------
-    def _access(self, kind: str, address: int, size: int, value: int | None):
+    def _access(self, kind: str, address: int, size: int, value: int | None, byte_enable: int = 0xF):
         done = Deferred()
         if not self._up.wait(RESTART_WAIT_S):       # a restart under way: the access waits for it
             self.failed_accesses += 1
@@ -435,7 +457,12 @@ class ProxyDevice:
             req_id, self._next = self._next, self._next + 1
             self._pending[req_id] = (done, size if value is None else -1)
             self.requests += 1
-        if value is None:
+        if kind == "pci_config_read":
+            msg = pb.DeviceRequest(pci_config_read=pb.PciConfigRead(id=req_id, offset=address, byte_enable=byte_enable))
+        elif kind == "pci_config_write":
+            msg = pb.DeviceRequest(pci_config_write=pb.PciConfigWrite(id=req_id, offset=address, value=value,
+                                                                      byte_enable=byte_enable))
+        elif value is None:
             msg = pb.DeviceRequest(**{kind: pb.ReadRequest(id=req_id, address=address, size=size)})
         else:
             msg = pb.DeviceRequest(**{kind: pb.WriteRequest(id=req_id, address=address,
@@ -457,6 +484,13 @@ class ProxyDevice:
 
     def mmio_write(self, gpa: int, size: int, value: int):
         return self._access("mmio_write", gpa, size, value)
+
+    def pci_config_read(self, offset: int, byte_enable: int = 0xF):
+        """A 4-byte configuration register (PciConfigRead); a Deferred of its value."""
+        return self._access("pci_config_read", offset, 4, None, byte_enable)
+
+    def pci_config_write(self, offset: int, value: int, byte_enable: int = 0xF):
+        return self._access("pci_config_write", offset, 4, value & 0xFFFFFFFF, byte_enable)
 
     # ---- RPCs ---------------------------------------------------------------------------------
     def rpc(self, kind: str, state: bytes = b"", timeout: float = 10.0) -> pb.RpcResponse:

@@ -145,7 +145,8 @@ def test_the_proxy_completes_accesses_by_id_and_fails_them_when_the_worker_dies(
     from hclsim.devices.vtl0_test import TestPort
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     dev = TestPort()
-    theirs.send(pb.DeviceInit(pio=[pb.Region(name="register", start=0x440, end_inclusive=0x443)]).SerializeToString())
+    theirs.send(pb.DeviceInit(pio=[pb.Region(name="register", start=0x440, end_inclusive=0x443)], version=1)
+                .SerializeToString())
     relaunched = []
     proxy = ProxyDevice("test_port", ours, relaunch=lambda: relaunched.append(1) or (_ for _ in ()).throw(
         OSError("no more workers")))
@@ -233,4 +234,57 @@ def test_a_worker_reads_and_writes_guest_memory_through_the_proxy():
     assert proxy.memory_requests == 3 and not bus.errors
     bus.pio_write(0x500, 4, 0xFFF8)                      # reads past the end of RAM: the access fails
     assert bus.errors and "not VTL0 RAM" in bus.errors[-1][3]
+    proxy.close()
+
+
+class _PciDevice:
+    """A PCI function with a 64-byte configuration space (byte enables honoured)."""
+    name = "pci"
+
+    def __init__(self):
+        from hclsim.devices.saved_state import Field, Schema
+        self.pio_regions = ()
+        self.space = bytearray(64)
+        self.space[0:4] = (0x1414 | 0x00BA << 16).to_bytes(4, "little")      # vendor, device
+        self.saved_state = Schema("tests.pci", (Field(1, "space", bytes, b""),))
+
+    def pci_config_read(self, offset, byte_enable):
+        return int.from_bytes(self.space[offset:offset + 4], "little")
+
+    def pci_config_write(self, offset, value, byte_enable):
+        for i in range(4):
+            if byte_enable >> i & 1:
+                self.space[offset + i] = value >> (8 * i) & 0xFF
+
+    def save(self):
+        return {"space": bytes(self.space)}
+
+    def restore(self, values):
+        self.space[:] = values["space"].ljust(64, b"\0")[:64]
+
+
+def test_pci_config_and_the_rpcs_cross_the_boundary():
+    import socket
+    from hclsim.devices.device_worker import DeviceServer, ProxyDevice
+    from hclsim.devices.vtl0_test import LoopPort
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dev = _PciDevice()
+    threading.Thread(target=DeviceServer(dev, theirs).serve, daemon=True).start()
+    proxy = ProxyDevice("pci", ours, relaunch=lambda: (_ for _ in ()).throw(OSError("none")))
+    assert proxy.pci_config_read(0).wait() == 0x00BA1414
+    proxy.pci_config_write(4, 0xAABBCCDD, byte_enable=0b0101).wait()             # bytes 0 and 2 only
+    assert dev.space[4:8] == bytes([0xDD, 0, 0xBB, 0])
+    saved = proxy.rpc("save").state
+    proxy.rpc("reset")
+    assert dev.space == bytes(64)                                                  # as at power on
+    proxy.rpc("restore", state=saved)
+    assert dev.space[0:2] == b"\x14\x14" and dev.space[4:8] == bytes([0xDD, 0, 0xBB, 0])
+    proxy.rpc("stop")
+    proxy.close()
+    # A device that is not PCI: its configuration accesses are errors.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    threading.Thread(target=DeviceServer(LoopPort(), theirs).serve, daemon=True).start()
+    proxy = ProxyDevice("loop_port", ours, relaunch=lambda: (_ for _ in ()).throw(OSError("none")))
+    from hclsim.devices.bus import IoError
+    assert isinstance(proxy.pci_config_read(0).wait(), IoError)
     proxy.close()

@@ -1,0 +1,101 @@
+"""The vTPM's registers over a real swtpm: the I/O-port command protocol maps the buffers, the
+CRB START flow runs the guest's command from guest memory and writes the response there; bad
+widths, undefined registers, a command outside RAM and a response that does not fit are errors."""
+import hashlib
+import struct
+
+import pytest
+
+from hclsim.devices import swtpm, vtpm
+from hclsim.devices.bus import Bus
+
+pytestmark = pytest.mark.skipif(swtpm.swtpm_binary() is None, reason="swtpm is not installed (.ci/run installs it)")
+BUF = 0x10000
+
+
+class Ram:
+    def __init__(self, size=0x20000):
+        self.b = bytearray(size)
+
+    def read(self, gpa, n):
+        if gpa + n > len(self.b):
+            raise ValueError(f"{n} bytes at {gpa:#x} are not RAM")
+        return bytes(self.b[gpa:gpa + n])
+
+    def write(self, gpa, data):
+        if gpa + len(data) > len(self.b):
+            raise ValueError(f"{len(data)} bytes at {gpa:#x} are not RAM")
+        self.b[gpa:gpa + len(data)] = data
+
+
+@pytest.fixture
+def tpm(tmp_path):
+    engine = swtpm.Swtpm(str(tmp_path / "tpm"))
+    dev = vtpm.Vtpm(engine)
+    dev.guest_memory = Ram()
+    bus = Bus("vtl0")
+    bus.add(dev)
+    bus.pio_write(vtpm.CONTROL_PORT, 4, vtpm.IO_MAP_SHARED_MEMORY)
+    bus.pio_write(vtpm.DATA_PORT, 4, BUF)
+    yield bus, dev
+    engine.close()
+
+
+def _run(bus, dev, command: bytes) -> bytes:
+    dev.guest_memory.write(BUF, command)
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.START, 4, 1)
+    assert bus.mmio_read(vtpm.CRB_BASE + vtpm.START, 4) == 0
+    head = dev.guest_memory.read(BUF + 4096, 10)
+    return dev.guest_memory.read(BUF + 4096, struct.unpack_from(">I", head, 2)[0])
+
+
+def test_the_io_protocol_and_a_measured_boot_through_the_crb(tpm):
+    bus, dev = tpm
+    bus.pio_write(vtpm.CONTROL_PORT, 4, vtpm.IO_ESTABLISHED)
+    assert bus.pio_read(vtpm.DATA_PORT, 4) == BUF
+    bus.pio_write(vtpm.CONTROL_PORT, 4, vtpm.IO_GET_TCG_PROTOCOL_VERSION)
+    assert bus.pio_read(vtpm.DATA_PORT, 4) == 1
+    assert bus.mmio_read(vtpm.CRB_BASE + vtpm.CRB_INTF_ID, 4) == 0x4011
+    assert bus.mmio_read(vtpm.CRB_BASE + vtpm.LOC_STATE, 4) == 0x81
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.LOC_CTRL, 4, 1)                 # request locality 0
+    assert bus.mmio_read(vtpm.CRB_BASE + vtpm.LOC_STATE, 4) == 0x83
+    assert swtpm.response_code(_run(bus, dev, swtpm.startup_clear())) == 0
+    log = [hashlib.sha256(b"console=ttyS0").digest(), hashlib.sha256(b"a blob").digest()]
+    for d in log:
+        assert swtpm.response_code(_run(bus, dev, swtpm.pcr_extend_sha256(9, d))) == 0
+    pcr = bytes(32)
+    for d in log:                                                     # the event log, replayed
+        pcr = hashlib.sha256(pcr + d).digest()
+    assert swtpm.pcr_read_digest(_run(bus, dev, swtpm.pcr_read_sha256(9))) == pcr
+    r = _run(bus, dev, swtpm.get_random(8))
+    assert swtpm.response_code(r) == 0 and len(r) == 20
+    assert dev.commands == 5 and not bus.errors
+
+
+def test_bad_accesses_are_errors_the_guest_sees_as_all_ones(tpm):
+    bus, dev = tpm
+    assert bus.pio_read(vtpm.DATA_PORT, 2) == 0xFFFF                    # a 2-byte data port read
+    assert bus.pio_read(vtpm.CONTROL_PORT, 4) == 0xFFFFFFFF             # the control port is write-only
+    assert bus.mmio_read(vtpm.CRB_BASE + vtpm.START, 8) == 0xFFFFFFFFFFFFFFFF   # 8 bytes only at 0x30/0x5C/0x68
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.START + 1, 1, 1)               # not 4-aligned
+    n = len(bus.errors)
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.COMMAND_PA_LO, 4, 0x1FFF0)     # the command buffer runs out of RAM
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.START, 4, 1)
+    assert len(bus.errors) == n + 1 and "not RAM" in bus.errors[-1][3]
+    assert bus.mmio_read(vtpm.CRB_BASE + vtpm.START, 4) == 0
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.COMMAND_PA_LO, 4, BUF)
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.RESPONSE_SIZE, 4, 12)          # too small for GetRandom(16)
+    dev.guest_memory.write(BUF, swtpm.startup_clear())
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.START, 4, 1)
+    dev.guest_memory.write(BUF, swtpm.get_random(16))
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.START, 4, 1)
+    assert "does not fit" in bus.errors[-1][3]
+
+
+def test_the_register_state_survives_save_and_restore(tpm):
+    bus, dev = tpm
+    bus.mmio_write(vtpm.CRB_BASE + vtpm.LOC_CTRL, 4, 1)
+    state = dev.saved_state.encode(dev.save())
+    other = vtpm.Vtpm(None)
+    other.restore(other.saved_state.decode(state))
+    assert other.regs == dev.regs and other.requested and other.io_command == dev.io_command
