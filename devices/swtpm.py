@@ -32,7 +32,8 @@ def swtpm_binary() -> str | None:
 class Swtpm:
     """One swtpm process over state_dir (its sockets live there too)."""
 
-    def __init__(self, state_dir: str):
+    def __init__(self, state_dir: str, terminate: bool = False):
+        """terminate: swtpm ends when its data connection goes (the worker that owns it died)."""
         binary = swtpm_binary()
         if binary is None:
             raise SwtpmError("swtpm is not installed (Debian: apt-get install swtpm)")
@@ -46,7 +47,8 @@ class Swtpm:
         self.proc = subprocess.Popen(
             [binary, "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
              "--server", f"type=unixio,path={self.data_path}", "--ctrl", f"type=unixio,path={self.ctrl_path}",
-             "--flags", "not-need-init", "--log", f"file={os.path.join(state_dir, 'swtpm.log')},level=1"],
+             "--flags", "not-need-init", "--log", f"file={os.path.join(state_dir, 'swtpm.log')},level=1",
+             *(["--terminate"] if terminate else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.data = self._connect(self.data_path)
         self.ctrl = self._connect(self.ctrl_path)

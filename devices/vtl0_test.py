@@ -147,16 +147,20 @@ class PowerOff:
         self._fired = bool(values["fired"])
 
 
-def vtl0_bus(vp_count: int | None, console_sink=None, on_power_off=None, replace: dict | None = None) -> Bus:
+def vtl0_bus(vp_count: int | None, console_sink=None, on_power_off=None, replace: dict | None = None,
+             extra: tuple = ()) -> Bus:
     """The VP loop's bus with the VTL0 test guest's devices for a VM of vp_count VPs (None: not
     known, see PowerOff); console_sink(name, bytes) sees COM1, on_power_off() the power-off.
-    replace: {name: device} put on the bus instead of those (a device worker's proxy)."""
+    replace: {name: device} put on the bus instead of those (a device worker's proxy); extra:
+    more devices (the vTPM's proxy)."""
     replace = replace or {}
     bus = Bus("vtl0")
     bus.add(Uart16550("COM1", COM1_PORT, sink=console_sink, native=False))
     for name, make in WORKER_DEVICES.items():
         bus.add(replace.get(name) or make())
     bus.add(PowerOff(vp_count, on_power_off))
+    for device in extra:
+        bus.add(device)
     return bus
 
 

@@ -283,9 +283,8 @@ class Control:
         """MakeWorker(name) from the VM worker: a host "name" (underhill-<name>) running the
         device worker, joined to the VM worker by a socket pair (one end in the reply). A host
         of that name already there (a hung or crashed worker) is killed first."""
-        from hclsim.devices.vtl0_test import WORKER_DEVICES
         from hclsim.hcl import device_host
-        if name not in WORKER_DEVICES:
+        if name not in device_host.DEVICES:
             channel.reply(env_id, error=f"no device {name!r} can run in a worker")
             return
         with self._lock:
@@ -437,10 +436,9 @@ def _status(status: int) -> str:
 def host_main(argv: list[str], invitation) -> int:
     name = invitation.node_name
     linux.start_process(f"underhill-{name}", argv)
-    from hclsim.devices.vtl0_test import WORKER_DEVICES
-    if name in WORKER_DEVICES:                  # a device host: restricted before any other thread
-        from hclsim.hcl import device_host
-        device_host.prepare_host()
+    from hclsim.hcl import device_host
+    if name in device_host.DEVICES:             # a device host: restricted before any other thread
+        device_host.prepare_host(name)
     log = klog.Logger(klog.UNDERHILL_FACILITY, f"underhill-{name}")
     sock = socket.socket(fileno=invitation.socket_fd)
     done = threading.Event()

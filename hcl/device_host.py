@@ -73,9 +73,21 @@ def restrict() -> list[str]:
     return done
 
 
-def prepare_host() -> None:
+ENGINE = {}                              # the tpm host's swtpm, started before the restrictions
+
+
+def _tpm_engine_dir() -> str:
+    """swtpm's state folder: the tpm worker's state folder, on the host (swtpm is a host program)."""
+    return os.path.join(linux.root_dir(), "var/lib/hclsim-devices/tpm/swtpm")
+
+
+def prepare_host(name: str) -> None:
     """A device host, before its first other thread: load what serving needs (no imports once
-    files cannot be opened), then restrict."""
+    files cannot be opened), start the vTPM's swtpm (a program Landlock would stop), restrict."""
+    if name == "tpm":
+        from hclsim.devices import swtpm, vtpm  # noqa: F401
+        os.makedirs(_tpm_engine_dir(), exist_ok=True)
+        ENGINE["tpm"] = swtpm.Swtpm(_tpm_engine_dir(), terminate=True)
     import json, resource, traceback  # noqa: F401,E401  (imported later, in serving)
     from hclsim.devices import device_worker, device_worker_pb2, vtl0_test  # noqa: F401
     from hclsim.hcl import guest_ram, klog, profiler, underhill_init, worker  # noqa: F401
@@ -123,11 +135,10 @@ class RemoteChipsetDeviceWorker:
 
     def run(self) -> None:
         from hclsim.devices.device_worker import DeviceServer, restore_bytes
-        from hclsim.devices.vtl0_test import WORKER_DEVICES
         if self.sock is None:
             raise RuntimeError("no proxy socket came with the launch")
         name = self.params.device_name
-        make = WORKER_DEVICES.get(name)
+        make = DEVICES.get(name)
         if make is None:
             raise RuntimeError(f"no device {name!r} for a worker")
         store = StateStore(self.params.state_dir)
@@ -138,7 +149,10 @@ class RemoteChipsetDeviceWorker:
         memory = "no guest memory"
         if getattr(device, "uses_guest_memory", False):
             memory = self._map_guest_memory(device)
-        applied = isolate({mesh_fd(), kabi.KERNEL_FD, self.sock.fileno(), *store.fds, *linux.kernel_fds()})
+        engine = ENGINE.get(name)
+        engine_fds = [engine.data.fileno(), engine.ctrl.fileno()] if engine is not None else []
+        applied = isolate({mesh_fd(), kabi.KERNEL_FD, self.sock.fileno(), *store.fds, *engine_fds,
+                           *linux.kernel_fds()})
         self.log.info(f"device {name}: serving ({'restored from' if blob else 'new, state in'} "
                       f"{self.params.state_dir}; {memory}; {applied})")
         DeviceServer(device, self.sock, commit=store.commit, restored=blob is not None).serve()
@@ -163,6 +177,35 @@ class RemoteChipsetDeviceWorker:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _make_tpm():
+    from hclsim.devices.vtpm import Vtpm
+    engine = ENGINE.get("tpm")
+    if engine is None:
+        raise RuntimeError("the tpm host has no swtpm")
+    return Vtpm(engine)
+
+
+def _devices() -> dict:
+    from hclsim.devices.vtl0_test import WORKER_DEVICES
+    return {**WORKER_DEVICES, "tpm": _make_tpm}
+
+
+class _Devices(dict):
+    """The devices a worker can run: the VTL0 test devices and the vTPM (loaded when asked)."""
+
+    def _all(self) -> dict:
+        return _devices()
+
+    def __contains__(self, name) -> bool:
+        return name in self._all()
+
+    def get(self, name, default=None):
+        return self._all().get(name, default)
+
+
+DEVICES = _Devices()
 
 
 def mesh_fd() -> int:

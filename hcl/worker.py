@@ -126,8 +126,12 @@ class UnderhillWorker:
         sidecars = self._open_sidecars()
         names = [n for n in self.env.get("HCLSIM_DEVICE_WORKERS", "").split(",") if n]
         self.proxies = {name: self._proxy(name) for name in names}
+        tpm = ()
+        if self.env.get("HCLSIM_TPM") == "1":            # the vTPM always runs in its worker, as in OpenHCL
+            self.proxies["tpm"] = self._proxy("tpm")
+            tpm = (self.proxies["tpm"],)
         bus = vtl0_bus(len(present), console_sink=self._console_output, on_power_off=self._power_off,
-                       replace=self.proxies)
+                       replace={n: p for n, p in self.proxies.items() if n != "tpm"}, extra=tpm)
         self.loop = loop = vp.VpLoop(vtl, sidecars, bus, self.log, no_sidecar_hotplug=self.opts.no_sidecar_hotplug)
         online = {cpu: is_cpu_online(cpu) for cpu in present}
         for cpu, up in online.items():

@@ -191,7 +191,8 @@ def config_from_args(args):
                         cmdline_policy=args.cmdline_policy, host_bootargs=args.host_bootargs,
                         com3=not args.no_com3, timeout=args.timeout,
                         vtl0_iterations=args.vtl0_iterations,
-                        device_workers=tuple(getattr(args, "device_worker", None) or ())).validated()
+                        device_workers=tuple(getattr(args, "device_worker", None) or ()),
+                        tpm=bool(getattr(args, "tpm", False))).validated()
     for option in ("kernel", "initrd", "shim", "sidecar"):
         path = getattr(config, option)
         if path is not None and not os.path.exists(path):
@@ -235,6 +236,8 @@ def cmd_boot(args) -> int:
                          "(drop --until handoff)")
     if args.vsock:
         raise UsageError("--vsock is the paravisor's diag address: it needs the whole run (drop --until handoff)")
+    if args.tpm:
+        raise UsageError("--tpm puts the vTPM on the VM worker's bus: it needs the whole run (drop --until handoff)")
     machine = _new_machine(config, console)
     try:
         try:
@@ -446,6 +449,8 @@ def build_parser():
     p.add_argument("--device-worker", action="append", metavar="NAME",
                    help="run the VTL0 device NAME (test_port, mmio_test, loop_port) in a device worker "
                         "process of its own (repeatable)")
+    p.add_argument("--tpm", action="store_true",
+                   help="give the VM a vTPM (TPM 2.0 on swtpm) in its own device worker, underhill-tpm")
     p.add_argument("--vsock", metavar="PATH",
                    help="put the host side of the VM's hybrid vsock (the diag server's address) at PATH "
                         "(default: vsock.sock in the run's folder); with --keep-running")

@@ -78,6 +78,7 @@ class BootConfig:
     host_cpu_order: tuple | None = None  # adversarial hosts: DT cpu order as a VP-index permutation
     timeout: float = 120.0            # wall-clock seconds before a running guest is stopped
     device_workers: tuple = ()        # VTL0 devices the VM worker runs in device worker processes
+    tpm: bool = False                 # the host's platform settings enable a vTPM (the "tpm" worker)
 
     def validated(self) -> "BootConfig":
         """self, or ConfigError naming the option and what it must be (nothing is built yet)."""
@@ -137,10 +138,12 @@ class BootConfig:
 
     @property
     def bootargs(self) -> str:
-        """What the host's device tree gives the kernel: --host-bootargs, and which devices run
-        in workers (HCLSIM_DEVICE_WORKERS, passed to userspace like any unknown KEY=VALUE)."""
+        """What the host's device tree gives the kernel: --host-bootargs, which devices run in
+        workers (HCLSIM_DEVICE_WORKERS) and whether there is a vTPM (HCLSIM_TPM, where OpenHCL
+        reads the host's platform settings), passed to userspace like any unknown KEY=VALUE."""
         extra = f"HCLSIM_DEVICE_WORKERS={','.join(self.device_workers)}" if self.device_workers else ""
-        return " ".join(w for w in (self.host_bootargs, extra) if w)
+        tpm = "HCLSIM_TPM=1" if self.tpm else ""
+        return " ".join(w for w in (self.host_bootargs, extra, tpm) if w)
 
     @property
     def isolation_type(self) -> int:

@@ -288,3 +288,23 @@ def test_pci_config_and_the_rpcs_cross_the_boundary():
     from hclsim.devices.bus import IoError
     assert isinstance(proxy.pci_config_read(0).wait(), IoError)
     proxy.close()
+
+
+@pytest.mark.skipif(__import__("shutil").which("swtpm") is None, reason="swtpm is not installed (.ci/run installs it)")
+def test_tpm_gives_the_vm_a_vtpm_in_its_own_worker(tmp_path):
+    path, stop, t, box = _kept(tmp_path, BootConfig(cpus=1, tpm=True))
+    try:
+        client = DiagClient(path, wait=30)
+        hosts = _inspect(client, "mesh/hosts")
+        pid = next(int(p) for p, h in hosts.items() if h["name"] == "tpm")
+        tpm = _inspect(client, "vm/devices/tpm")
+        assert tpm["regions"]["control_area"]["start"] == 0xFED40000 and tpm["regions"]["control_area"]["size"] == 0x70
+        assert tpm["regions"]["io"]["start"] == 0x1040 and tpm["regions"]["io"]["size"] == 9
+        children = subprocess.run(["ps", "-o", "comm=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+        assert "swtpm" in children                      # the engine, the worker's own child
+        client.close()
+    finally:
+        stop.set()
+        t.join(60)
+    assert "error" not in box, box.get("error")
+    assert any(p["comm"] == "underhill-tpm" for p in box["outcome"].process_tree)
