@@ -90,7 +90,8 @@ def prepare_host(name: str) -> None:
         ENGINE["tpm"] = swtpm.Swtpm(_tpm_engine_dir(), terminate=True)
     import json, resource, traceback  # noqa: F401,E401  (imported later, in serving)
     from hclsim.devices import device_worker, device_worker_pb2, vtl0_test  # noqa: F401
-    from hclsim.hcl import guest_ram, klog, profiler, underhill_init, worker  # noqa: F401
+    from hclsim.defs import platform  # noqa: F401
+    from hclsim.hcl import guest_ram, inspect_tree, klog, profiler, underhill_init, worker  # noqa: F401
     restrict()
 
 

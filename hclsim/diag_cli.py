@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     i.add_argument("--count", type=int, help="with -p: this many times")
     i.add_argument("-u", "--update", metavar="VALUE", help="update the leaf at PATH to VALUE")
     i.add_argument("-t", "--timeout", type=float, default=1.0, help="seconds (0: none)")
-    u = cmds.add_parser("update", help=argparse.SUPPRESS)
+    u = cmds.add_parser("update")              # hidden and deprecated, as in ohcldiag-dev: inspect -u
+    cmds._choices_actions = [a for a in cmds._choices_actions if a.dest != "update"]
     u.add_argument("path")
     u.add_argument("value")
     k = cmds.add_parser("kmsg", help="the kernel log")

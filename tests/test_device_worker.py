@@ -308,3 +308,4 @@ def test_tpm_gives_the_vm_a_vtpm_in_its_own_worker(tmp_path):
         t.join(60)
     assert "error" not in box, box.get("error")
     assert any(p["comm"] == "underhill-tpm" for p in box["outcome"].process_tree)
+    assert "device tpm: serving" in box["outcome"].kmsg and "guest RAM mapped" in box["outcome"].kmsg
