@@ -32,19 +32,10 @@ WINDOW_S = 2.0
 
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory):
-    from hclsim.system import run_system
+    from hclsim.system import start_kept_run
     path = str(tmp_path_factory.mktemp("diagbench") / "vm.sock")
-    stop = threading.Event()
-    box = {}
-
-    def run():       # one VP looping for minutes: exits to count while the figures are taken
-        try:
-            box["outcome"] = run_system(BootConfig(cpus=1, vtl0_iterations=50_000_000), keep_running=True,
-                                        stop=stop.is_set, vsock_path=path, timeout=3600)
-        except Exception as exc:
-            box["error"] = exc
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    # one VP looping for minutes: exits to count while the figures are taken
+    stop, t, box = start_kept_run(BootConfig(cpus=1, vtl0_iterations=50_000_000), path, timeout=3600)
     client = DiagClient(path, wait=60)
     client.call("diag.OpenhclDiag", "Ping", empty_pb2.Empty(), empty_pb2.Empty)
     yield path, client

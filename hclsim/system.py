@@ -175,6 +175,24 @@ def _run_system(config, run_root, vsock, current, *, on_serial, on_kmsg, on_cons
         note("reset", time.monotonic() - t_run, f"panic=-1: the host resets the VM (reset {resets})")
 
 
+def start_kept_run(config, vsock_path: str, **kw):
+    """A whole run of config kept up after power off (keep_running), in a thread: for tests,
+    benches and tools that drive it through diag. (stop Event, the thread, a dict that gets
+    "outcome" (the SystemResult) or "error" when the run ends); set stop, then join."""
+    import threading
+    stop = threading.Event()
+    box = {}
+
+    def run():
+        try:
+            box["outcome"] = run_system(config, keep_running=True, stop=stop.is_set, vsock_path=vsock_path, **kw)
+        except Exception as exc:       # handed to whoever joins
+            box["error"] = exc
+    t = threading.Thread(target=run, name="kept-run", daemon=True)
+    t.start()
+    return stop, t, box
+
+
 def _vtl0_records(machine) -> list:
     """Each VP's VTL0 test guest record (boot/vtl0_guest.py), as plain numbers and hex bytes."""
     if machine.vtl0_guest is None or machine.engine is None:

@@ -38,18 +38,9 @@ def test_an_unknown_device_worker_is_one_clear_error():
 
 
 def _kept(tmp_path, config):
+    from hclsim.system import start_kept_run
     path = str(tmp_path / "vm.sock")
-    stop = threading.Event()
-    box = {}
-
-    def run():
-        try:
-            box["outcome"] = run_system(config, keep_running=True, stop=stop.is_set, vsock_path=path)
-        except Exception as exc:
-            box["error"] = exc
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return path, stop, t, box
+    return (path, *start_kept_run(config, path))
 
 
 def _inspect(client, path):
@@ -142,9 +133,7 @@ def test_the_proxy_completes_accesses_by_id_and_fails_them_when_the_worker_dies(
     from hclsim.devices import device_worker_pb2 as pb
     from hclsim.devices.bus import Bus
     from hclsim.devices.device_worker import ProxyDevice
-    from hclsim.devices.vtl0_test import TestPort
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    dev = TestPort()
     theirs.send(pb.DeviceInit(pio=[pb.Region(name="register", start=0x440, end_inclusive=0x443)], version=1)
                 .SerializeToString())
     relaunched = []

@@ -22,18 +22,9 @@ CLI = [sys.executable, "-m", "hclsim"]
 
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory):
-    from hclsim.system import run_system
+    from hclsim.system import start_kept_run
     path = str(tmp_path_factory.mktemp("diag") / "vm.sock")
-    stop = threading.Event()
-    box = {}
-
-    def run():
-        try:
-            box["outcome"] = run_system(BootConfig(cpus=2), keep_running=True, stop=stop.is_set, vsock_path=path)
-        except Exception as exc:          # reported by the test that needs the VM
-            box["error"] = exc
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    stop, t, box = start_kept_run(BootConfig(cpus=2), path)
     client = DiagClient(path, wait=30)
     client.call("diag.OpenhclDiag", "Ping", empty_pb2.Empty(), empty_pb2.Empty)
     yield path, client
@@ -235,18 +226,8 @@ def test_cli_inspect_kmsg_file_and_errors(vm):
 
 
 def _boot_kept(config, path):
-    from hclsim.system import run_system
-    stop = threading.Event()
-    box = {}
-
-    def run():
-        try:
-            box["outcome"] = run_system(config, keep_running=True, stop=stop.is_set, vsock_path=path)
-        except Exception as exc:
-            box["error"] = exc
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return stop, t, box
+    from hclsim.system import start_kept_run
+    return start_kept_run(config, path)
 
 
 def test_a_confidential_vm_has_no_diag_services_and_safe_inspect_only(tmp_path):
