@@ -30,7 +30,7 @@ from unicorn import x86_const as x86
 from hclsim.cpu import native
 from hclsim.cpu.hypercall_fastpath import _u64
 from hclsim.cpu.fastpath import (H_FN_REG_READ, H_FN_REG_WRITE, H_FN_SLOW_SITE, H_FN_UC_STOP, H_NATIVE_STOP,
-                                 H_RUNVP_AREA, H_VP_INDEX, _header)
+                                 H_RUNVP_AREA, H_VP_INDEX, _header, _int_to_voidptr)
 from hclsim.defs import kabi
 from hclsim.defs.hvdef import (HV_INTERCEPT_ACCESS_READ, HV_INTERCEPT_ACCESS_WRITE, HV_MESSAGE_SIZE,
                                HvMessageHeader, HvMessageType, HvX64InterceptMessageHeader,
@@ -163,15 +163,6 @@ def call_reg_batch(typingctx, fnptr, uc, ids, ptrs, count):
     return sig, codegen
 
 
-@intrinsic
-def _ptr(typingctx, addr):
-    sig = types.voidptr(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], _i8p)
-    return sig, codegen
-
-
 # ---- the hook ----------------------------------------------------------------------------
 @njit(cache=True)
 def _now_ns(a, ts):
@@ -182,8 +173,8 @@ def _now_ns(a, ts):
 @njit(cache=True)
 def _others_rang(a, cpu):
     """Another CPU served by doorbell rang since its last request was taken (_rung's test)."""
-    registered = carray(_ptr(a[A_REGISTERED]), a[A_VP_COUNT], np.int64)
-    last = carray(_ptr(a[A_LAST]), a[A_VP_COUNT], np.int64)
+    registered = carray(_int_to_voidptr(a[A_REGISTERED]), a[A_VP_COUNT], np.int64)
+    last = carray(_int_to_voidptr(a[A_LAST]), a[A_VP_COUNT], np.int64)
     for c in range(a[A_VP_COUNT]):
         if c != cpu and registered[c] != 0:
             if np.int64(load_u32(a[A_PAGES] + c * PAGE_SIZE + RUN_DOORBELL)) != last[c]:
@@ -210,8 +201,8 @@ def _put64(page, off, value):
 def write_exit(a, vals, efer, site):
     """The intercept message into the run page, the registers into the run and register pages
     (Mshv._store's layout), as the kernel leaves them for the VMM at an exit."""
-    run = carray(_ptr(a[A_RUN]), PAGE_SIZE, np.uint8)
-    reg = carray(_ptr(a[A_REG]), PAGE_SIZE, np.uint8)
+    run = carray(_int_to_voidptr(a[A_RUN]), PAGE_SIZE, np.uint8)
+    reg = carray(_int_to_voidptr(a[A_REG]), PAGE_SIZE, np.uint8)
     m = RUN_EXIT_MESSAGE
     run[m:m + MESSAGE_SIZE] = 0
     _put64(run, m + M_TYPE, MSG_IO_PORT)          # u32 type, then zero bytes: written as one u64
@@ -270,11 +261,11 @@ def _bail(uc, h, a, address):
 
 @njit(cache=True)
 def vtl0_io_site(uc, h, address, kind):
-    a = carray(_ptr(h[H_RUNVP_AREA]), AREA_SLOTS, np.int64) if h[H_RUNVP_AREA] != 0 else np.zeros(0, np.int64)
+    a = carray(_int_to_voidptr(h[H_RUNVP_AREA]), AREA_SLOTS, np.int64) if h[H_RUNVP_AREA] != 0 else np.zeros(0, np.int64)
     if a.shape[0] == 0 or a[A_ARMED] == 0 or a[A_VP] != h[H_VP_INDEX] or a[A_PHASE] != PHASE_RUNNING:
         native.call_slow_site(h[H_FN_SLOW_SITE], uc, address, np.int32(kind))
         return
-    vals = carray(_ptr(a[A_VALS]), N_READ, np.int64)
+    vals = carray(_int_to_voidptr(a[A_VALS]), N_READ, np.int64)
     call_reg_batch(a[A_REG_BATCH_READ], uc, a[A_IDS], a[A_PTRS], np.int32(N_READ))
     site = _find_site(a, address, vals[R_CR3])
     if site < 0:                         # not learned yet: Python builds this one and teaches us
@@ -294,7 +285,7 @@ def vtl0_io_site(uc, h, address, kind):
     a[A_ANSWERED] += 1
     a[A_PHASE] = PHASE_ANSWERED
     # The next ring, unless someone else needs the engine.
-    contended = carray(_ptr(a[A_CONTENDED]), 1, np.int64)
+    contended = carray(_int_to_voidptr(a[A_CONTENDED]), 1, np.int64)
     ts = np.zeros(2, np.int64)
     deadline = np.int64(0)
     spins = 0
@@ -318,12 +309,12 @@ def vtl0_io_site(uc, h, address, kind):
         _bail(uc, h, a, address)          # Python takes this request (and answers EINTR)
         return
     # Take it (Mshv.begin_run): the GPRs the VMM left, and RIP/RFLAGS/RSP if it marked them.
-    last = carray(_ptr(a[A_LAST]), a[A_VP_COUNT], np.int64)
+    last = carray(_int_to_voidptr(a[A_LAST]), a[A_VP_COUNT], np.int64)
     last[a[A_VP]] = request
     a[A_REQUEST] = request
     a[A_PHASE] = PHASE_RUNNING
-    runp = carray(_ptr(run), PAGE_SIZE, np.uint8)
-    regp = carray(_ptr(a[A_REG]), PAGE_SIZE, np.uint8)
+    runp = carray(_int_to_voidptr(run), PAGE_SIZE, np.uint8)
+    regp = carray(_int_to_voidptr(a[A_REG]), PAGE_SIZE, np.uint8)
     for i in range(16):
         vals[i] = _u64(runp, RUN_CONTEXT + 8 * i)
     call_reg_batch(a[A_REG_BATCH_WRITE], uc, a[A_IDS], a[A_PTRS], np.int32(16))

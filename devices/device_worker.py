@@ -269,7 +269,7 @@ class ProxyDevice:
         self.failed_accesses = 0
         self.requests = 0
         self._lock = threading.Lock()
-        self._pending: dict[int, tuple[Deferred, int]] = {}   # id -> (its completion, read size or -1)
+        self._pending: dict[int, Deferred] = {}   # access id -> its completion
         self._next = 1
         self._rpcs: dict[int, list] = {}
         self._up = threading.Event()           # set while a worker serves us
@@ -376,10 +376,9 @@ class ProxyDevice:
                 slot[0].set()
             return
         with self._lock:
-            entry = self._pending.pop(body.id, None)
-        if entry is None:
+            done = self._pending.pop(body.id, None)
+        if done is None:
             return
-        done, _size = entry
         if body.error:
             done.fail(body.error)
         elif kind == "read":
@@ -424,7 +423,7 @@ class ProxyDevice:
             rpcs, self._rpcs = self._rpcs, {}
             self.sock = None
             self._up.clear()
-        for done, _size in pending.values():
+        for done in pending.values():
             self.failed_accesses += 1
             done.fail(f"device worker {self.name} lost: {why}")
         for slot in rpcs.values():
@@ -455,7 +454,7 @@ class ProxyDevice:
                 self.failed_accesses += 1
                 return IoError(f"device worker {self.name} is restarting")
             req_id, self._next = self._next, self._next + 1
-            self._pending[req_id] = (done, size if value is None else -1)
+            self._pending[req_id] = done
             self.requests += 1
         if kind == "pci_config_read":
             msg = pb.DeviceRequest(pci_config_read=pb.PciConfigRead(id=req_id, offset=address, byte_enable=byte_enable))

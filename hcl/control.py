@@ -114,12 +114,7 @@ class Control:
         params = pb.UnderhillWorkerParams(env={k: v for k, v in env.items()
                                                if k.startswith(("OPENHCL_", "UNDERHILL_", "HCLSIM_"))})
         channel.send(launch=pb.LaunchWorker(worker_id="UnderhillWorker", params=params.SerializeToString()))
-        threading.Thread(target=self._watch, args=(proc, channel), name="vm-host-wait", daemon=True).start()
-
-    def _watch(self, pid, channel) -> None:
-        _pid, status = os.waitpid(pid, 0)
-        linux.exited(pid, status)
-        self.events.put(("exited", status))
+        _on_exit(proc, "vm", lambda status: self.events.put(("exited", status)))
 
     def _on_message(self, channel, env: pb.Envelope) -> None:
         kind = env.WhichOneof("body")
@@ -222,8 +217,7 @@ class Control:
             if self.profiler is None:
                 pid, channel = mesh.launch_host("profiler", self.argv[0], dict(os.environ), self._on_profiler_message)
                 self.profiler = (pid, channel)
-                threading.Thread(target=self._watch_profiler, args=(pid,), name="profiler-host-wait",
-                                 daemon=True).start()
+                _on_exit(pid, "profiler", lambda status, pid=pid: self._profiler_exited(pid, status))
             _pid, channel = self.profiler
             while not self._profile_events.empty():
                 self._profile_events.get_nowait()
@@ -253,9 +247,7 @@ class Control:
         elif kind == "trace":
             self.log.log(env.trace.level, f"{env.trace.target}: {env.trace.message}")
 
-    def _watch_profiler(self, pid: int) -> None:
-        _pid, status = os.waitpid(pid, 0)
-        linux.exited(pid, status)
+    def _profiler_exited(self, pid: int, status: int) -> None:
         self.log.warn(f"the profiler host exited ({_status(status)})")
         with self._lock:
             if self.profiler is not None and self.profiler[0] == pid:
@@ -301,7 +293,7 @@ class Control:
             with self._lock:
                 restarts = old["restarts"] + 1 if old is not None else 0
                 self.device_hosts[name] = {"pid": pid, "channel": host, "restarts": restarts}
-            threading.Thread(target=self._watch_device_host, args=(name, pid), daemon=True).start()
+            _on_exit(pid, name, lambda status, pid=pid: self._device_host_exited(name, pid, status))
             channel.reply(env_id, fds=(vm_end.fileno(),))
         except (OSError, mesh.MeshError) as exc:
             channel.reply(env_id, error=f"cannot start the {name} host: {exc}")
@@ -318,9 +310,7 @@ class Control:
         elif kind == "trace":
             self.log.log(env.trace.level, f"{env.trace.target}: {env.trace.message}")
 
-    def _watch_device_host(self, name: str, pid: int) -> None:
-        _pid, status = os.waitpid(pid, 0)
-        linux.exited(pid, status)
+    def _device_host_exited(self, name: str, pid: int, status: int) -> None:
         with self._lock:
             host = self.device_hosts.get(name)
             if host is not None and host["pid"] == pid:
@@ -342,7 +332,6 @@ class Control:
 
     def _set_log_level(self, text: str) -> str:
         """What the control process logs to kmsg: error, warn, info, debug or trace."""
-        from hclsim.hcl import klog
         level = {name: n for n, name in _LEVEL_NAMES.items()}.get(text.strip().lower())
         if level is None:
             raise ValueError(f"unknown level {text!r} (error, warn, info, debug, trace)")
@@ -366,7 +355,16 @@ class Control:
         return value
 
 
-_LEVEL_NAMES = {3: "error", 4: "warn", 5: "info", 6: "debug", 7: "trace"}
+def _on_exit(pid: int, name: str, then) -> None:
+    """Reap the host pid when it exits (a thread that waits for it), tell the kernel, then(status)."""
+    def wait():
+        _pid, status = os.waitpid(pid, 0)
+        linux.exited(pid, status)
+        then(status)
+    threading.Thread(target=wait, name=f"{name}-host-wait", daemon=True).start()
+
+
+_LEVEL_NAMES = {klog.ERROR: "error", klog.WARN: "warn", klog.INFO: "info", klog.DEBUG: "debug", klog.TRACE: "trace"}
 _STATE_NAMES = {WAITING_FOR_START: "waiting_for_start", STARTING: "starting", STARTED: "started",
                 RESTARTING: "restarting"}
 

@@ -9,7 +9,6 @@ done), or a pty relayed to them with tty. Files are read through the kernel: a c
 import errno
 import os
 import select
-import signal
 import threading
 
 from hclsim.defs import kabi
@@ -269,9 +268,3 @@ def _pty_in(conn, master: int) -> None:
     except OSError:
         pass
 
-
-def signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return str(sig)

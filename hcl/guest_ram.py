@@ -6,18 +6,17 @@ from hclsim.defs import kabi
 from hclsim.hcl import linux
 
 
-def memory_layout() -> dict:
-    """The partition's memory map as the boot shim gave it to the kernel: each /openhcl memory
-    node of the device tree (its range and MemoryVtlType), by base address."""
+def memory_ranges() -> list[tuple[int, int, str]]:
+    """The partition's memory map as the boot shim gave it to the kernel: (start, size,
+    MemoryVtlType name) of each /openhcl memory node of the device tree, by base address."""
     from hclsim.defs.platform import MEMORY_VTL_TYPE
-    from hclsim.hcl import inspect_tree as it
     names = {v: k for k, v in MEMORY_VTL_TYPE.items()}
     base = "/proc/device-tree/openhcl"
-    out = {}
     try:
         nodes = sorted(n for n in linux.listdir(base) if n.startswith("memory@"))
     except OSError:
-        return out
+        return []
+    out = []
     for node in nodes:
         try:
             reg = linux.read_file(f"{base}/{node}/reg")
@@ -25,13 +24,19 @@ def memory_layout() -> dict:
         except OSError:
             continue
         if len(reg) >= 16:
-            start, size = int.from_bytes(reg[:8], "big"), int.from_bytes(reg[8:16], "big")
-            out[f"{start:#x}"] = {"type": names.get(kind, str(kind)), "start": it.hex_(start), "size": it.hex_(size)}
+            out.append((int.from_bytes(reg[:8], "big"), int.from_bytes(reg[8:16], "big"), names.get(kind, str(kind))))
     return out
 
 
+def memory_layout() -> dict:
+    """memory_ranges() as an inspect directory, by base address."""
+    from hclsim.hcl import inspect_tree as it
+    return {f"{start:#x}": {"type": kind, "start": it.hex_(start), "size": it.hex_(size)}
+            for start, size, kind in memory_ranges()}
+
+
 def vtl0_ranges() -> list[tuple[int, int]]:
-    return [(m["start"].value, m["size"].value) for m in memory_layout().values() if m["type"] == "VTL0"]
+    return [(start, size) for start, size, kind in memory_ranges() if kind == "VTL0"]
 
 
 def map_vtl0():

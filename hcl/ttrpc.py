@@ -27,7 +27,7 @@ def encode(stream_id: int, kind: int, payload: bytes) -> bytes:
     return HEADER.pack(len(payload), stream_id, kind, 0) + payload
 
 
-def _read_exact(sock, n: int) -> bytes | None:
+def read_exact(sock, n: int) -> bytes | None:
     """n bytes, or None at a clean end of stream before the first byte; EOFError mid-way."""
     chunks, got = [], 0
     while got < n:
@@ -44,7 +44,7 @@ def _read_exact(sock, n: int) -> bytes | None:
 def read_frame(sock) -> tuple[int, int, bytes] | None:
     """(stream id, type, payload), None at the end of the stream. A frame over the limit is
     read and dropped, then raised as FrameTooLong (the connection stays usable)."""
-    header = _read_exact(sock, HEADER.size)
+    header = read_exact(sock, HEADER.size)
     if header is None:
         return None
     length, stream_id, kind, _flags = HEADER.unpack(header)
@@ -56,7 +56,7 @@ def read_frame(sock) -> tuple[int, int, bytes] | None:
                 raise EOFError("the peer hung up inside an oversized frame")
             left -= len(chunk)
         raise FrameTooLong(stream_id, length)
-    payload = _read_exact(sock, length) if length else b""
+    payload = read_exact(sock, length) if length else b""
     if payload is None:
         raise EOFError("the peer hung up after a frame header")
     return stream_id, kind, payload

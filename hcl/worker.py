@@ -243,7 +243,11 @@ class UnderhillWorker:
                     devices.setdefault(name, {})[attr] = it.counter(v)
                 elif isinstance(v, (list, dict)):
                     devices.setdefault(name, {})[attr] = it.counter(len(v))
-        convert = it.Leaf("", update=lambda text: str(loop.force_exit_sidecar(int(text, 0), True) and int(text, 0)))
+        def convert_cpu(text: str) -> str:                # the VP on that CPU goes to a Linux CPU
+            cpu = int(text, 0)
+            loop.force_exit_sidecar(cpu, True)
+            return str(cpu)
+        convert = it.Leaf("", update=convert_cpu)
         return {"state": "paused" if loop.paused else ("stopping" if loop.stopping.is_set() else "running"),
                 "vp_count": len(loop.stats), "vps": vps,
                 "sidecar": {"nodes": nodes, "hotplug": not loop.no_hotplug, "convert": convert},

@@ -53,7 +53,7 @@ def connect(path: str, port: int, timeout: float = 5.0) -> socket.socket:
     try:
         s.sendall(f"CONNECT {port}\n".encode())
         ok = _recv_exact(s, 3)
-        if ok != b"OK ":
+        if ok != b"OK ":                    # closed before OK: nobody listens on that port
             raise NotReady(f"vsock port {port} refused the connection")
         rest = b""
         while not rest.endswith(b"\n"):
@@ -69,13 +69,11 @@ def connect(path: str, port: int, timeout: float = 5.0) -> socket.socket:
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            return data
-        data += chunk
-    return data
+    """n bytes, or b"" when the peer hung up first."""
+    try:
+        return ttrpc.read_exact(s, n) or b""
+    except EOFError:
+        return b""
 
 
 class DiagClient:

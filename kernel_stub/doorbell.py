@@ -10,7 +10,6 @@ exits are answered from the exit hook and the next ring taken there, so that a V
 its CPU never comes back here while nothing else needs the engine. The CPUs served and the
 request last taken of each live in two arrays that hook reads.
 """
-import struct
 import threading
 import time
 from collections import deque
@@ -22,7 +21,6 @@ from hclsim.defs import futex, kabi
 from hclsim.kernel_stub.mshv import SLICE_ANSWERED, SLICE_EXIT, SLICE_HALTED, SLICE_PREEMPTED
 from hclsim.kernel_stub.vfs import KernelError
 
-_U32 = struct.Struct("<I")
 IDLE_WAIT_S = 0.05          # with halted VPs, their cancel words are looked at this often
 SPIN_S = 0.0001             # how long an idle dispatcher spins for the next ring before sleeping
 
@@ -30,12 +28,11 @@ SPIN_S = 0.0001             # how long an idle dispatcher spins for the next rin
 class Dispatcher:
     def __init__(self, mshv):
         self.mshv, self.pages = mshv, mshv.pages
-        self.m = mshv.pages.map
         # The shared words as 32-bit items: one load or store each (struct.pack_into clears a
         # field before writing it, and the VMM spinning on its answer would see the gap).
         self.words = mshv.pages.view.cast("I")
-        self.kick = mshv.pages.kick_page + kabi.DOORBELL_KICK
-        self.kick_addr = mshv.pages.address(self.kick)
+        kick = mshv.pages.kick_page + kabi.DOORBELL_KICK
+        self.kick, self.kick_addr = kick // 4, mshv.pages.address(kick)
         n = mshv.partition.vp_count
         self.registered = np.zeros(n, np.int64)  # 1: the CPU's RUN_VPs come by doorbell
         self.last = np.zeros(n, np.int64)        # the last request taken of each
@@ -49,7 +46,7 @@ class Dispatcher:
         run = self.pages.run_page(cpu)
         with self.lock:
             if not self.registered[cpu]:
-                self.last[cpu] = _U32.unpack_from(self.m, run + kabi.RUN_DOORBELL_ACK)[0]
+                self.last[cpu] = self.words[(run + kabi.RUN_DOORBELL_ACK) // 4]
                 self.registered[cpu] = 1
                 self.cpus.append(cpu)
         futex.wake(self.kick_addr)
@@ -105,7 +102,7 @@ class Dispatcher:
         halted: set[int] = set()
         mshv = self.mshv
         while not self.closing:
-            kicks = _U32.unpack_from(self.m, self.kick)[0]
+            kicks = self.words[self.kick]
             self._rung(queue, active)
             for cpu in [c for c in halted if mshv.cancelled(c)]:
                 halted.discard(cpu)
@@ -114,9 +111,9 @@ class Dispatcher:
                 # A VMM alone on its CPU rings again within ~30 us: spin that long (no system
                 # call) before sleeping, so its exit does not pay two wakeups.
                 end = time.perf_counter() + SPIN_S
-                while _U32.unpack_from(self.m, self.kick)[0] == kicks and time.perf_counter() < end:
+                while self.words[self.kick] == kicks and time.perf_counter() < end:
                     pass
-                if _U32.unpack_from(self.m, self.kick)[0] == kicks:
+                if self.words[self.kick] == kicks:
                     futex.wait(self.kick_addr, kicks, IDLE_WAIT_S if halted else 0.5)
                 continue
             cpu = queue.popleft()

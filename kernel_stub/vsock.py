@@ -75,10 +75,6 @@ class Vsock:
         guest_end.close()
         return fd
 
-    def listening(self) -> list[int]:
-        with self._lock:
-            return sorted(p for p, s in self._listeners.items() if not _hung_up(s))
-
     # ---- the host side -----------------------------------------------------------------
     def _accept(self) -> None:
         while not self._closed:
