@@ -212,8 +212,15 @@ def test_kill_signals_a_process(vm):
     # never a host process outside it or kill's own session (the test's tools run in the test's).
     control = run(vm, "/bin/kill", "-0", str(vm_process(vm, "openvmm_hcl").pid))
     assert control.returncode == 0 and control.stderr == ""
-    host = run(vm, "/bin/kill", "-0", "1")
-    assert host.returncode == 1 and one_error_line(host) == "kill: (1) - not a process of this VM"
+    # A host process in a session of its own (host PID 1 may share the test's session in a container).
+    outsider = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        host = run(vm, "/bin/kill", "-0", str(outsider.pid))
+        assert host.returncode == 1 and one_error_line(host) == f"kill: ({outsider.pid}) - not a process of this VM"
+        assert outsider.poll() is None
+    finally:
+        outsider.kill()
+        outsider.wait()
 
 
 # ---- sh -----------------------------------------------------------------------------------
