@@ -119,6 +119,8 @@ def _add_boot_options(p, suppress: bool = False) -> None:
                    help="stop a guest that runs this long, in host seconds (default 120)")
     p.add_argument("--vtl0-iterations", type=int, default=default(d.vtl0_iterations), metavar="N",
                    help=f"loop iterations of the VTL0 test guest's workload on every VP (default {d.vtl0_iterations})")
+    p.add_argument("--vtl0-cmdline", default=default(d.vtl0_cmdline), metavar="STR",
+                   help=f"the VTL0 test guest's command line, which it measures into the vTPM (default {d.vtl0_cmdline!r})")
 
 
 def _add_output_options(p, suppress: bool = False, what: str = "report.json, serial.log, linux.dtb, "
@@ -192,7 +194,8 @@ def config_from_args(args):
                         com3=not args.no_com3, timeout=args.timeout,
                         vtl0_iterations=args.vtl0_iterations,
                         device_workers=tuple(getattr(args, "device_worker", None) or ()),
-                        tpm=bool(getattr(args, "tpm", False))).validated()
+                        tpm=bool(getattr(args, "tpm", False)), state_dir=getattr(args, "state", None),
+                        vtl0_cmdline=args.vtl0_cmdline).validated()
     for option in ("kernel", "initrd", "shim", "sidecar"):
         path = getattr(config, option)
         if path is not None and not os.path.exists(path):
@@ -236,6 +239,8 @@ def cmd_boot(args) -> int:
                          "(drop --until handoff)")
     if args.vsock:
         raise UsageError("--vsock is the paravisor's diag address: it needs the whole run (drop --until handoff)")
+    if args.state:
+        raise UsageError("--state is the VM's state folder for its devices: it needs the whole run (drop --until handoff)")
     if args.tpm:
         raise UsageError("--tpm puts the vTPM on the VM worker's bus: it needs the whole run (drop --until handoff)")
     machine = _new_machine(config, console)
@@ -451,6 +456,9 @@ def build_parser():
                         "process of its own (repeatable)")
     p.add_argument("--tpm", action="store_true",
                    help="give the VM a vTPM (TPM 2.0 on swtpm) in its own device worker, underhill-tpm")
+    p.add_argument("--state", metavar="DIR",
+                   help="the VM's state folder, kept across runs: its VMGS (the vTPM's NV and PPI state) lives "
+                        "there (default: a fresh one in the run's folder)")
     p.add_argument("--vsock", metavar="PATH",
                    help="put the host side of the VM's hybrid vsock (the diag server's address) at PATH "
                         "(default: vsock.sock in the run's folder); with --keep-running")

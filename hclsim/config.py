@@ -1,11 +1,14 @@
 """What a user asks of one simulated boot (the `hclsim boot` options), validated once."""
 import math
+import os
 import re
 from dataclasses import dataclass, replace
 
 from hclsim import HclsimError
 from hclsim.boot.layout import CMDLINE_POLICY_BY_NAME, MAX_CPU_COUNT, MAX_NUMA_NODES
 from hclsim.defs.platform import ISOLATION_BY_NAME, VTL0_MAX_ITERATIONS
+
+VTL0_CMDLINE_MAX = 4095                # the guest's command line page holds it and its NUL
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -79,6 +82,8 @@ class BootConfig:
     timeout: float = 120.0            # wall-clock seconds before a running guest is stopped
     device_workers: tuple = ()        # VTL0 devices the VM worker runs in device worker processes
     tpm: bool = False                 # the host's platform settings enable a vTPM (the "tpm" worker)
+    state_dir: str | None = None      # the VM's state folder, kept across runs (its VMGS); None: fresh per run
+    vtl0_cmdline: str = "console=ttyS0 hclsim.vtl0=test"  # what the VTL0 test guest measures as its command line
 
     def validated(self) -> "BootConfig":
         """self, or ConfigError naming the option and what it must be (nothing is built yet)."""
@@ -120,6 +125,10 @@ class BootConfig:
             if name not in WORKER_DEVICES:
                 raise ConfigError(f"--device-worker {name}: no such device for a worker (one of "
                                   f"{', '.join(sorted(WORKER_DEVICES))})")
+        if len(self.vtl0_cmdline.encode()) > VTL0_CMDLINE_MAX or "\0" in self.vtl0_cmdline:
+            raise ConfigError(f"--vtl0-cmdline: at most {VTL0_CMDLINE_MAX} bytes and no NUL (the guest's command line page)")
+        if self.state_dir is not None and os.path.exists(self.state_dir) and not os.path.isdir(self.state_dir):
+            raise ConfigError(f"--state {self.state_dir}: not a folder")
         if self.host_cpu_order is not None and sorted(self.host_cpu_order) != list(range(self.cpus)):
             raise ConfigError("host_cpu_order must be a permutation of the VP indexes")
         return self
