@@ -94,10 +94,8 @@ class ProxiedGuestMemory:
         self.requests = 0
 
     def _call(self, **op) -> bytes:
-        req_id, self._next = self._next, self._next + 1
         self.requests += 1
-        _send(self.server.sock, pb.DeviceResponse(memory=pb.GuestMemoryRequest(id=req_id, **op)))
-        reply = self.server.wait_memory_reply(req_id)
+        reply = self.server.ask("memory", lambda req_id: pb.GuestMemoryRequest(id=req_id, **op))
         if reply.error:
             raise GuestMemoryError(reply.error)
         return reply.data
@@ -112,6 +110,32 @@ class ProxiedGuestMemory:
         self._call(fill=pb.GuestMemoryFill(address=address, value=value & 0xFF, length=length))
 
 
+class StoreError(Exception):
+    pass
+
+
+class ProxiedStore:
+    """A device's non-volatile store (NonVolatileStore: restore() -> bytes or None, persist(data)),
+    one VMGS file the VM worker keeps; each call is a request to the proxy. A device names the
+    stores it wants in nonvolatile_stores ({attribute: FileId}) and finds them there."""
+
+    def __init__(self, server: "DeviceServer", file_id: int):
+        self.server, self.file_id = server, file_id
+
+    def _call(self, **op) -> pb.StoreResponse:
+        reply = self.server.ask("store", lambda req_id: pb.StoreRequest(id=req_id, file_id=self.file_id, **op))
+        if reply.error:
+            raise StoreError(reply.error)
+        return reply
+
+    def restore(self) -> bytes | None:
+        reply = self._call(restore=True)
+        return reply.data if reply.present else None
+
+    def persist(self, data: bytes) -> None:
+        self._call(persist=bytes(data))
+
+
 class DeviceServer:
     """Serves one device object (devices/bus.py's duck type) on sock."""
 
@@ -121,22 +145,29 @@ class DeviceServer:
         self.spin = spin
         self.started = False
         self._backlog: list[pb.DeviceRequest] = []     # requests that came while waiting for memory
+        self._asked = 0
         if getattr(device, "uses_guest_memory", False) and getattr(device, "guest_memory", None) is None:
             device.guest_memory = ProxiedGuestMemory(self)      # not mapped for it: ask the proxy
+        for attribute, file_id in getattr(device, "nonvolatile_stores", {}).items():
+            if getattr(device, attribute, None) is None:
+                setattr(device, attribute, ProxiedStore(self, file_id))
 
-    def wait_memory_reply(self, req_id: int) -> pb.GuestMemoryResponse:
-        """Read until the proxy's answer to memory request req_id; other requests wait."""
+    def ask(self, kind: str, make):
+        """A request of the worker's to the proxy (kind "memory" or "store"; make(id) builds it),
+        and the proxy's answer: requests that come meanwhile wait in the backlog."""
+        req_id, self._asked = self._asked + 1, self._asked + 1
+        _send(self.sock, pb.DeviceResponse(**{kind: make(req_id)}))
         while True:
             data = _recv_spinning(self.sock, self.spin)
             if not data:
-                raise GuestMemoryError("the proxy hung up")
+                raise (GuestMemoryError if kind == "memory" else StoreError)("the proxy hung up")
             req = pb.DeviceRequest()
             try:
                 req.ParseFromString(data)
             except Exception:
                 continue
-            if req.WhichOneof("request") == "memory" and req.memory.id == req_id:
-                return req.memory
+            if req.WhichOneof("request") == kind and getattr(req, kind).id == req_id:
+                return getattr(req, kind)
             self._backlog.append(req)
 
     def init_message(self, error: str = "") -> pb.DeviceInit:
@@ -258,12 +289,16 @@ class ProxyDevice:
     worker, restored from its committed state); log(text) says what happened."""
 
     def __init__(self, name: str, sock: socket.socket, relaunch, log=lambda text: None, spin: float = SPIN_S,
-                 guest_memory=None):
+                 guest_memory=None, stores=None):
         """guest_memory: read(gpa, n) -> bytes, write(gpa, data), for the worker's
-        GuestMemoryRequests (None: each is answered with an error)."""
+        GuestMemoryRequests (None: each is answered with an error); stores: restore(file_id)
+        -> bytes or None, persist(file_id, data), for its StoreRequests (the files of the VM's
+        VMGS this device may use; None: each is an error)."""
         self.name, self.relaunch, self.log = name, relaunch, log
         self.spin = spin
         self.guest_memory = guest_memory
+        self.stores = stores
+        self.store_requests = 0
         self.memory_requests = 0
         self.restarts = 0
         self.failed_accesses = 0
@@ -368,6 +403,9 @@ class ProxyDevice:
         if kind == "memory":
             self._serve_memory(body)
             return
+        if kind == "store":
+            self._serve_store(body)
+            return
         if kind == "rpc":
             with self._lock:
                 slot = self._rpcs.pop(body.id, None)
@@ -411,6 +449,31 @@ class ProxyDevice:
         if sock is not None:
             try:
                 _send(sock, pb.DeviceRequest(memory=reply))
+            except WorkerGone:
+                pass
+
+    def _serve_store(self, req: pb.StoreRequest) -> None:
+        """A worker's store access, answered from the VM's VMGS (only its own files)."""
+        self.store_requests += 1
+        reply = pb.StoreResponse(id=req.id)
+        try:
+            if self.stores is None:
+                raise ValueError("this VM keeps no non-volatile store for the device")
+            op = req.WhichOneof("op")
+            if op == "restore":
+                data = self.stores.restore(req.file_id)
+                reply.present = data is not None
+                reply.data = data or b""
+            elif op == "persist":
+                self.stores.persist(req.file_id, req.persist)
+            else:
+                raise ValueError("an empty store request")
+        except Exception as exc:             # VmgsError, a file not the device's, the disk failing
+            reply.error = str(exc) or type(exc).__name__
+        sock = self.sock
+        if sock is not None:
+            try:
+                _send(sock, pb.DeviceRequest(store=reply))
             except WorkerGone:
                 pass
 

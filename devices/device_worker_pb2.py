@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x65vice_worker.proto\x12\x14hclsim.device_worker\"<\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x15\n\rend_inclusive\x18\x03 \x01(\x04\"7\n\x06PciBdf\x12\x0b\n\x03\x62us\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\x12\x10\n\x08\x66unction\x18\x03 \x01(\r\"\xca\x01\n\nDeviceInit\x12*\n\x04mmio\x18\x01 \x03(\x0b\x32\x1c.hclsim.device_worker.Region\x12)\n\x03pio\x18\x02 \x03(\x0b\x32\x1c.hclsim.device_worker.Region\x12\x33\n\rsuggested_bdf\x18\x03 \x01(\x0b\x32\x1c.hclsim.device_worker.PciBdf\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08restored\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\r\"8\n\x0bReadRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\"9\n\x0cWriteRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\rPciConfigRead\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x13\n\x0b\x62yte_enable\x18\x03 \x01(\r\"P\n\x0ePciConfigWrite\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\r\n\x05value\x18\x03 \x01(\r\x12\x13\n\x0b\x62yte_enable\x18\x04 \x01(\r\"\x11\n\x03Rpc\x12\n\n\x02id\x18\x01 \x01(\x04\"+\n\x0eRestoreRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\x0c\"\xa2\x05\n\rDeviceRequest\x12\x36\n\tmmio_read\x18\x01 \x01(\x0b\x32!.hclsim.device_worker.ReadRequestH\x00\x12\x38\n\nmmio_write\x18\x02 \x01(\x0b\x32\".hclsim.device_worker.WriteRequestH\x00\x12\x35\n\x08pio_read\x18\x03 \x01(\x0b\x32!.hclsim.device_worker.ReadRequestH\x00\x12\x37\n\tpio_write\x18\x04 \x01(\x0b\x32\".hclsim.device_worker.WriteRequestH\x00\x12>\n\x0fpci_config_read\x18\x05 \x01(\x0b\x32#.hclsim.device_worker.PciConfigReadH\x00\x12@\n\x10pci_config_write\x18\x06 \x01(\x0b\x32$.hclsim.device_worker.PciConfigWriteH\x00\x12*\n\x05start\x18\x07 \x01(\x0b\x32\x19.hclsim.device_worker.RpcH\x00\x12)\n\x04stop\x18\x08 \x01(\x0b\x32\x19.hclsim.device_worker.RpcH\x00\x12*\n\x05reset\x18\t \x01(\x0b\x32\x19.hclsim.device_worker.RpcH\x00\x12)\n\x04save\x18\n \x01(\x0b\x32\x19.hclsim.device_worker.RpcH\x00\x12\x37\n\x07restore\x18\x0b \x01(\x0b\x32$.hclsim.device_worker.RestoreRequestH\x00\x12;\n\x06memory\x18\x0c \x01(\x0b\x32).hclsim.device_worker.GuestMemoryResponseH\x00\x42\t\n\x07request\"7\n\x0cReadResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"*\n\rWriteResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"7\n\x0bRpcResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\x0c\"2\n\x0fGuestMemoryRead\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\r\"1\n\x10GuestMemoryWrite\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x0fGuestMemoryFill\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\"\xcd\x01\n\x12GuestMemoryRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x35\n\x04read\x18\x02 \x01(\x0b\x32%.hclsim.device_worker.GuestMemoryReadH\x00\x12\x37\n\x05write\x18\x03 \x01(\x0b\x32&.hclsim.device_worker.GuestMemoryWriteH\x00\x12\x35\n\x04\x66ill\x18\x04 \x01(\x0b\x32%.hclsim.device_worker.GuestMemoryFillH\x00\x42\x04\n\x02op\">\n\x13GuestMemoryResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xf4\x01\n\x0e\x44\x65viceResponse\x12\x32\n\x04read\x18\x01 \x01(\x0b\x32\".hclsim.device_worker.ReadResponseH\x00\x12\x34\n\x05write\x18\x02 \x01(\x0b\x32#.hclsim.device_worker.WriteResponseH\x00\x12\x30\n\x03rpc\x18\x03 \x01(\x0b\x32!.hclsim.device_worker.RpcResponseH\x00\x12:\n\x06memory\x18\x04 \x01(\x0b\x32(.hclsim.device_worker.GuestMemoryRequestH\x00\x42\n\n\x08response\"C\n\x19RemoteChipsetDeviceParams\x12\x13\n\x0b\x64\x65vice_name\x18\x01 \x01(\t\x12\x11\n\tstate_dir\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x65vice_worker.proto\x12\x14hclsim.device_worker\"<\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x15\n\rend_inclusive\x18\x03 \x01(\x04\"7\n\x06PciBdf\x12\x0b\n\x03\x62us\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\x12\x10\n\x08\x66unction\x18\x03 \x01(\r\"\xca\x01\n\nDeviceInit\x12*\n\x04mmio\x18\x01 \x03(\x0b\x32\x1c.hclsim.device_worker.Region\x12)\n\x03pio\x18\x02 \x03(\x0b\x32\x1c.hclsim.device_worker.Region\x12\x33\n\rsuggested_bdf\x18\x03 \x01(\x0b\x32\x1c.hclsim.device_worker.PciBdf\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08restored\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\r\"8\n\x0bReadRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\"9\n\x0cWriteRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\rPciConfigRead\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\x13\n\x0b\x62yte_enable\x18\x03 \x01(\r\"P\n\x0ePciConfigWrite\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\r\x12\r\n\x05value\x18\x03 \x01(\r\x12\x13\n\x0b\x62yte_enable\x18\x04 \x01(\r\"\x11\n\x03Rpc\x12\n\n\x02id\x18\x01 \x01(\x04\"+\n\x0eRestoreRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\x0c\"\xd8\x05\n\rDeviceRequest\x12\x36\n\tmmio_read\x18\x01 \x01(\x0b\x32!.hclsim.device_worker.ReadRequestH\x00\x12\x38\n\nmmio_write\x18\x02 \x01(\x0b\x32\".hclsim.device_worker.WriteRequestH\x00\x12\x35\n\x08pio_read\x18\x03 \x01(\x0b\x32!.hclsim.device_worker.ReadRequestH\x00\x12\x37\n\tpio_write\x18\x04 \x01(\x0b\x32\".hclsim.device_worker.WriteRequestH\x00\x12>\n\x0fpci_config_read\x18\x05 \x01(\x0b\x32#.hclsim.device_worker.PciConfigReadH\x00\x12@\n\x10pci_config_write\x18\x06 \x01(\x0b\x32$.hclsim.device_worker.PciConfigWriteH\x00\x12*\n\x05start\x18\x07 \x01(\x0b\x32\x19.hclsim.device_worker.RpcH\x00\x12)\n\x04stop\x18\x08 \x01(\x0b\x32\x19.hclsim.device_worker.RpcH\x00\x12*\n\x05reset\x18\t \x01(\x0b\x32\x19.hclsim.device_worker.RpcH\x00\x12)\n\x04save\x18\n \x01(\x0b\x32\x19.hclsim.device_worker.RpcH\x00\x12\x37\n\x07restore\x18\x0b \x01(\x0b\x32$.hclsim.device_worker.RestoreRequestH\x00\x12;\n\x06memory\x18\x0c \x01(\x0b\x32).hclsim.device_worker.GuestMemoryResponseH\x00\x12\x34\n\x05store\x18\r \x01(\x0b\x32#.hclsim.device_worker.StoreResponseH\x00\x42\t\n\x07request\"7\n\x0cReadResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"*\n\rWriteResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"7\n\x0bRpcResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\x0c\"2\n\x0fGuestMemoryRead\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\r\"1\n\x10GuestMemoryWrite\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x0fGuestMemoryFill\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\"\xcd\x01\n\x12GuestMemoryRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x35\n\x04read\x18\x02 \x01(\x0b\x32%.hclsim.device_worker.GuestMemoryReadH\x00\x12\x37\n\x05write\x18\x03 \x01(\x0b\x32&.hclsim.device_worker.GuestMemoryWriteH\x00\x12\x35\n\x04\x66ill\x18\x04 \x01(\x0b\x32%.hclsim.device_worker.GuestMemoryFillH\x00\x42\x04\n\x02op\">\n\x13GuestMemoryResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"W\n\x0cStoreRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x66ile_id\x18\x02 \x01(\r\x12\x11\n\x07restore\x18\x03 \x01(\x08H\x00\x12\x11\n\x07persist\x18\x04 \x01(\x0cH\x00\x42\x04\n\x02op\"I\n\rStoreResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07present\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xa9\x02\n\x0e\x44\x65viceResponse\x12\x32\n\x04read\x18\x01 \x01(\x0b\x32\".hclsim.device_worker.ReadResponseH\x00\x12\x34\n\x05write\x18\x02 \x01(\x0b\x32#.hclsim.device_worker.WriteResponseH\x00\x12\x30\n\x03rpc\x18\x03 \x01(\x0b\x32!.hclsim.device_worker.RpcResponseH\x00\x12:\n\x06memory\x18\x04 \x01(\x0b\x32(.hclsim.device_worker.GuestMemoryRequestH\x00\x12\x33\n\x05store\x18\x05 \x01(\x0b\x32\".hclsim.device_worker.StoreRequestH\x00\x42\n\n\x08response\"C\n\x19RemoteChipsetDeviceParams\x12\x13\n\x0b\x64\x65vice_name\x18\x01 \x01(\t\x12\x11\n\tstate_dir\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,25 +50,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESTOREREQUEST']._serialized_start=653
   _globals['_RESTOREREQUEST']._serialized_end=696
   _globals['_DEVICEREQUEST']._serialized_start=699
-  _globals['_DEVICEREQUEST']._serialized_end=1373
-  _globals['_READRESPONSE']._serialized_start=1375
-  _globals['_READRESPONSE']._serialized_end=1430
-  _globals['_WRITERESPONSE']._serialized_start=1432
-  _globals['_WRITERESPONSE']._serialized_end=1474
-  _globals['_RPCRESPONSE']._serialized_start=1476
-  _globals['_RPCRESPONSE']._serialized_end=1531
-  _globals['_GUESTMEMORYREAD']._serialized_start=1533
-  _globals['_GUESTMEMORYREAD']._serialized_end=1583
-  _globals['_GUESTMEMORYWRITE']._serialized_start=1585
-  _globals['_GUESTMEMORYWRITE']._serialized_end=1634
-  _globals['_GUESTMEMORYFILL']._serialized_start=1636
-  _globals['_GUESTMEMORYFILL']._serialized_end=1701
-  _globals['_GUESTMEMORYREQUEST']._serialized_start=1704
-  _globals['_GUESTMEMORYREQUEST']._serialized_end=1909
-  _globals['_GUESTMEMORYRESPONSE']._serialized_start=1911
-  _globals['_GUESTMEMORYRESPONSE']._serialized_end=1973
-  _globals['_DEVICERESPONSE']._serialized_start=1976
-  _globals['_DEVICERESPONSE']._serialized_end=2220
-  _globals['_REMOTECHIPSETDEVICEPARAMS']._serialized_start=2222
-  _globals['_REMOTECHIPSETDEVICEPARAMS']._serialized_end=2289
+  _globals['_DEVICEREQUEST']._serialized_end=1427
+  _globals['_READRESPONSE']._serialized_start=1429
+  _globals['_READRESPONSE']._serialized_end=1484
+  _globals['_WRITERESPONSE']._serialized_start=1486
+  _globals['_WRITERESPONSE']._serialized_end=1528
+  _globals['_RPCRESPONSE']._serialized_start=1530
+  _globals['_RPCRESPONSE']._serialized_end=1585
+  _globals['_GUESTMEMORYREAD']._serialized_start=1587
+  _globals['_GUESTMEMORYREAD']._serialized_end=1637
+  _globals['_GUESTMEMORYWRITE']._serialized_start=1639
+  _globals['_GUESTMEMORYWRITE']._serialized_end=1688
+  _globals['_GUESTMEMORYFILL']._serialized_start=1690
+  _globals['_GUESTMEMORYFILL']._serialized_end=1755
+  _globals['_GUESTMEMORYREQUEST']._serialized_start=1758
+  _globals['_GUESTMEMORYREQUEST']._serialized_end=1963
+  _globals['_GUESTMEMORYRESPONSE']._serialized_start=1965
+  _globals['_GUESTMEMORYRESPONSE']._serialized_end=2027
+  _globals['_STOREREQUEST']._serialized_start=2029
+  _globals['_STOREREQUEST']._serialized_end=2116
+  _globals['_STORERESPONSE']._serialized_start=2118
+  _globals['_STORERESPONSE']._serialized_end=2191
+  _globals['_DEVICERESPONSE']._serialized_start=2194
+  _globals['_DEVICERESPONSE']._serialized_end=2491
+  _globals['_REMOTECHIPSETDEVICEPARAMS']._serialized_start=2493
+  _globals['_REMOTECHIPSETDEVICEPARAMS']._serialized_end=2560
 # @@protoc_insertion_point(module_scope)

@@ -10,12 +10,21 @@ shared/design/openhcl-userspace.md), x86 layout, over a TPM 2.0 engine (devices/
   data port (+4, 4 bytes little endian) reads or writes its value. MAP_SHARED_MEMORY takes the
   page of the command and response buffers (response = command + 4096).
 Wrong widths and undefined registers are IoErrors the guest sees as an error (a read of all ones).
+
+State, as OpenHCL keeps it: the engine's NV state in the VM's VMGS file TPM_NVRAM (3), the PPI
+state in TPM_PPI (2), through the stores the device is given (nvram_store, ppi_store:
+restore() -> bytes or None, persist(data)). The first access seeds the engine from the NV store;
+every command that changed NV (swtpm rewrote its permanent state, as libtpms's NV commit does) is
+persisted before the guest sees the command done. The engine's volatile state (PCRs, sessions)
+after each command is the saved state's tpm_state_blob, so a worker restarted from its saved
+state carries on with the same PCRs; a reset or a new boot starts from NV alone (TPM2_Startup).
 """
 import struct
 
 from hclsim.defs.platform import Region
 from hclsim.devices.bus import IoError
 from hclsim.devices.saved_state import Field, Schema
+from hclsim.devices.swtpm import BLOB_PERMANENT, BLOB_VOLATILE
 
 CRB_BASE, CRB_SIZE = 0xFED40000, 0x70
 IO_BASE, IO_SIZE = 0x1040, 9                     # 0x1040..=0x1048
@@ -35,6 +44,7 @@ IO_INTERFACE_VERSION = 1
 TCG2_PROTOCOL = 1
 HASH_ALG_SHA256 = 1 << 1                          # the bitmap's SHA-256 bit (SHA-1 is bit 0)
 PPI_WORDS = 7
+PPI_FILE, NVRAM_FILE = 2, 3                      # VMGS FileId TPM_PPI, TPM_NVRAM
 
 
 class Vtpm:
@@ -42,12 +52,19 @@ class Vtpm:
     (read(gpa, n), write(gpa, data)) is set by whoever puts it on a bus or in a worker."""
     name = "tpm"
     uses_guest_memory = True
+    nonvolatile_stores = {"ppi_store": PPI_FILE, "nvram_store": NVRAM_FILE}
     saved_state = Schema("hclsim.devices.vtpm.Vtpm", (
         Field(1, "control_area", bytes, b""), Field(2, "current_io_command", int, -1),
-        Field(3, "requested_locality", int, 0), Field(4, "ppi_state", bytes, b"")))
+        Field(3, "requested_locality", int, 0), Field(4, "ppi_state", bytes, b""),
+        Field(5, "tpm_state_blob", bytes, b"")))
 
-    def __init__(self, engine=None):
+    def __init__(self, engine=None, nvram_store=None, ppi_store=None):
         self.engine = engine
+        self.nvram_store, self.ppi_store = nvram_store, ppi_store
+        self.volatile = b""                     # the engine's volatile state after the last command
+        self._seeded = False                    # the engine holds this device's state
+        self._nv = (None, None)                 # (swtpm's NV mark, the NV blob last persisted)
+        self.nv_persists = 0
         self.guest_memory = None
         self.mmio_regions = (Region("control_area", CRB_BASE, CRB_SIZE),)
         self.pio_regions = (Region("io", IO_BASE, IO_SIZE),)
@@ -58,7 +75,46 @@ class Vtpm:
         self.commands = 0
 
     # ---- the CRB control area ----------------------------------------------------------
+    def _seed(self):
+        """Before the first access after power on, a restore or a reset: the PPI state from its
+        store, the engine from the NV store (and the volatile state a restore brought). Until
+        it succeeds every access fails (and tries again): never a TPM without the VM's state."""
+        if self.ppi_store is not None:
+            ppi = self.ppi_store.restore()
+            if ppi is not None and len(ppi) == 4 * PPI_WORDS:
+                self.ppi = list(struct.unpack(f"<{PPI_WORDS}I", ppi))
+        if self.engine is None:
+            self._seeded = True
+            return
+        nv = self.nvram_store.restore() if self.nvram_store is not None else None
+        if nv is None and self.commands:
+            nv = self.engine.get_state(BLOB_PERMANENT)    # a reset without a store: keep NV, drop the rest
+        blobs = {BLOB_PERMANENT: nv} if nv else {}
+        if self.volatile:
+            blobs[BLOB_VOLATILE] = self.volatile
+        if blobs:
+            self.engine.set_state(blobs)
+        self._nv = (self.engine.nv_mark(), nv)
+        self._seeded = True
+
+    def _after_command(self) -> None:
+        """NV persisted if the command changed it; the volatile state kept for the saved state."""
+        mark = self.engine.nv_mark()
+        if mark != self._nv[0]:
+            nv = self.engine.get_state(BLOB_PERMANENT)
+            if nv != self._nv[1] and self.nvram_store is not None:
+                self.nvram_store.persist(nv)
+                self.nv_persists += 1
+            self._nv = (mark, nv)
+        self.volatile = self.engine.get_state(BLOB_VOLATILE)
+
+    def _persist_ppi(self) -> None:
+        if self.ppi_store is not None:
+            self.ppi_store.persist(struct.pack(f"<{PPI_WORDS}I", *self.ppi))
+
     def mmio_read(self, gpa: int, size: int):
+        if not self._seeded:
+            self._seed()
         off = gpa - CRB_BASE
         if size == 8 and off not in WIDE_OFFSETS or size not in (1, 2, 4, 8):
             return IoError(f"a {size}-byte read at control area {off:#x}")
@@ -78,6 +134,8 @@ class Vtpm:
         return self.regs.get(word, 0)
 
     def mmio_write(self, gpa: int, size: int, value: int):
+        if not self._seeded:
+            self._seed()
         off = gpa - CRB_BASE
         if size not in (1, 2, 4) or off % 4:
             return IoError(f"a {size}-byte write at control area {off:#x}")
@@ -114,8 +172,9 @@ class Vtpm:
             room = min(self.regs[RESPONSE_SIZE] or BUFFER_SIZE, BUFFER_SIZE)
             if len(response) > room:
                 return IoError(f"a {len(response)}-byte response does not fit in {room} bytes")
-            self.guest_memory.write(self._pa(RESPONSE_PA_LO), response)
             self.commands += 1
+            self._after_command()                       # NV persisted before the guest sees the response
+            self.guest_memory.write(self._pa(RESPONSE_PA_LO), response)
         except Exception as exc:                       # guest memory or the engine failed
             return IoError(f"TPM command failed: {exc}")
         finally:
@@ -124,6 +183,8 @@ class Vtpm:
 
     # ---- the I/O ports ---------------------------------------------------------------------
     def pio_read(self, port: int, size: int):
+        if not self._seeded:
+            self._seed()
         if port != DATA_PORT:
             return IoError(f"port {port:#x} is not the TPM's data port (invalid register)")
         if size != 4:
@@ -148,6 +209,8 @@ class Vtpm:
         return IoError(f"no readable TpmIoCommand {cmd}")
 
     def pio_write(self, port: int, size: int, value: int):
+        if not self._seeded:
+            self._seed()
         if size != 4:
             return IoError(f"a {size}-byte write to TPM port {port:#x} (invalid access size)")
         if port == CONTROL_PORT:
@@ -164,9 +227,11 @@ class Vtpm:
             return None
         if cmd == IO_PPI_SET_OPERATION:
             self.ppi[0] = value
+            self._persist_ppi()
             return None
         if cmd == IO_PPI_SET_OPERATION_ARG3_INTEGER2:
             self.ppi[3] = value
+            self._persist_ppi()
             return None
         return IoError(f"no writable TpmIoCommand {cmd}")
 
@@ -174,7 +239,8 @@ class Vtpm:
     def save(self) -> dict:
         area = b"".join(struct.pack("<I", self.regs[off]) for off in range(0, CRB_SIZE, 4))
         return {"control_area": area, "current_io_command": -1 if self.io_command is None else self.io_command,
-                "requested_locality": int(self.requested), "ppi_state": struct.pack(f"<{PPI_WORDS}I", *self.ppi)}
+                "requested_locality": int(self.requested), "ppi_state": struct.pack(f"<{PPI_WORDS}I", *self.ppi),
+                "tpm_state_blob": self.volatile}
 
     def restore(self, values: dict) -> None:
         area = values["control_area"]
@@ -185,3 +251,5 @@ class Vtpm:
         self.requested = bool(values["requested_locality"])
         ppi = values["ppi_state"]
         self.ppi = list(struct.unpack(f"<{PPI_WORDS}I", ppi)) if len(ppi) == 4 * PPI_WORDS else [0] * PPI_WORDS
+        self.volatile = values["tpm_state_blob"]
+        self._seeded = False                    # the engine takes this state at the next access

@@ -97,12 +97,27 @@ class UnderhillWorker:
                 self.log.warn(f"device workers get no guest memory: {exc.strerror or exc}")
         return self._ram
 
-    def _proxy(self, name: str):
+    def _proxy(self, name: str, stores=None):
         from hclsim.devices.device_worker import ProxyDevice
         proxy = ProxyDevice(name, self._worker_socket(name), relaunch=lambda: self._worker_socket(name),
-                            log=self.log.warn, guest_memory=self._guest_ram())
+                            log=self.log.warn, guest_memory=self._guest_ram(), stores=stores)
         self.log.info(f"device {name} runs in its worker (underhill-{name})")
         return proxy
+
+    def _open_vmgs(self):
+        """The VM's VMGS on the host's disk (/dev/vmgs), formatted if blank as OpenHCL formats an
+        empty one; None when the host offers no disk (the vTPM's state is then ephemeral)."""
+        from hclsim.hcl import vmgs
+        try:
+            self.vmgs_disk = linux.open_file("/dev/vmgs", kabi.O_RDWR)
+        except FileNotFoundError:
+            self.log.warn("no VMGS disk: the vTPM's NV state lasts as long as the VM")
+            return None
+        self.vmgs = vmgs.Vmgs(self.vmgs_disk.fileno())
+        sizes = ", ".join(f"{vmgs.FILE_NAMES.get(i, i)} {n} bytes" for i, n in sorted(self.vmgs.files().items()))
+        self.log.info("VMGS: " + ("formatted a blank disk" if self.vmgs.formatted_now else
+                                  f"sequence {self.vmgs.sequence}, {sizes or 'no files'}"))
+        return self.vmgs
 
     # ---- the VM -------------------------------------------------------------------------
     def _open_sidecars(self) -> list:
@@ -128,7 +143,8 @@ class UnderhillWorker:
         self.proxies = {name: self._proxy(name) for name in names}
         tpm = ()
         if self.env.get("HCLSIM_TPM") == "1":            # the vTPM always runs in its worker, as in OpenHCL
-            self.proxies["tpm"] = self._proxy("tpm")
+            from hclsim.hcl.vmgs import TPM_NVRAM, TPM_PPI, DeviceFiles
+            self.proxies["tpm"] = self._proxy("tpm", stores=DeviceFiles(self._open_vmgs(), (TPM_PPI, TPM_NVRAM)))
             tpm = (self.proxies["tpm"],)
         bus = vtl0_bus(len(present), console_sink=self._console_output, on_power_off=self._power_off,
                        replace={n: p for n, p in self.proxies.items() if n != "tpm"}, extra=tpm)
@@ -235,7 +251,8 @@ class UnderhillWorker:
                 devices.setdefault(name, {})["worker"] = {
                     "host": f"underhill-{name}", "restarts": it.counter(dev.restarts),
                     "failed_accesses": it.counter(dev.failed_accesses), "requests": it.counter(dev.requests),
-                    "restored": dev.restored, "state": it.Lazy(lambda d=dev: _device_state(d))}
+                    "restored": dev.restored, "state": it.Lazy(lambda d=dev: _device_state(d)),
+                    "store_requests": it.counter(dev.store_requests)}
                 continue
             for attr in ("writes", "reads", "accesses"):
                 v = getattr(dev, attr, None)
@@ -251,7 +268,13 @@ class UnderhillWorker:
         return {"state": "paused" if loop.paused else ("stopping" if loop.stopping.is_set() else "running"),
                 "vp_count": len(loop.stats), "vps": vps,
                 "sidecar": {"nodes": nodes, "hotplug": not loop.no_hotplug, "convert": convert},
-                "devices": devices, "memory": it.Lazy(guest_ram.memory_layout)}
+                "devices": devices, "memory": it.Lazy(guest_ram.memory_layout),
+                **({"vmgs": it.Lazy(self._vmgs_files)} if getattr(self, "vmgs", None) is not None else {})}
+
+    def _vmgs_files(self) -> dict:
+        from hclsim.hcl import vmgs
+        return {"sequence": self.vmgs.sequence, "capacity": self.vmgs.capacity_blocks * vmgs.BLOCK,
+                "files": {vmgs.FILE_NAMES.get(i, str(i)): n for i, n in sorted(self.vmgs.files().items())}}
 
 
 def _device_state(proxy) -> dict:

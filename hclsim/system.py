@@ -93,23 +93,31 @@ def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_even
     with open(os.path.join(run_root, OWNER_FILE), "w") as f:
         f.write(str(os.getpid()))
     current = {}
+    from hclsim.state_dir import StateDir, StateDirError
+    try:
+        state = StateDir(config.state_dir or os.path.join(run_root, "state"))
+    except StateDirError as exc:
+        shutil.rmtree(run_root, ignore_errors=True)
+        raise SystemError_(str(exc)) from None
     try:
         vsock = Vsock(vsock_path or os.path.join(run_root, "vsock.sock"),
                       lambda text, level=6: current["us"].log(text, level) if current.get("us") else None)
     except OSError as exc:
+        state.close()
         shutil.rmtree(run_root, ignore_errors=True)
         raise SystemError_(f"cannot listen for hybrid vsock at {vsock_path}: {exc.strerror or exc}") from None
     try:
         return _run_system(config, run_root, vsock, current, on_serial=on_serial, on_kmsg=on_kmsg,
                            on_console=on_console, on_event=on_event, keep_running=keep_running, stop=stop,
-                           timeout=timeout)
+                           timeout=timeout, vmgs_path=state.vmgs_path)
     finally:
         vsock.close()
+        state.close()
         shutil.rmtree(run_root, ignore_errors=True)
 
 
 def _run_system(config, run_root, vsock, current, *, on_serial, on_kmsg, on_console, on_event, keep_running, stop,
-                timeout) -> SystemResult:
+                timeout, vmgs_path) -> SystemResult:
     from hclsim.kernel_stub.userspace import Userspace
     timeline = Timeline()
     t_run = time.monotonic()
@@ -144,7 +152,7 @@ def _run_system(config, run_root, vsock, current, *, on_serial, on_kmsg, on_cons
             us = current["us"] = Userspace(result.linux, result.handoff,
                                            machine.initrd.data if machine.initrd else None, run_dir,
                                            on_console=on_console, on_kmsg=on_kmsg, on_event=event, vsock=vsock,
-                                           symbolize=machine.symbolize)
+                                           symbolize=machine.symbolize, vmgs_path=vmgs_path)
             us.start()
             status = _wait(us, deadline, keep_running, stop)
             outcome = SystemResult(result, status, timeline, bytes(us.com1),

@@ -49,6 +49,26 @@ class _HostFdFile(File):
             pass
 
 
+# ---- host disks (the VMGS disk) ------------------------------------------------------------
+BLOCK_EXT_MAJOR = 259                                  # Linux's extended block major (NVMe namespaces use it)
+
+
+class BlockDevice(CharDevice):
+    kind = kabi.KIND_BLOCKDEV
+
+
+class HostDiskFile(_HostFdFile):
+    """A disk the host offers (the VM's VMGS disk, a file of its state folder): the process
+    gets the host file itself and does its own pread/pwrite, as on a block device."""
+
+    def __init__(self, path: str, flags: int):
+        acc = os.O_RDONLY if flags & kabi.O_ACCMODE == kabi.O_RDONLY else os.O_RDWR
+        try:
+            self.host_fd = os.open(path, acc | os.O_CLOEXEC)
+        except OSError as exc:
+            raise KernelError(exc.errno or kabi.EIO, f"the host's disk {path}: {exc.strerror}") from None
+
+
 # ---- /dev/null, /dev/zero -------------------------------------------------------------------
 class NullFile(_HostFdFile):
     def __init__(self, flags: int):

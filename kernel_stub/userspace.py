@@ -92,7 +92,7 @@ class CpuControl:
 
 class Userspace:
     def __init__(self, linux, handoff, initrd: bytes | None, run_dir: str, *, on_console=None, on_kmsg=None,
-                 on_event=None, vsock=None, symbolize=None):
+                 on_event=None, vsock=None, symbolize=None, vmgs_path: str | None = None):
         """linux: kernel_stub.kernel.Kernel; on_console(vp, bytes): a VTL0 console line;
         on_kmsg(line): a kernel log line for the console; on_event(Event)."""
         self.linux, self.handoff, self.initrd, self.run_dir = linux, handoff, initrd, run_dir
@@ -119,6 +119,7 @@ class Userspace:
         self.tearing_down = False
         self.vsock = vsock                          # kernel_stub.vsock.Vsock: the VM's, across resets
         self.symbolize = symbolize                  # guest address -> "image:symbol+off" (profiling)
+        self.vmgs_path = vmgs_path                  # the host's VMGS disk (/dev/vmgs), of the VM's state folder
 
     def log(self, text: str, level: int = 6) -> None:
         self.kmsg.log(text, level)
@@ -166,6 +167,9 @@ class Userspace:
         for node in self.mshv.device_nodes():
             self.devices.register(node)
         self.devices.register(CharDevice("hclsim_host", *HOST_DEVICE, lambda fl, c: HostChannel(self._host_message)))
+        if self.vmgs_path is not None:
+            self.devices.register(devfs.BlockDevice("vmgs", devfs.BLOCK_EXT_MAJOR, 0,
+                                                    lambda fl, c: devfs.HostDiskFile(self.vmgs_path, fl)))
         self.cpu_control = CpuControl(self.linux, self.mshv)
         for cpu in sorted(self.linux.cpus.online):
             self.mshv.prime(cpu)
