@@ -1,6 +1,7 @@
 """Loads the VTL0 test guest (boot/firmware/vtl0) into VTL0 RAM and gives every VP its VTL0
 starting state, as VTL0 firmware would: identity page tables for the first 4 GiB (1 GiB pages),
-a GDT, a results page and a 16 KiB stack per VP (docs/contracts.md, "VTL0 test guest")."""
+a GDT, a results page, its command line page and a 16 KiB stack per VP (docs/contracts.md, "VTL0
+test guest")."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,20 @@ MMIO_PATTERN64 = 0x8877665544332211   # ^ vp: the register the r9b, ch and 8-byt
 MMIO_PRELOAD = 0x0123456789ABCDEF     # every load's destination register before the load
 MMIO_IMM16, MMIO_IMM32 = 0x5AA5, 0xA5A5A5A5
 
+# Boot parameters beyond RDI..RCX: R8 = flags, R9 = the command line page (NUL-terminated),
+# R10 = the image's span from IMAGE_GPA (what VP 0 measures into PCR 9).
+FLAG_TPM = 0x1                        # the VM has a vTPM: VP 0 does a measured boot
+CMDLINE_GPA, CMDLINE_MAX = 0x5000, 4095
+# The vTPM as the guest drives it (devices/vtpm.py, x86 layout) and what its measured boot writes.
+TPM_CONTROL_PORT, TPM_DATA_PORT = 0x1040, 0x1044
+TPM_IO_VERSION, TPM_IO_MAP_SHARED_MEMORY = 0, 1
+TPM_CRB_BASE, TPM_LOC_CTRL, TPM_START = 0xFED40000, 0x08, 0x4C
+TPM_BUFFER_GPA, TPM_BUFFER_SIZE = 0x8000, 4096   # command buffer, then the response buffer
+TPM_PCR_CMDLINE, TPM_PCR_IMAGE = 8, 9
+TPM_RANDOM_BYTES = 16
+TPM_NV_INDEX, TPM_NV_SIZE = 0x01500016, 8        # the boot counter, big endian
+TPM_NV_ATTRIBUTES = 0x02060002                   # OWNERWRITE | OWNERREAD | AUTHREAD | NO_DA
+
 result_dtype = np.dtype([("magic", "<u4"), ("vp_index", "<u4"), ("cpuid_ebx", "<u4"), ("cpuid_ecx", "<u4"),
                          ("cpuid_edx", "<u4"), ("in_value", "<u4"), ("mmio_value", "<u4"), ("pad", "<u4"),
                          ("msr_value", "<u8"), ("done", "<u4"), ("mmio_zx8", "<u4"), ("mmio_hi8", "<u8"),
@@ -49,6 +64,7 @@ def record_values(rec) -> dict:
 class Vtl0Guest:
     image: object          # elfimage.FirmwareImage
     vp_count: int
+    flags: int = 0         # R8: FLAG_TPM
 
     @property
     def entry(self) -> int:
@@ -58,11 +74,17 @@ class Vtl0Guest:
         return mem.array(RESULTS_GPA, RESULT_SIZE * self.vp_count).view(result_dtype)
 
 
-def load_vtl0_guest(mem, image, vp_count: int, vtl2_base: int) -> Vtl0Guest:
-    """Write the guest, its page tables and GDT; returns the handle for its results."""
+def load_vtl0_guest(mem, image, vp_count: int, vtl2_base: int, cmdline: str = "", tpm: bool = False) -> Vtl0Guest:
+    """Write the guest, its page tables, GDT and command line page; returns the handle for its
+    results. tpm: the VM has a vTPM (FLAG_TPM)."""
     top = STACKS_GPA + vp_count * STACK_SIZE
     if top > vtl2_base or IMAGE_GPA + image.span > STACKS_GPA:
         raise ValueError(f"VTL0 test guest for {vp_count} VPs needs VTL0 RAM up to {top:#x} (VTL2 starts at {vtl2_base:#x})")
+    text = cmdline.encode()
+    if len(text) > CMDLINE_MAX or b"\0" in text:
+        raise ValueError(f"VTL0 command line: at most {CMDLINE_MAX} bytes and no NUL")
+    # The whole span is what VP 0 measures: zero the gaps between segments and the BSS.
+    mem.fill(IMAGE_GPA, image.span)
     for seg in image.segments:
         mem.write(IMAGE_GPA + seg.vaddr, seg.data)
     mem.fill(PML4_GPA, 0x3000)
@@ -71,14 +93,18 @@ def load_vtl0_guest(mem, image, vp_count: int, vtl2_base: int) -> Vtl0Guest:
         mem.write_u64(PDPT_GPA + 8 * gig, (gig << 30) | 0xE3)  # P RW A D PS
     for i, entry in enumerate((0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)):
         mem.write_u64(GDT_GPA + 8 * i, entry)
+    mem.fill(CMDLINE_GPA, CMDLINE_MAX + 1)
+    mem.write(CMDLINE_GPA, text)
     mem.fill(RESULTS_GPA, RESULT_SIZE * vp_count)
-    return Vtl0Guest(image, vp_count)
+    return Vtl0Guest(image, vp_count, FLAG_TPM if tpm else 0)
 
 
 def initial_state(guest: Vtl0Guest, vp: int, iterations: int) -> dict:
     """VTL0 registers of vp at the guest's entry (RDI = VP index, RSI = count, RDX = results,
-    RCX = the workload loop's iteration count, BootConfig.vtl0_iterations)."""
+    RCX = the workload loop's iteration count, BootConfig.vtl0_iterations; R8 = flags, R9 = the
+    command line page, R10 = the image's span)."""
     ctx = long_mode_context(rip=guest.entry, rsp=STACKS_GPA + (vp + 1) * STACK_SIZE, cr3=PML4_GPA, gdt=(GDT_GPA, 0x1F),
                             cr0=0x80000031, cr4=0x620, efer=0xD00, cs=0x10, ds=0x18)   # PG NE ET PE; PAE OSFXSR OSXMMEXCPT
     return vtl.register_file(ctx, {HvRegister.Rdi: vp, HvRegister.Rsi: guest.vp_count, HvRegister.Rdx: RESULTS_GPA,
-                                   HvRegister.Rcx: iterations})
+                                   HvRegister.Rcx: iterations, HvRegister.R8: guest.flags,
+                                   HvRegister.R9: CMDLINE_GPA, HvRegister.R10: guest.image.span})

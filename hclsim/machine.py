@@ -125,7 +125,8 @@ class Machine:
         self.vtl0_guest = None
         if cfg.vtl0_guest:
             vtl0_image = load_firmware_image(firmware.build(firmware.VTL0_GUEST), "VTL0 test guest")
-            self.vtl0_guest = load_vtl0_guest(self.mem, vtl0_image, cfg.cpus, self.layout.vtl2_base)
+            self.vtl0_guest = load_vtl0_guest(self.mem, vtl0_image, cfg.cpus, self.layout.vtl2_base,
+                                              cmdline=cfg.vtl0_cmdline, tpm=cfg.tpm)
             self.symbolize.add("vtl0", IMAGE_GPA, vtl0_image)
             for seg in vtl0_image.segments:
                 digest.update(b"vtl0" + seg.vaddr.to_bytes(8, "little") + seg.data)

@@ -3,9 +3,10 @@ checked in one place: a C program built from the headers prints each shared #def
 each shared struct's size and member offsets, and the Python side must agree.
 
 Python declarations: boot/layout.py, sidecar/layout.py (names without the C's SIDECAR_ prefix),
-defs/hvdef.py, defs/platform.py, cpu/apic.py and boot/vtl0_guest.py (without VTL0_). A #define in a
-shared header that has no Python counterpart must be listed in FIRMWARE_ONLY with why, so a
-constant added on one side alone fails here.
+defs/hvdef.py, defs/platform.py, cpu/apic.py and boot/vtl0_guest.py (without VTL0_; its vTPM
+constants are also checked against devices/vtpm.py). A #define in a shared header that has no
+Python counterpart must be listed in FIRMWARE_ONLY with why, so a constant added on one side
+alone fails here.
 """
 import ctypes
 import re
@@ -134,6 +135,26 @@ def test_vtl0_workload_constants_are_shared(c_side):
     assert c_side[("vtl0_result", "checksum")] == (88, 8) and c_side[("vtl0_result", "iterations")] == (96, 4)
     assert c_side[("vtl0_result", "hypercall_status")] == (104, 8)
     assert c_side[("vtl0_result", "post_message")] == (112, 16)
+
+
+def test_vtl0_measured_boot_constants_are_the_devices_and_the_configs(c_side):
+    """The vTPM registers the guest drives are the device's (x86 layout), its command line page
+    holds what BootConfig allows, and its pages lie in VTL0 RAM nothing else of the guest uses."""
+    from hclsim import config
+    from hclsim.devices import vtpm
+    g = vtl0_guest
+    assert (g.TPM_CONTROL_PORT, g.TPM_DATA_PORT) == (vtpm.CONTROL_PORT, vtpm.DATA_PORT)
+    assert (g.TPM_IO_VERSION, g.TPM_IO_MAP_SHARED_MEMORY) == (vtpm.IO_VERSION, vtpm.IO_MAP_SHARED_MEMORY)
+    assert (g.TPM_CRB_BASE, g.TPM_LOC_CTRL, g.TPM_START) == (vtpm.CRB_BASE, vtpm.LOC_CTRL, vtpm.START)
+    assert g.TPM_BUFFER_SIZE == vtpm.BUFFER_SIZE and g.TPM_BUFFER_GPA % 4096 == 0
+    assert g.CMDLINE_MAX == config.VTL0_CMDLINE_MAX and g.CMDLINE_GPA % 4096 == 0
+    pages = [(g.PML4_GPA, g.GDT_GPA + 0x1000), (g.CMDLINE_GPA, g.CMDLINE_GPA + g.CMDLINE_MAX + 1),
+             (g.TPM_BUFFER_GPA, g.TPM_BUFFER_GPA + 2 * g.TPM_BUFFER_SIZE),
+             (g.RESULTS_GPA, g.RESULTS_GPA + 2048 * g.RESULT_SIZE), (g.IMAGE_GPA, g.STACKS_GPA)]
+    assert all(a_end <= b for (_, a_end), (b, _) in zip(pages, pages[1:]))
+    for name in ("VTL0_FLAG_TPM", "VTL0_CMDLINE_GPA", "VTL0_TPM_BUFFER_GPA", "VTL0_TPM_NV_INDEX",
+                 "VTL0_TPM_NV_ATTRIBUTES", "VTL0_TPM_PCR_CMDLINE", "VTL0_TPM_PCR_IMAGE"):
+        assert name not in FIRMWARE_ONLY and ("define", name) in c_side, name
 
 
 def test_every_header_constant_is_declared_in_python_or_firmware_only():

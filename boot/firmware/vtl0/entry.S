@@ -1,7 +1,8 @@
 /* VTL0 test guest entry.  Every VP starts here concurrently, in long mode on
  * the simulator's identity map and GDT, IF = 0:
  *   RDI = VP index, RSI = VP count, RDX = results page GPA,
- *   RCX = loop iterations (ITER), RSP = top of this VP's own 16 KiB stack (16-byte aligned).
+ *   RCX = loop iterations (ITER), R8 = flags (VTL0_FLAG_TPM), R9 = command line GPA,
+ *   R10 = the image's span, RSP = top of this VP's own 16 KiB stack (16-byte aligned).
  * The image has no relocations (link.ld asserts it), so there is nothing to
  * fix up and no VP has to wait for another. */
     .section .text.entry, "ax", @progbits
@@ -10,8 +11,10 @@
 vtl0_entry:
     cld
     xor     %ebp, %ebp                  /* end of the frame chain for debuggers */
-    /* RSP is 16-aligned here, so the call leaves it as the SysV ABI expects;
-     * RDI/RSI/RDX/RCX are already vtl0_main's arguments. */
+    /* RDI/RSI/RDX/RCX/R8/R9 are already vtl0_main's first six arguments; the span
+     * is its seventh, on the stack.  The pad keeps RSP 16-aligned at the call. */
+    sub     $8, %rsp
+    push    %r10
     call    vtl0_main
     .globl vtl0_halt
 vtl0_halt:                              /* step 14: park the VP for good */

@@ -4,32 +4,15 @@
  * and step 10 one per loop iteration.
  * Every step has its own noinline function so it shows up as a symbol when
  * stepping.  The run ends with the power-off write (step 13): the VM powers
- * off once every VP has made it. */
+ * off once every VP has made it.  The measured boot (VP 0, with a vTPM) is
+ * the exception: a whole TPM session (measured_boot.c). */
+#include "console.h"
+#include "measured_boot.h"
 #include "vtl0_guest.h"
 #include "x86_insn.h"
 
-void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa, uint32_t iterations);
-
-/* COM1 output: one OUT per character; the simulated UART never backs up, so
- * there is no LSR polling (that would add an IN intercept per character). */
-static void com1_puts(const char *s)
-{
-    for (; *s; s++)
-        outb(VTL0_COM1_PORT, (uint8_t)*s);
-}
-
-static void com1_put_dec(uint32_t v)
-{
-    char digits[10];
-    int n = 0;
-
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        outb(VTL0_COM1_PORT, (uint8_t)digits[--n]);
-}
+void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa, uint32_t iterations,
+               uint32_t flags, uint64_t cmdline_gpa, uint64_t image_span);
 
 /* Step 1: "hello from VTL0 vp N\n". */
 static __attribute__((noinline)) void step_com1_hello(uint32_t vp)
@@ -197,9 +180,12 @@ static __attribute__((noinline)) void step_power_off(uint32_t vp)
 }
 
 /* Called by vtl0_entry on every VP; returns into the hlt loop (step 14).
+ * With a vTPM (flags & VTL0_FLAG_TPM), VP 0 does its measured boot after the hypercall,
+ * before the workload (measured_boot.c); without one the flag test is all that changes.
  * The record is volatile so its stores happen in program order: done last,
  * before the goodbye on COM1 and the power-off write. */
-void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa, uint32_t iterations)
+void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa, uint32_t iterations,
+               uint32_t flags, uint64_t cmdline_gpa, uint64_t image_span)
 {
     volatile struct vtl0_result *r =
         (volatile struct vtl0_result *)(results_gpa + (uint64_t)VTL0_RESULT_SIZE * vp);
@@ -216,6 +202,8 @@ void vtl0_main(uint32_t vp, uint32_t vp_count, uint64_t results_gpa, uint32_t it
     step_mmio_stores(vp);
     step_rdmsr(r);
     step_hypercall(r);
+    if (vp == 0 && (flags & VTL0_FLAG_TPM))
+        step_measured_boot(cmdline_gpa, image_span);
     step_loop(iterations, r);
     r->done = 1;                                /* step 11 */
     __asm__ volatile("" ::: "memory");          /* done is stored before the OUTs below */

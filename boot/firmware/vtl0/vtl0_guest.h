@@ -1,5 +1,6 @@
 /* vtl0_guest.h - the VTL0 test guest's contract with the simulator: the
- * intercepted ports/addresses/MSR and the per-VP record in the results page.
+ * intercepted ports/addresses/MSR, the boot parameters, what the measured boot
+ * uses of the vTPM, and the per-VP record in the results page.
  * The Python side mirrors struct vtl0_result as a numpy dtype; change both
  * together (docs/contracts.md, "VTL0 test guest"). */
 #ifndef VTL0_GUEST_H
@@ -28,6 +29,31 @@
  * x = BASIS; for each i: x = (x ^ i) * PRIME. */
 #define VTL0_CHECKSUM_BASIS  0xcbf29ce484222325ull
 #define VTL0_CHECKSUM_PRIME  0x100000001b3ull
+
+/* Boot parameters beyond RDI..RCX (docs/contracts.md): R8 = flags, R9 = the GPA of the
+ * command line page (NUL-terminated), R10 = the image's span from VTL0_LOAD_GPA. */
+#define VTL0_FLAG_TPM        0x1u            /* R8 bit 0: the VM has a vTPM; VP 0 does a measured boot */
+#define VTL0_CMDLINE_GPA     0x5000ull       /* the loader writes the command line here */
+#define VTL0_CMDLINE_MAX     4095u           /* bytes before its NUL, at most (one page) */
+/* The vTPM as the guest drives it (x86 layout of the device: IO ports and the CRB). */
+#define VTL0_TPM_CONTROL_PORT 0x1040u        /* write a TpmIoCommand */
+#define VTL0_TPM_DATA_PORT   0x1044u         /* its 32-bit value; a read of all ones is an I/O error */
+#define VTL0_TPM_IO_VERSION  0u              /* TpmIoCommand: the interface version (read) */
+#define VTL0_TPM_IO_MAP_SHARED_MEMORY 1u     /* TpmIoCommand: the buffers' GPA (write) */
+#define VTL0_TPM_CRB_BASE    0xfed40000ull   /* the CRB control area (MMIO, 32-bit accesses) */
+#define VTL0_TPM_LOC_CTRL    0x08u           /* write 1: request locality 0 */
+#define VTL0_TPM_START       0x4cu           /* write 1: run the command; reads 0 once done */
+#define VTL0_TPM_BUFFER_GPA  0x8000ull       /* command buffer; the response follows */
+#define VTL0_TPM_BUFFER_SIZE 4096u           /* each buffer: response at BUFFER_GPA + 4096 */
+/* The measured boot: what goes where. */
+#define VTL0_TPM_PCR_CMDLINE 8u              /* SHA-256 of the command line (bytes before the NUL) */
+#define VTL0_TPM_PCR_IMAGE   9u              /* SHA-256 of the loaded image, VTL0_LOAD_GPA + span */
+#define VTL0_TPM_RANDOM_BYTES 16u            /* TPM2_GetRandom's size */
+#define VTL0_TPM_NV_INDEX    0x01500016u     /* the boot counter: 8 bytes, big endian */
+#define VTL0_TPM_NV_SIZE     8u
+/* OWNERWRITE | OWNERREAD | AUTHREAD | NO_DA: the owner writes it, anyone may read it with
+ * its (empty) auth, and a wrong password never counts towards dictionary-attack lockout. */
+#define VTL0_TPM_NV_ATTRIBUTES 0x02060002u
 
 /* MMIO instruction forms: each one's offset in the VP's slot.  A load of s bytes
  * reads (0xf00d0000 | offset in the range) truncated to s bytes (the host's device). */
