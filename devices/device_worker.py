@@ -175,8 +175,10 @@ class DeviceServer:
         return pb.DeviceInit(mmio=_regions(getattr(d, "mmio_regions", ())), pio=_regions(getattr(d, "pio_regions", ())),
                              error=error, restored=self.restored, version=PROTOCOL_VERSION)
 
-    def serve(self) -> None:
-        """Until the proxy hangs up."""
+    def serve(self) -> str | None:
+        """Until the proxy hangs up (None), or the device says it cannot go on (its fatal
+        reason, after the reply to the access that found it out: the worker then ends, and its
+        proxy restarts it from its committed state)."""
         _send(self.sock, self.init_message())
         while True:
             if self._backlog:
@@ -196,6 +198,9 @@ class DeviceServer:
             reply = self.handle(req)
             if reply is not None:
                 _send(self.sock, reply)
+            fatal = getattr(self.device, "fatal", None)
+            if fatal:
+                return fatal
 
     def _saved(self) -> bytes:
         return state_bytes(self.device)

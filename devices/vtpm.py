@@ -24,7 +24,7 @@ import struct
 from hclsim.defs.platform import Region
 from hclsim.devices.bus import IoError
 from hclsim.devices.saved_state import Field, Schema
-from hclsim.devices.swtpm import BLOB_PERMANENT, BLOB_VOLATILE
+from hclsim.devices.swtpm import BLOB_PERMANENT, BLOB_VOLATILE, SwtpmError
 
 CRB_BASE, CRB_SIZE = 0xFED40000, 0x70
 IO_BASE, IO_SIZE = 0x1040, 9                     # 0x1040..=0x1048
@@ -45,6 +45,9 @@ TCG2_PROTOCOL = 1
 HASH_ALG_SHA256 = 1 << 1                          # the bitmap's SHA-256 bit (SHA-1 is bit 0)
 PPI_WORDS = 7
 PPI_FILE, NVRAM_FILE = 2, 3                      # VMGS FileId TPM_PPI, TPM_NVRAM
+TPM_ST_NO_SESSIONS = 0x8001
+# GetCapability, GetTestResult, ReadPublic, PCR_Read, NV_ReadPublic: they change no TPM state.
+READ_ONLY_COMMANDS = frozenset((0x17A, 0x17C, 0x173, 0x17E, 0x169))
 
 
 class Vtpm:
@@ -65,6 +68,7 @@ class Vtpm:
         self._seeded = False                    # the engine holds this device's state
         self._nv = (None, None)                 # (swtpm's NV mark, the NV blob last persisted)
         self.nv_persists = 0
+        self.fatal: str | None = None           # why this device cannot go on (its worker ends, and restarts)
         self.guest_memory = None
         self.mmio_regions = (Region("control_area", CRB_BASE, CRB_SIZE),)
         self.pio_regions = (Region("io", IO_BASE, IO_SIZE),)
@@ -97,8 +101,17 @@ class Vtpm:
         self._nv = (self.engine.nv_mark(), nv)
         self._seeded = True
 
-    def _after_command(self) -> None:
-        """NV persisted if the command changed it; the volatile state kept for the saved state."""
+    def _seed_or_fail(self) -> None:
+        try:
+            self._seed()
+        except SwtpmError as exc:
+            self.fatal = f"the TPM engine failed: {exc}"
+            raise
+
+    def _after_command(self, command: bytes) -> None:
+        """NV persisted if the command changed it; the volatile state kept for the saved state
+        (~150-240 us for swtpm to marshal, so not after the commands that only read without a
+        session, whose state they cannot change)."""
         mark = self.engine.nv_mark()
         if mark != self._nv[0]:
             nv = self.engine.get_state(BLOB_PERMANENT)
@@ -106,7 +119,9 @@ class Vtpm:
                 self.nvram_store.persist(nv)
                 self.nv_persists += 1
             self._nv = (mark, nv)
-        self.volatile = self.engine.get_state(BLOB_VOLATILE)
+        tag, _size, code = struct.unpack_from(">HII", command)
+        if not (tag == TPM_ST_NO_SESSIONS and code in READ_ONLY_COMMANDS):
+            self.volatile = self.engine.get_state(BLOB_VOLATILE)
 
     def _persist_ppi(self) -> None:
         if self.ppi_store is not None:
@@ -114,7 +129,7 @@ class Vtpm:
 
     def mmio_read(self, gpa: int, size: int):
         if not self._seeded:
-            self._seed()
+            self._seed_or_fail()
         off = gpa - CRB_BASE
         if size == 8 and off not in WIDE_OFFSETS or size not in (1, 2, 4, 8):
             return IoError(f"a {size}-byte read at control area {off:#x}")
@@ -135,7 +150,7 @@ class Vtpm:
 
     def mmio_write(self, gpa: int, size: int, value: int):
         if not self._seeded:
-            self._seed()
+            self._seed_or_fail()
         off = gpa - CRB_BASE
         if size not in (1, 2, 4) or off % 4:
             return IoError(f"a {size}-byte write at control area {off:#x}")
@@ -173,9 +188,12 @@ class Vtpm:
             if len(response) > room:
                 return IoError(f"a {len(response)}-byte response does not fit in {room} bytes")
             self.commands += 1
-            self._after_command()                       # NV persisted before the guest sees the response
+            self._after_command(command)                # NV persisted before the guest sees the response
             self.guest_memory.write(self._pa(RESPONSE_PA_LO), response)
-        except Exception as exc:                       # guest memory or the engine failed
+        except SwtpmError as exc:                      # the engine is gone: nothing more can be served
+            self.fatal = f"the TPM engine failed: {exc}"
+            return IoError(f"TPM command failed: {exc}")
+        except Exception as exc:                       # guest memory or a store failed
             return IoError(f"TPM command failed: {exc}")
         finally:
             self.regs[START] = 0
@@ -184,7 +202,7 @@ class Vtpm:
     # ---- the I/O ports ---------------------------------------------------------------------
     def pio_read(self, port: int, size: int):
         if not self._seeded:
-            self._seed()
+            self._seed_or_fail()
         if port != DATA_PORT:
             return IoError(f"port {port:#x} is not the TPM's data port (invalid register)")
         if size != 4:
@@ -210,7 +228,7 @@ class Vtpm:
 
     def pio_write(self, port: int, size: int, value: int):
         if not self._seeded:
-            self._seed()
+            self._seed_or_fail()
         if size != 4:
             return IoError(f"a {size}-byte write to TPM port {port:#x} (invalid access size)")
         if port == CONTROL_PORT:

@@ -77,8 +77,10 @@ ENGINE = {}                              # the tpm host's swtpm, started before 
 
 
 def _tpm_engine_dir() -> str:
-    """swtpm's state folder: the tpm worker's state folder, on the host (swtpm is a host program)."""
-    return os.path.join(linux.root_dir(), "var/lib/hclsim-devices/tpm/swtpm")
+    """swtpm's state folder, on the host (swtpm is a host program): one per worker, since the
+    one of a worker just killed may still be held by its swtpm (which ends when it notices), and
+    nothing in it outlives the worker (NV is in the VMGS, the rest in the saved state)."""
+    return os.path.join(linux.root_dir(), f"var/lib/hclsim-devices/tpm/swtpm-{os.getpid()}")
 
 
 def prepare_host(name: str) -> None:
@@ -156,7 +158,9 @@ class RemoteChipsetDeviceWorker:
                            *linux.kernel_fds()})
         self.log.info(f"device {name}: serving ({'restored from' if blob else 'new, state in'} "
                       f"{self.params.state_dir}; {memory}; {applied})")
-        DeviceServer(device, self.sock, commit=store.commit, restored=blob is not None).serve()
+        fatal = DeviceServer(device, self.sock, commit=store.commit, restored=blob is not None).serve()
+        if fatal:
+            raise RuntimeError(f"device {name}: {fatal}; the worker ends (its proxy restarts it)")
 
     @staticmethod
     def _map_guest_memory(device) -> str:

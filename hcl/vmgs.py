@@ -208,6 +208,11 @@ class DeviceFiles:
         self._check(file_id)
         return self.store.read_file(file_id) if self.store is not None else self.memory.get(file_id)
 
+    def file_store(self, file_id: int) -> "FileStore":
+        """One of the files as a device's own NonVolatileStore (a device on the VM worker's bus)."""
+        self._check(file_id)
+        return FileStore(self, file_id)
+
     def persist(self, file_id: int, data: bytes) -> None:
         self._check(file_id)
         if self.store is not None:
@@ -215,6 +220,17 @@ class DeviceFiles:
         else:
             self.memory[file_id] = bytes(data)
         self.persists += 1
+
+
+class FileStore:
+    def __init__(self, files: DeviceFiles, file_id: int):
+        self.files, self.file_id = files, file_id
+
+    def restore(self) -> bytes | None:
+        return self.files.restore(self.file_id)
+
+    def persist(self, data: bytes) -> None:
+        self.files.persist(self.file_id, data)
 
 
 def check_file(path: str) -> str:

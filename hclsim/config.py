@@ -127,6 +127,11 @@ class BootConfig:
                                   f"{', '.join(sorted(WORKER_DEVICES))})")
         if len(self.vtl0_cmdline.encode()) > VTL0_CMDLINE_MAX or "\0" in self.vtl0_cmdline:
             raise ConfigError(f"--vtl0-cmdline: at most {VTL0_CMDLINE_MAX} bytes and no NUL (the guest's command line page)")
+        if self.tpm:
+            from hclsim.devices.swtpm import swtpm_binary
+            if swtpm_binary() is None:
+                raise ConfigError("--tpm: swtpm, the vTPM's TPM 2.0 engine, is not installed "
+                                  "(Debian: apt-get install swtpm)")
         if self.state_dir is not None and os.path.exists(self.state_dir) and not os.path.isdir(self.state_dir):
             raise ConfigError(f"--state {self.state_dir}: not a folder")
         if self.host_cpu_order is not None and sorted(self.host_cpu_order) != list(range(self.cpus)):
