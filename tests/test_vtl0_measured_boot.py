@@ -109,13 +109,44 @@ def test_without_a_vtpm_the_guest_prints_no_tpm_lines():
 
 
 @needs_swtpm
-@pytest.mark.xfail(reason="state_dir wiring", strict=False)
 def test_the_boot_counter_is_kept_in_the_vm_state_across_runs(tmp_path):
+    import os
+    from hclsim.hcl import vmgs
     config = BootConfig(cpus=1, tpm=True, vtl0_iterations=ITERATIONS, state_dir=str(tmp_path / "vm"))
     first, second = run_system(config), run_system(config)
     assert nv_boot(first.com1) == (0, 1)
     assert nv_boot(second.com1) == (1, 2)
     check_measured_boot(second.com1, config.vtl0_cmdline)        # PCRs start again from zero
+    assert "VMGS: formatted a blank disk" in first.kmsg and "TPM_NVRAM" in second.kmsg
+    fd = os.open(tmp_path / "vm" / "hclsim.vmgs", os.O_RDONLY)
+    try:
+        files = vmgs.Vmgs(fd).files()                            # the TPM's NV state, as OpenHCL keeps it
+    finally:
+        os.close(fd)
+    assert files.get(vmgs.TPM_NVRAM, 0) > 1000 and vmgs.TPM_PPI not in files   # no PPI request was made
+    # Without --state a VM starts with a fresh store: a first boot again.
+    assert nv_boot(run_system(config.with_(state_dir=None)).com1) == (0, 1)
+
+
+@needs_swtpm
+def test_the_boot_counter_survives_a_reset_of_the_vm(tmp_path):
+    """underhill-vm killed after the measured boot: the kernel panics, the host resets the VM,
+    and the next boot's TPM (a new worker, a new swtpm) has the NV the first one wrote."""
+    import os
+    import signal
+    import threading
+    from tests.test_userspace import descendants
+    killed = []
+
+    def on_console(_vp, line: bytes) -> None:
+        if b"tpm: measured boot done" in line and not killed:
+            killed.append(True)
+            vm = [pid for pid, comm in descendants(os.getpid()).items() if comm == "underhill-vm"]
+            threading.Thread(target=lambda: [os.kill(p, signal.SIGKILL) for p in vm], daemon=True).start()
+    config = BootConfig(cpus=1, tpm=True, vtl0_iterations=20000, state_dir=str(tmp_path / "vm"))
+    outcome = run_system(config, on_console=on_console, timeout=120)
+    assert killed and outcome.resets == 1 and outcome.status == "power-off"
+    assert nv_boot(outcome.com1) == (1, 2)                       # the boot after the reset
 
 
 # ---- in process: the guest's VP loop with a device of the test's own --------------------------------
