@@ -450,10 +450,14 @@ class ProxyDevice:
                 raise ValueError("an empty guest memory request")
         except (ValueError, IndexError, OSError) as exc:
             reply.error = str(exc) or type(exc).__name__
+        self._answer(memory=reply)
+
+    def _answer(self, **reply) -> None:
+        """A reply to a request of the worker's (the worker may be gone by now)."""
         sock = self.sock
         if sock is not None:
             try:
-                _send(sock, pb.DeviceRequest(memory=reply))
+                _send(sock, pb.DeviceRequest(**reply))
             except WorkerGone:
                 pass
 
@@ -475,12 +479,7 @@ class ProxyDevice:
                 raise ValueError("an empty store request")
         except Exception as exc:             # VmgsError, a file not the device's, the disk failing
             reply.error = str(exc) or type(exc).__name__
-        sock = self.sock
-        if sock is not None:
-            try:
-                _send(sock, pb.DeviceRequest(store=reply))
-            except WorkerGone:
-                pass
+        self._answer(store=reply)
 
     def _lost(self, sock, why: str) -> None:
         """Fail what is pending on sock's worker, and bring a new worker up."""

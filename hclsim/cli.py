@@ -483,6 +483,9 @@ def build_parser():
     diag_cli.add_parser(sub)
     sub.choices["diag"].set_defaults(func=diag_cli.cmd_diag)
 
+    from hclsim import vmgs_cli
+    vmgs_cli.add_parser(sub)
+
     fw = sub.add_parser("firmware", help="firmware tools")
     fw_sub = fw.add_subparsers(dest="firmware_command", required=True, metavar="{build}")
     b = fw_sub.add_parser("build", help="build the firmware images (cached by a hash of their sources) and print their paths")

@@ -122,3 +122,35 @@ def test_a_full_disk_and_bad_file_ids_are_errors(tmp_path):
         with pytest.raises(vmgs.VmgsError, match="no VMGS file"):
             store.read_file(bad)
     os.close(fd)
+
+
+def test_hclsim_vmgs_shows_a_state_folders_store_and_reads_its_files(tmp_path):
+    import json
+    import subprocess
+    import sys
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    path, fd = _disk(folder, "hclsim.vmgs")
+
+    def hclsim(*args):
+        return subprocess.run([sys.executable, "-m", "hclsim", "vmgs", *map(str, args)], capture_output=True,
+                              timeout=60)
+    assert hclsim(folder).stdout.decode().strip() == f"{path}: blank (never formatted)"
+    store = vmgs.Vmgs(fd)
+    store.write_file(vmgs.TPM_NVRAM, b"\x00nv\xff" * 500)
+    store.write_file(vmgs.TPM_PPI, bytes(28))
+    os.close(fd)
+    text = hclsim(folder).stdout.decode().splitlines()
+    assert text[0] == f"{path}: VMGS 3.0, 4096 KiB, active header 0 (sequence 3), 2 files"
+    assert text[1].split()[:4] == ["TPM_PPI", "(", "2)", "28"] and text[2].split()[0] == "TPM_NVRAM"
+    summary = json.loads(hclsim(path, "--json").stdout)
+    assert summary["files"]["3"] == {"name": "TPM_NVRAM", "bytes": 2000, "block": summary["files"]["3"]["block"]}
+    assert hclsim(folder, "--read", 3).stdout == b"\x00nv\xff" * 500
+    hclsim(folder, "--read", 2, "--out", tmp_path / "ppi.bin")
+    assert (tmp_path / "ppi.bin").read_bytes() == bytes(28)
+    missing = hclsim(folder, "--read", 1)
+    assert missing.returncode == 1 and missing.stderr.decode().strip().endswith("file 1 (BIOS_NVRAM) was never written")
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"x" * 9000)
+    bad = hclsim(junk)
+    assert bad.returncode == 1 and bad.stderr.decode().count("\n") == 1 and "not a VMGS" in bad.stderr.decode()
