@@ -15,12 +15,14 @@ A result is done (a value, or None for a write), an IoError, or a Deferred that 
 Nothing claims an access: reads float high (all ones), writes are dropped, as on a PC bus.
 """
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from hclsim import HclsimError
 from hclsim.defs.platform import Region
 
 DEFER_TIMEOUT = 30.0   # seconds a deferred access may take before it counts as a device error
+ERRORS_LOGGED = 20     # per device: a line each for the first 20 access errors, then a count
 
 
 class BusError(HclsimError):
@@ -75,7 +77,12 @@ class Bus:
         self.devices: dict[str, object] = {}
         self._claims = {"pio": [], "mmio": []}
         self.unclaimed: dict[tuple[str, int], int] = {}   # (space, address) -> accesses
-        self.errors: list[tuple[str, str, int, str]] = []  # (device, space, address, message)
+        # The latest errors (device, space, address, message), their count per device, and
+        # on_error(device, text): one line for each of a device's first ERRORS_LOGGED errors
+        # (a guest hammering a bad register must not flood the log; the count goes on).
+        self.errors: deque = deque(maxlen=256)
+        self.error_counts: dict[str, int] = {}
+        self.on_error = None
 
     # ---- the map ----------------------------------------------------------------------------
     def add(self, device):
@@ -120,9 +127,17 @@ class Bus:
         if isinstance(result, Deferred):
             result = result.wait()
         if isinstance(result, IoError):
-            self.errors.append((dev.name, space, address, result.message))
+            self._error(dev.name, space, address, size, value, result.message)
             return (1 << (8 * size)) - 1 if value is None else 0
         return 0 if value is not None else int(result) & ((1 << (8 * size)) - 1)
+
+    def _error(self, name: str, space: str, address: int, size: int, value, message: str) -> None:
+        self.errors.append((name, space, address, message))
+        n = self.error_counts[name] = self.error_counts.get(name, 0) + 1
+        if self.on_error is not None and n <= ERRORS_LOGGED:
+            what = f"{size}-byte {space} {'read' if value is None else 'write'} at {address:#x}"
+            more = f" (further errors of {name} are only counted)" if n == ERRORS_LOGGED else ""
+            self.on_error(name, f"device {name}: {what} failed: {message or 'I/O error'}{more}")
 
     def pio_read(self, port: int, size: int) -> int:
         return self._access("pio", port, size, None)

@@ -148,6 +148,7 @@ class UnderhillWorker:
             tpm = (self.proxies["tpm"],)
         bus = vtl0_bus(len(present), console_sink=self._console_output, on_power_off=self._power_off,
                        replace={n: p for n, p in self.proxies.items() if n != "tpm"}, extra=tpm)
+        bus.on_error = lambda _name, text: self.log.warn(text)        # the host's one line per error
         self.loop = loop = vp.VpLoop(vtl, sidecars, bus, self.log, no_sidecar_hotplug=self.opts.no_sidecar_hotplug)
         online = {cpu: is_cpu_online(cpu) for cpu in present}
         for cpu, up in online.items():
@@ -252,8 +253,11 @@ class UnderhillWorker:
                     "host": f"underhill-{name}", "restarts": it.counter(dev.restarts),
                     "failed_accesses": it.counter(dev.failed_accesses), "requests": it.counter(dev.requests),
                     "restored": dev.restored, "state": it.Lazy(lambda d=dev: _device_state(d)),
-                    "store_requests": it.counter(dev.store_requests)}
+                    "store_requests": it.counter(dev.store_requests),
+                    "access_errors": it.counter(loop.bus.error_counts.get(name, 0))}
                 continue
+            if name in loop.bus.error_counts:
+                devices.setdefault(name, {})["access_errors"] = it.counter(loop.bus.error_counts[name])
             for attr in ("writes", "reads", "accesses"):
                 v = getattr(dev, attr, None)
                 if isinstance(v, int):

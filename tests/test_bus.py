@@ -62,6 +62,19 @@ def test_routing_unclaimed_and_errors():
     assert bus.unclaimed == {("pio", 0x9999): 2, ("mmio", 0x1000): 1}
 
 
+def test_access_errors_are_one_line_each_then_only_counted():
+    from hclsim.devices.bus import ERRORS_LOGGED
+    bus = Bus("vm")
+    bus.add(Scratch())
+    lines = []
+    bus.on_error = lambda name, text: lines.append((name, text))
+    for _ in range(ERRORS_LOGGED + 30):
+        assert bus.pio_read(0x500, 4) == 0xFFFFFFFF
+    assert lines[0] == ("scratch", "device scratch: 4-byte pio read at 0x500 failed: the doorbell is write-only")
+    assert len(lines) == ERRORS_LOGGED and lines[-1][1].endswith("(further errors of scratch are only counted)")
+    assert bus.error_counts == {"scratch": ERRORS_LOGGED + 30} and len(bus.errors) == ERRORS_LOGGED + 30
+
+
 def test_a_deferred_access_completes_from_another_thread():
     pending = []
 

@@ -83,6 +83,9 @@ def test_a_worker_killed_mid_run_is_restarted_from_its_committed_state(tmp_path)
         t.join(60)
     assert "error" not in box, box.get("error")
     assert b"vp 0 done" in box["outcome"].com1
+    if failed:                                   # the guest's failed access: the host's one line about it
+        assert "device loop_port: 4-byte pio write at 0x444 failed: device worker loop_port lost" \
+            in box["outcome"].kmsg
 
 
 def test_a_worker_holds_nothing_but_its_channel_and_cannot_open_files(tmp_path):
