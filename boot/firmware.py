@@ -60,6 +60,11 @@ class FirmwareSpec:
 SHIM = FirmwareSpec("shim", BOOT_DIR / "firmware" / "shim")
 SIDECAR = FirmwareSpec("sidecar", BOOT_DIR.parent / "sidecar" / "firmware")
 VTL0_GUEST = FirmwareSpec("vtl0", BOOT_DIR / "firmware" / "vtl0")
+# The real /init of the test initrd for booting a distribution Linux (boot/initrd.py:
+# real_init_initrd()): a static ET_EXEC at 0x400000, no DWARF (-g0) so the build holds no
+# path of the checkout and the initrd is the same bytes wherever it is built.
+INIT = FirmwareSpec("init", BOOT_DIR / "firmware" / "init", pie=False, include_dirs=(),
+                    extra_cflags=("-g0",))
 
 
 def cache_dir() -> Path:

@@ -9,11 +9,13 @@ initrd is kernel_stub/rootfs.config); build_initrd() archives a folder the same 
 import bz2
 import ctypes
 import gzip
+import hashlib
 import lzma
 import os
 import re
 import stat
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import zstandard
 from libarchive.entry import FileType
 
 from hclsim import HclsimError
+from hclsim.boot import firmware
 from hclsim.boot.kernel import CompressedStreamError, decompress_stream, detect_compression
 
 NEWC_MAGICS = (b"070701", b"070702")  # newc, and newc with checksums ("crc")
@@ -441,3 +444,40 @@ def lz4_legacy_compress(data: bytes) -> bytes:
         out.append(struct.pack("<I", len(block)) + block)
     return b"".join(out)
 
+
+
+# --- the test initrd around the real /init (boot/firmware/init) --------------------------------
+
+REAL_INIT_CONFIG = Path(__file__).resolve().parent / "firmware" / "init" / "initrd.config"
+
+
+def real_init_initrd(force: bool = False) -> Path:
+    """The test initrd for booting a real Linux kernel: /init (boot/firmware/init, built into
+    the cache by boot/firmware.build()), /dev/console (c 5 1), /dev, /proc and /sys, as
+    boot/firmware/init/initrd.config lists them; a gzip-compressed newc cpio, byte-identical
+    wherever it is built (mtime 0, owner 0:0, inodes 1.. in config order, gzip mtime 0).
+
+    Cached as <cache>/initrd/real-init-<sha256 of its bytes, 16 hex digits>.cpio.gz; the cpio is
+    rebuilt from the cached ELF each call (it is a few KiB) and written only if missing.
+    """
+    elf = firmware.build(firmware.INIT, force=force)
+    data = build_initrd_from_config(REAL_INIT_CONFIG, elf.parent, "gzip", extra_sources={"init": elf})
+    out = firmware.cache_dir() / "initrd" / f"real-init-{hashlib.sha256(data).hexdigest()[:16]}.cpio.gz"
+    if out.exists() and not force:
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside and renamed into place: parallel test workers may race here.
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".real-init-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise firmware.CacheDirError(f"cache folder {firmware.cache_dir()} cannot be used: "
+                                     f"{e.strerror or e}; point HCLSIM_CACHE at a writable folder") from None
+    return out
