@@ -257,6 +257,7 @@ class Engine:
             ctypes.cast(self._scratch_ptr, ctypes.c_void_p).value + _OLD_EXCEPTION)
         self.long_mode_templates = {}   # Vp.start: StartVp contexts by all but CR3
         self.after_run = []             # callables run after every emu_start (device output flushes)
+        self.exception_handler = None   # intno -> True when it delivered the exception to the guest
 
     def reset(self, cpuid_table) -> None:
         """Make a pooled engine look new to the next machine: registers, counters and devices
@@ -264,6 +265,7 @@ class Engine:
         self.uc.context_restore(self.pristine)
         self.long_mode_templates.clear()
         self.after_run = []
+        self.exception_handler = None
         self.state.reset(cpuid_table)
         self.state.buf[fastpath.H_PAGING] = 1
         self.runvp.reset()
@@ -530,7 +532,15 @@ class Engine:
 
     def _on_interrupt(self, uc, intno, user_data):
         # No IDT delivery in Unicorn: any exception ends the run (the shim has no IDT either,
-        # so on hardware this would escalate to a triple fault).
+        # so on hardware this would escalate to a triple fault), unless an exception handler
+        # (a guest with an IDT of its own: cpu/delivery.py) takes it.
+        if self.exception_handler is not None:
+            try:
+                if self.exception_handler(intno):
+                    return
+            except BaseException as exc:  # not through C frames: end the run and raise after it
+                self.request_stop(exc)
+                return
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         if intno == 14:
             cr2 = uc.reg_read(x86.UC_X86_REG_CR2)
