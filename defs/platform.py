@@ -13,6 +13,15 @@ ISOLATION_BY_NAME = {"none": ISOLATION_NONE, "vbs": ISOLATION_VBS, "snp": ISOLAT
 COM1_PORT, COM3_PORT = 0x3F8, 0x3E8
 UART_PORT_COUNT = 8
 
+# The legacy PC platform (devices/pic8259.py, pit8254.py, cmos_rtc.py): base ports and ISA IRQs.
+PIC_MASTER_PORT, PIC_SLAVE_PORT = 0x20, 0xA0   # command, data: 2 ports each
+PIC_ELCR_PORT = 0x4D0                          # ELCR1 (IRQ 0-7), ELCR2 (IRQ 8-15)
+PIT_PORT = 0x40                                # channels 0-2 at 0x40-0x42
+PIT_CONTROL_PORT = 0x43
+SYSTEM_CONTROL_PORT_B = 0x61                   # NMI status and control: PIT channel 2 gate and output
+RTC_INDEX_PORT, RTC_DATA_PORT = 0x70, 0x71     # CMOS index (bit 7: NMI disable), data
+IRQ_PIT, IRQ_CASCADE, IRQ_COM1, IRQ_COM3, IRQ_RTC = 0, 2, 4, 4, 8
+
 
 @dataclass(frozen=True)
 class Region:

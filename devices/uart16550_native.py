@@ -4,6 +4,8 @@ engine's port hook calls (no GIL, no Python) and the state buffer a native Uart1
 Imported by uart16550.Uart16550(native=True) only, so a light process never loads numba.
 (numba's cache does not see changes to a function of another file: after editing
 uart16550.register_access, touch this file so the cached handler is compiled again.)
+The native handler runs the interrupt logic too (THRE latch, IIR, the line in R_LINE) but calls
+no one: the Python device reports the line at its next flush() or update_irq().
 """
 import numpy as np
 from numba import carray, cfunc, njit, types
