@@ -1,12 +1,15 @@
 """Native (numba @cfunc) exit hooks: port I/O to the devices that offer a native handler, CPUID,
 and instruction counting per translated block.
 
-Each engine owns one FastPathState: an int64 header (slots H_*) followed by the CPUID table and
-the block-count cache, all in one numpy buffer whose address is the hooks' user_data. The header
-holds the native port table (devices/bus.py fills it: base, length, handler, device state per
-row); I/O to any other port, or an access a native handler declines (a full output ring), goes
-through the slow-I/O function pointer into Python and so to the device bus.
+Each engine owns one FastPathState: an int64 header (slots H_*) followed by the CPUID table, in
+one numpy buffer whose address is the hooks' user_data, and the block-count cache in a mapping of
+its own (H_BT_ADDR). The header holds the native port table (devices/bus.py fills it: base,
+length, handler, device state per row); I/O to any other port, or an access a native handler
+declines (a full output ring), goes through the slow-I/O function pointer into Python and so to
+the device bus.
 """
+
+import mmap
 
 import numpy as np
 from numba import carray, cfunc, njit, types
@@ -21,9 +24,13 @@ from hclsim.cpu.pagetable import walk
 
 # Header slots.
 (H_TOTAL, H_FN_SLOW_IO, H_FN_REG_READ, H_FN_REG_WRITE, H_FN_UC_STOP, H_ICOUNT, H_BLOCKS,
- H_IO_FAST, H_IO_SLOW, H_CPUID_EXITS, H_APIC_ID, H_CPUID_OFF, H_CPUID_ROWS, H_BT_OFF, H_BT_SIZE,
+ H_IO_FAST, H_IO_SLOW, H_CPUID_EXITS, H_APIC_ID, H_CPUID_OFF, H_CPUID_ROWS, H_BT_ADDR, H_BT_SIZE,
  H_RAM_ADDR, H_RAM_SIZE, H_NPIO_COUNT, H_BT_MISSES, H_PAGING, H_LAST_BLOCK) = range(21)
 # H_LAST_BLOCK: end of the previous block; H_NPIO_COUNT: rows used in the native port table.
+# The block-count cache: H_BT_PROBES, slots examined by lookups (at most BLOCK_TABLE_WAYS each; a
+# per-run counter like H_BT_MISSES); H_BT_EVICTIONS, entries it dropped to make room since it was
+# last emptied, and H_BT_ENTRIES, slots in use (both kept across reset() with the table itself).
+H_BT_EVICTIONS, H_BT_PROBES = 22, 23
 # The native MSR path (cpu/msr_fastpath.py): the running VP, the hypervisor's APIC table, the
 # count of MSR exits handled natively, and the Python site handler for the others.
 H_VP_INDEX, H_APIC_TABLE, H_APIC_ROWS, H_MSR_FAST, H_FN_SLOW_SITE = range(24, 29)
@@ -35,9 +42,35 @@ H_HV_AREA, H_HC_FAST = 29, 30
 H_RUNVP_AREA, H_NATIVE_STOP = 31, 21
 # The native port table: NPIO_MAX rows of (first port, port count, handler address, state address).
 H_NPIO, NPIO_COLUMNS, NPIO_MAX = 32, 4, 8
-HEADER_SLOTS = H_NPIO + NPIO_COLUMNS * NPIO_MAX
+H_BT_ENTRIES = H_NPIO + NPIO_COLUMNS * NPIO_MAX
+HEADER_SLOTS = H_BT_ENTRIES + 1
 
-BLOCK_TABLE_SIZE = 1 << 15        # entries of (key, count); key = address + 1, 0 = empty
+# The block-count cache: BLOCK_TABLE_SIZE slots of (key, count), key = (VA + 1) ^ (size << 48),
+# 0 = empty, count -1 = stale (invalidate_blocks). Set-associative: a key's bucket is the
+# BLOCK_TABLE_WAYS consecutive slots (128 bytes) picked by a hash of the key, so a lookup examines
+# at most that many slots, hit or miss, however many blocks the guest has run, and a miss costs
+# one decode. A bucket is kept newest first: an insert goes to way 0 and the ways before the slot
+# it takes move down one (the slot: the first empty or stale one, else the last, whose entry, the
+# bucket's oldest, is evicted). FIFO per bucket: deterministic (the same run gives the same counts
+# and misses), nothing written on a hit; an evicted block is decoded again when it next runs.
+#
+# Size: engines are per process, not per vCPU (every VP is a context on the machine's one engine,
+# cpu/pool.py keeps at most MAX_IDLE_PER_SIZE idle ones per RAM size; only the engine-per-VP
+# benchmark baseline, Machine.use_engine_per_vp, makes more), and the table is a private
+# anonymous mapping without huge pages, committed a 4 KiB page at a time as blocks land in it
+# and released by forget_blocks. So 1 << 19 slots (8 MiB when full) cost an engine that runs a
+# few hundred blocks (a sidecar AP's, a firmware boot's ~1000) what the 1 << 15 slots before did,
+# and hold a Linux boot's hundreds of thousands: at 200k distinct blocks ~1% of the keys land in a
+# bucket already holding 8 (~27% with 1 << 18 slots), and only those miss again (cyclic code that
+# large, the worst case for FIFO: benches/bench_blocks.py).
+#
+# The key is the block's virtual address and size, not CR3: reading CR3 is a register call per
+# block on the hot path. So two address spaces running different code at the same VA, in blocks
+# of the same size, share one cached count (wrong for one of them, deterministically); Unicorn's
+# own translations are keyed by physical address and stay right.
+BLOCK_TABLE_SIZE = 1 << 19
+BLOCK_TABLE_WAYS = 8
+_BT_HASH = np.int64(-0x61C8864680B583EB)   # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
 
 
 @intrinsic
@@ -53,23 +86,29 @@ class FastPathState:
     """The numpy buffer behind one engine's native hooks."""
 
     def __init__(self, cpuid_table: np.ndarray, ram_address: int, ram_size: int, slow_io_address: int):
+        buckets = BLOCK_TABLE_SIZE // BLOCK_TABLE_WAYS
+        if buckets < 1 or buckets & (buckets - 1) or buckets * BLOCK_TABLE_WAYS != BLOCK_TABLE_SIZE:
+            raise ValueError("BLOCK_TABLE_SIZE must be a power-of-two number of BLOCK_TABLE_WAYS buckets")
         rows = cpuid_table.shape[0]
         cpuid_off = HEADER_SLOTS
-        bt_off = cpuid_off + rows * 6
-        total_slots = bt_off + BLOCK_TABLE_SIZE * 2
+        total_slots = cpuid_off + rows * 6
         self.buf = np.zeros(total_slots, np.int64)
         h = self.buf
+        # Page-aligned, so a bucket is two cache lines; zero until written, pages committed on use.
+        self._block_map = mmap.mmap(-1, BLOCK_TABLE_SIZE * 16, flags=mmap.MAP_PRIVATE)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self._block_map.madvise(mmap.MADV_NOHUGEPAGE)   # a 2 MiB page for a few blocks: no
+        self.block_table = np.frombuffer(self._block_map, np.int64).reshape(BLOCK_TABLE_SIZE, 2)
         h[H_TOTAL] = total_slots
         h[H_FN_SLOW_IO] = slow_io_address
         h[H_FN_REG_READ] = native.UC_REG_READ
         h[H_FN_REG_WRITE] = native.UC_REG_WRITE
         h[H_FN_UC_STOP] = native.UC_EMU_STOP
         h[H_CPUID_OFF], h[H_CPUID_ROWS] = cpuid_off, rows
-        h[H_BT_OFF], h[H_BT_SIZE] = bt_off, BLOCK_TABLE_SIZE
+        h[H_BT_ADDR], h[H_BT_SIZE] = self.block_table.ctypes.data, BLOCK_TABLE_SIZE
         h[H_RAM_ADDR], h[H_RAM_SIZE] = ram_address, ram_size
-        self.cpuid_table = h[cpuid_off:bt_off].reshape(rows, 6)
+        self.cpuid_table = h[cpuid_off:total_slots].reshape(rows, 6)
         self.cpuid_table[:] = cpuid_table
-        self.block_table = h[bt_off:total_slots].reshape(BLOCK_TABLE_SIZE, 2)
         self.native_pio = h[H_NPIO:H_NPIO + NPIO_COLUMNS * NPIO_MAX].reshape(NPIO_MAX, NPIO_COLUMNS)
 
     def reset(self, cpuid_table: np.ndarray) -> None:
@@ -77,7 +116,7 @@ class FastPathState:
         h = self.buf
         h[H_ICOUNT:H_CPUID_EXITS + 1] = 0
         h[H_MSR_FAST] = h[H_HC_FAST] = 0
-        h[H_BT_MISSES] = 0
+        h[H_BT_MISSES] = h[H_BT_PROBES] = 0
         h[H_LAST_BLOCK] = 0
         self.set_native_pio([])
         if cpuid_table.shape != self.cpuid_table.shape:
@@ -94,7 +133,24 @@ class FastPathState:
         self.buf[H_NPIO_COUNT] = len(rows)
 
     def forget_blocks(self) -> None:
-        self.block_table[:] = 0
+        """Empty the block-count cache (all its translations are gone too)."""
+        if self.buf[H_BT_ENTRIES]:
+            self._block_map.madvise(mmap.MADV_DONTNEED)   # private anonymous: zero again, pages released
+        self.buf[H_BT_ENTRIES] = self.buf[H_BT_EVICTIONS] = 0
+
+    @property
+    def holds_every_block(self) -> bool:
+        """Whether every block counted since the cache was emptied is still in it (none evicted);
+        only then does block_table name every block Unicorn may still hold a translation of."""
+        return self.buf[H_BT_EVICTIONS] == 0
+
+    def block_cache_stats(self) -> dict:
+        """The block-count cache: slots, ways, entries in use, evictions since it was emptied,
+        and this run's misses and slots examined by lookups (at most ways per lookup)."""
+        h = self.buf
+        return {"slots": int(h[H_BT_SIZE]), "ways": BLOCK_TABLE_WAYS,
+                "entries": int(h[H_BT_ENTRIES]), "evictions": int(h[H_BT_EVICTIONS]),
+                "lookups": int(h[H_BLOCKS]), "misses": int(h[H_BT_MISSES]), "probes": int(h[H_BT_PROBES])}
 
     @property
     def address(self) -> int:
@@ -102,13 +158,8 @@ class FastPathState:
 
     def invalidate_blocks(self, start: int, end: int) -> None:
         """Forget cached instruction counts of blocks starting in [start, end) (code rewritten)."""
-        # A key is (address + 1) ^ (size << 48): its low 48 bits are the block address's, + 1.
-        mask = (1 << 48) - 1
-        addresses = ((self.block_table[:, 0] & mask) - 1) & mask
-        hit = (addresses >= (start & mask)) & (addresses < (end & mask)) & (self.block_table[:, 0] != 0)
-        # Open addressing: removing entries would break probe chains, so mark them stale
-        # with a count of -1 (recounted on the next miss of the same key).
-        self.block_table[hit, 1] = -1
+        if self.buf[H_BT_ENTRIES]:
+            _invalidate(self.block_table, start & _VA_MASK, end & _VA_MASK)
 
     def counters(self) -> dict:
         h = self.buf
@@ -116,6 +167,21 @@ class FastPathState:
                 "io_fast_exits": int(h[H_IO_FAST]), "io_slow_exits": int(h[H_IO_SLOW]),
                 "cpuid_exits": int(h[H_CPUID_EXITS]), "block_count_misses": int(h[H_BT_MISSES]),
                 "msr_fast_exits": int(h[H_MSR_FAST]), "hypercalls_fast": int(h[H_HC_FAST])}
+
+
+_VA_MASK = (1 << 48) - 1
+
+
+@njit(cache=True)
+def _invalidate(table, start, end):
+    # A key is (address + 1) ^ (size << 48): its low 48 bits are the block address's, + 1.
+    # Marked stale with a count of -1, the key kept: recounted in place when the block runs
+    # again, or the bucket's first choice for the next insert.
+    for i in range(table.shape[0]):
+        key = table[i, 0]
+        address = ((key & _VA_MASK) - 1) & _VA_MASK
+        if key != 0 and start <= address < end:
+            table[i, 1] = -1
 
 
 # ---- the hooks -----------------------------------------------------------------------------
@@ -196,18 +262,43 @@ def block_count(uc, h, address, size):
 
 @njit(cache=True)
 def _block_value(uc, h, address, size):
-    table = h[h[H_BT_OFF]:h[H_BT_OFF] + h[H_BT_SIZE] * 2].reshape(h[H_BT_SIZE], 2)
-    mask = h[H_BT_SIZE] - 1
     key = np.int64(address + 1) ^ (np.int64(size) << 48)
-    slot = (key * np.int64(0x9E3779B97F4A7C15) >> 40) & mask
-    for _ in range(h[H_BT_SIZE]):
-        k = table[slot, 0]
-        if k == key and table[slot, 1] >= 0:
-            return table[slot, 1]
-        if k == 0 or k == key:
+    t = carray(_int_to_voidptr(h[H_BT_ADDR]), h[H_BT_SIZE] * 2, np.int64)
+    buckets = h[H_BT_SIZE] // BLOCK_TABLE_WAYS
+    base = (((key * _BT_HASH) >> 40) & (buckets - 1)) * (2 * BLOCK_TABLE_WAYS)
+    way = 0
+    while way < BLOCK_TABLE_WAYS:
+        if t[base + 2 * way] == key:
             break
-        slot = (slot + 1) & mask
+        way += 1
+    h[H_BT_PROBES] += min(way + 1, BLOCK_TABLE_WAYS)
+    if way < BLOCK_TABLE_WAYS and t[base + 2 * way + 1] >= 0:
+        return t[base + 2 * way + 1]
     h[H_BT_MISSES] += 1
+    n = _decode_block(uc, h, address, size)
+    if way < BLOCK_TABLE_WAYS:         # stale: recounted in place
+        t[base + 2 * way + 1] = n
+        return n
+    # Insert newest first at way 0: the ways before the one taken (the first empty or stale
+    # one, else the last, whose entry is evicted) move down one.
+    victim = 0
+    while victim < BLOCK_TABLE_WAYS - 1 and t[base + 2 * victim] != 0 and t[base + 2 * victim + 1] >= 0:
+        victim += 1
+    if t[base + 2 * victim] == 0:
+        h[H_BT_ENTRIES] += 1
+    elif t[base + 2 * victim + 1] >= 0:
+        h[H_BT_EVICTIONS] += 1
+    for w in range(victim, 0, -1):
+        t[base + 2 * w] = t[base + 2 * w - 2]
+        t[base + 2 * w + 1] = t[base + 2 * w - 1]
+    t[base] = key
+    t[base + 1] = n
+    return n
+
+
+@njit(cache=True)
+def _decode_block(uc, h, address, size):
+    """The block's instruction count (REP_FLAG for a lone REP instruction), from its bytes."""
     ram = carray(_int_to_voidptr(h[H_RAM_ADDR]), h[H_RAM_SIZE], np.uint8)
     cr = np.zeros(1, np.int64)
     native.call_reg_access(h[H_FN_REG_READ], uc, x86.UC_X86_REG_CR3, cr.ctypes.data)
@@ -226,9 +317,6 @@ def _block_value(uc, h, address, size):
     n = count_instructions(code, 0, got) if got > 0 else 1
     if n == 1 and got > 0 and (code[0] == 0xF3 or code[0] == 0xF2):
         n |= REP_FLAG
-    if table[slot, 0] == 0 or table[slot, 0] == key:
-        table[slot, 0] = key
-        table[slot, 1] = n
     return n
 
 

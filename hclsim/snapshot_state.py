@@ -37,12 +37,16 @@ DERIVED = {
 }
 # The fast path's per-run state; its other header slots are pointers and the buffer's layout.
 FASTPATH_SLOTS = ("H_ICOUNT", "H_BLOCKS", "H_IO_FAST", "H_IO_SLOW", "H_CPUID_EXITS", "H_APIC_ID",
-                  "H_BT_MISSES", "H_PAGING", "H_LAST_BLOCK", "H_VP_INDEX", "H_MSR_FAST", "H_HC_FAST")
+                  "H_BT_MISSES", "H_BT_PROBES", "H_PAGING", "H_LAST_BLOCK", "H_VP_INDEX", "H_MSR_FAST",
+                  "H_HC_FAST")
 # Pointers and the buffer's layout; the native port table (H_NPIO*) is rebuilt by Bus.attach.
+# H_BT_EVICTIONS and H_BT_ENTRIES go with the block-count cache, which a snapshot does not hold
+# (restore empties it).
 FASTPATH_LAYOUT = ("H_TOTAL", "H_FN_SLOW_IO", "H_FN_REG_READ", "H_FN_REG_WRITE", "H_FN_UC_STOP", "H_CPUID_OFF",
-                   "H_CPUID_ROWS", "H_BT_OFF", "H_BT_SIZE", "H_RAM_ADDR", "H_RAM_SIZE", "H_NPIO_COUNT", "H_NPIO",
+                   "H_CPUID_ROWS", "H_BT_ADDR", "H_BT_SIZE", "H_RAM_ADDR", "H_RAM_SIZE", "H_NPIO_COUNT", "H_NPIO",
                    "H_APIC_TABLE", "H_APIC_ROWS", "H_FN_SLOW_SITE", "H_HV_AREA",
-                   "H_RUNVP_AREA", "H_NATIVE_STOP")   # the doorbell area (armed only inside a RUN_VP); a flag cleared at each run
+                   "H_RUNVP_AREA", "H_NATIVE_STOP",   # the doorbell area (armed only inside a RUN_VP); a flag cleared at each run
+                   "H_BT_EVICTIONS", "H_BT_ENTRIES")
 HANDOFF_REGS = ("rip", "rdi", "rsi", "rsp", "cr0", "cr3", "cr4", "efer", "cs", "ds", "ss")
 
 

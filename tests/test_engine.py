@@ -2,6 +2,7 @@
 addresses, hypercalls through the hypercall page, HLT, faults and instruction counting."""
 import struct
 
+import numpy as np
 import pytest
 
 from hclsim.boot.image import plan_layout, write_page_tables
@@ -265,3 +266,114 @@ def test_silent_faults_of_cache_invalidation_do_not_escalate_guest_faults(machin
         e.set_reg("rip", CODE)
         exit = e.run()
         assert (exit.kind, exit.vector, exit.rip) == (eng.EXIT_FAULT, 13, CODE + 10)
+
+
+# ---- the block-count cache (cpu/fastpath.py) under more blocks than it has slots ------------
+
+SMALL_TABLE = 1 << 10            # slots: 128 buckets of 8 ways
+
+
+@pytest.fixture
+def small_table_machine(monkeypatch, request):
+    """The machine fixture on an engine whose block-count cache has SMALL_TABLE slots."""
+    from hclsim.cpu import fastpath
+    monkeypatch.setattr(fastpath, "BLOCK_TABLE_SIZE", SMALL_TABLE)
+    mem, e, *rest = request.getfixturevalue("machine")
+    assert e.state.block_table.shape == (SMALL_TABLE, 2)
+    return (mem, e, *rest)
+
+
+def load_chain(mem, e, blocks: int) -> None:
+    """`blocks` distinct blocks of (inc rax; jmp next), then dec rcx; jnz to the first; hlt."""
+    block = assemble("inc rax\n jmp 1f\n1:")
+    body = block * blocks
+    tail = assemble("dec rcx") + b"\x0f\x85" + (-(len(body) + 9) & 0xFFFFFFFF).to_bytes(4, "little") + assemble("hlt")
+    mem.write(CODE, body + tail)
+
+
+def run_chain(e, passes: int) -> dict:
+    """Run the chain `passes` times; the counters' increase (and the cache's statistics)."""
+    before = dict(e.counters(), **{"bt_" + k: v for k, v in e.state.block_cache_stats().items()})
+    e.set_reg("rip", CODE)
+    e.set_reg("rcx", passes)
+    assert e.run().kind == eng.EXIT_HLT
+    after = dict(e.counters(), **{"bt_" + k: v for k, v in e.state.block_cache_stats().items()})
+    return {k: after[k] - before[k] for k in after}
+
+
+def chain_instructions(blocks: int, passes: int) -> int:
+    return passes * (2 * blocks + 2) + 1          # (inc, jmp) per block, dec + jnz per pass; hlt
+
+
+@pytest.mark.parametrize("blocks", [3 * SMALL_TABLE, 12 * SMALL_TABLE])
+def test_block_cache_bounded_with_more_blocks_than_slots(small_table_machine, blocks):
+    """Exact instruction counts however many blocks ran; a lookup examines at most `ways` slots
+    (the miss costs the same at 3 and 12 times the table's slots); misses bounded by blocks."""
+    from hclsim.cpu import fastpath
+    mem, e, *_ = small_table_machine
+    ways = fastpath.BLOCK_TABLE_WAYS
+    load_chain(mem, e, blocks)
+    first = run_chain(e, 1)
+    assert first["instructions"] == chain_instructions(blocks, 1)
+    distinct = blocks + 2                             # the chain, dec/jnz, hlt
+    assert first["blocks"] == first["block_count_misses"] == distinct
+    assert first["bt_probes"] <= ways * first["blocks"]
+    stats = e.state.block_cache_stats()
+    assert stats["entries"] == SMALL_TABLE            # full, every bucket
+    assert stats["evictions"] == distinct - SMALL_TABLE
+    assert not e.state.holds_every_block
+    second = run_chain(e, 1)
+    assert second["instructions"] == chain_instructions(blocks, 1)
+    # A cyclic pass over more blocks than the cache holds misses each block (FIFO) at most once.
+    assert second["block_count_misses"] <= second["blocks"] == distinct
+    assert second["bt_probes"] <= ways * second["blocks"]
+    assert second["bt_evictions"] == second["block_count_misses"]
+    several = run_chain(e, 3)
+    assert several["instructions"] == chain_instructions(blocks, 3)
+    assert several["bt_probes"] <= ways * several["blocks"]
+    e.state.forget_blocks()
+    assert e.state.holds_every_block and not e.state.block_table.any()
+
+
+def test_block_cache_keeps_a_working_set_that_fits(small_table_machine):
+    mem, e, *_ = small_table_machine
+    blocks = SMALL_TABLE // 8
+    load_chain(mem, e, blocks)
+    assert run_chain(e, 1)["block_count_misses"] == blocks + 2
+    assert e.state.block_cache_stats()["evictions"] == 0 and e.state.holds_every_block
+    again = run_chain(e, 5)
+    assert again["instructions"] == chain_instructions(blocks, 5)
+    assert again["block_count_misses"] == 0
+
+
+def test_block_cache_eviction_is_deterministic(small_table_machine):
+    """The same guest run twice from an empty cache: the same misses, evictions and probes."""
+    mem, e, *_ = small_table_machine
+    blocks = 5 * SMALL_TABLE // 2
+    load_chain(mem, e, blocks)
+    runs = []
+    for _ in range(2):
+        e.uc.ctl_flush_tb()
+        e.state.forget_blocks()
+        runs.append([run_chain(e, passes) for passes in (1, 2, 1)])
+    assert runs[0] == runs[1]
+    assert runs[0][0]["bt_evictions"] > 0
+    assert [r["instructions"] for r in runs[0]] == [chain_instructions(blocks, p) for p in (1, 2, 1)]
+
+
+def test_block_cache_recounts_rewritten_code_after_evictions(small_table_machine):
+    """invalidate_blocks on the set-associative table: a rewritten block (same address and size,
+    other instructions) is counted anew, with the cache full and evicting."""
+    mem, e, *_ = small_table_machine
+    blocks = 2 * SMALL_TABLE
+    load_chain(mem, e, blocks)
+    run_chain(e, 2)
+    last = CODE + 5 * (blocks - 1)
+    table = e.state.block_table
+    (row,) = np.flatnonzero(table[:, 0] == ((last + 1) ^ (5 << 48)))   # still cached: its bucket's newest
+    assert table[row, 1] == 2
+    mem.write(last, assemble("nop\n nop\n nop\n jmp 1f\n1:"))   # 4 instructions, 5 bytes again
+    e.code_changed(last, last + 5)
+    assert table[row, 1] == -1
+    assert run_chain(e, 1)["instructions"] == chain_instructions(blocks, 1) + 2
+    assert table[row, 1] == 4
