@@ -30,6 +30,8 @@ EXIT_HLT = "hlt"
 EXIT_ADDRESS = "exit-address"   # RIP reached a registered exit address
 EXIT_STOP = "stop"              # a handler asked the engine to stop (crash MSR, error, ...)
 EXIT_FAULT = "fault"
+# EXIT_STOP reasons the block hook gives (cpu/fastpath.py): the deadline, a TSC read to hook.
+STOP_DEADLINE, STOP_TSC = "deadline", "tsc"
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
                 8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
@@ -301,6 +303,8 @@ class Engine:
     def _code_pages(self) -> dict | None:
         """{GPA page: (its bytes, [(first, end) VA spans of the blocks in it])}, or None when a
         block cannot be placed (then the next machine translates everything anew)."""
+        if not self.state.holds_every_block:    # an evicted block's translation could be kept
+            return None
         table = self.state.block_table
         keys = table[table[:, 0] != 0, 0].astype(np.uint64)
         mask = np.uint64((1 << 48) - 1)
@@ -592,8 +596,8 @@ class Engine:
         finally:
             if timeout_us:
                 WATCHDOG.disarm(self)
-        if self._fault is None and error is None:
-            self.set_reg("cr2", cr2)
+        if self._fault is None and error is None and self.exception_handler is None:
+            self.set_reg("cr2", cr2)         # (a guest that takes its own #PFs keeps its CR2)
         for flush in self.after_run:
             flush()
         rip = self.reg("rip")
@@ -601,6 +605,11 @@ class Engine:
             return self._fault
         if isinstance(self._stop_reason, BaseException):
             raise self._stop_reason
+        if h[fastpath.H_TSC_PENDING]:      # a block reads the TSC: cpu/virtual_tsc.py hooks it
+            return VpExit(EXIT_STOP, rip, stop_reason=STOP_TSC)
+        if h[fastpath.H_DEADLINE_HIT]:     # the instruction count reached H_DEADLINE
+            h[fastpath.H_DEADLINE_HIT] = 0
+            return VpExit(EXIT_STOP, rip, stop_reason=STOP_DEADLINE)
         if h[fastpath.H_NATIVE_STOP]:      # before a watchdog's timeout: the exit was answered
             return VpExit(EXIT_STOP, rip, stop_reason=runvp_fastpath.ANSWERED)
         if self._stop_reason is not None:

@@ -19,7 +19,7 @@ from unicorn import x86_const as x86
 
 from hclsim.cpu import native
 from hclsim.cpu.cpuid import cpuid_lookup
-from hclsim.cpu.insnlen import count_instructions
+from hclsim.cpu.insnlen import count_instructions, insn_length
 from hclsim.cpu.pagetable import walk
 
 # Header slots.
@@ -43,7 +43,14 @@ H_RUNVP_AREA, H_NATIVE_STOP = 31, 21
 # The native port table: NPIO_MAX rows of (first port, port count, handler address, state address).
 H_NPIO, NPIO_COLUMNS, NPIO_MAX = 32, 4, 8
 H_BT_ENTRIES = H_NPIO + NPIO_COLUMNS * NPIO_MAX
-HEADER_SLOTS = H_BT_ENTRIES + 1
+# Virtual time for a guest with its own timekeeping (hclsim/real_linux.py): H_DEADLINE, the
+# instruction count at which the block hook ends the run (0: none), H_DEADLINE_HIT set when it
+# did; H_TSC_TRAP on, RDTSC and RDTSCP read (H_ICOUNT + H_TSC_IDLE) instead of the host's TSC
+# (cpu/virtual_tsc.py), and a block with an RDTSC not yet hooked ends the run before it runs,
+# its address and size in H_TSC_PENDING, H_TSC_PENDING_SIZE; H_TSC_READS counts the reads.
+(H_DEADLINE, H_DEADLINE_HIT, H_TSC_TRAP, H_TSC_IDLE, H_TSC_PENDING, H_TSC_PENDING_SIZE,
+ H_TSC_READS) = range(H_BT_ENTRIES + 1, H_BT_ENTRIES + 8)
+HEADER_SLOTS = H_TSC_READS + 1
 
 # The block-count cache: BLOCK_TABLE_SIZE slots of (key, count), key = (VA + 1) ^ (size << 48),
 # 0 = empty, count -1 = stale (invalidate_blocks). Set-associative: a key's bucket is the
@@ -71,6 +78,14 @@ HEADER_SLOTS = H_BT_ENTRIES + 1
 BLOCK_TABLE_SIZE = 1 << 19
 BLOCK_TABLE_WAYS = 8
 _BT_HASH = np.int64(-0x61C8864680B583EB)   # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _int64(value: int) -> int:
+    """value (0 .. 2^64) as the int64 numba's arithmetic wraps it to."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 @intrinsic
@@ -117,6 +132,7 @@ class FastPathState:
         h[H_ICOUNT:H_CPUID_EXITS + 1] = 0
         h[H_MSR_FAST] = h[H_HC_FAST] = 0
         h[H_BT_MISSES] = h[H_BT_PROBES] = 0
+        h[H_DEADLINE:H_TSC_READS + 1] = 0
         h[H_LAST_BLOCK] = 0
         self.set_native_pio([])
         if cpuid_table.shape != self.cpuid_table.shape:
@@ -131,6 +147,19 @@ class FastPathState:
         for i, row in enumerate(rows):
             self.native_pio[i] = row
         self.buf[H_NPIO_COUNT] = len(rows)
+
+    def arm_tsc_block(self, address: int, size: int) -> bool:
+        """Mark the cached block at (address, size) as having its RDTSCs hooked; False if it is
+        not in the cache (it will be decoded, and stop once more, when it next runs)."""
+        key = _int64(((address + 1) ^ (size << 48)) & _MASK64)      # as _block_value computes it
+        table = self.block_table
+        buckets = int(self.buf[H_BT_SIZE]) // BLOCK_TABLE_WAYS
+        base = ((_int64((key * int(_BT_HASH)) & _MASK64) >> 40) & (buckets - 1)) * BLOCK_TABLE_WAYS
+        for slot in range(base, base + BLOCK_TABLE_WAYS):
+            if table[slot, 0] == key and table[slot, 1] >= 0:
+                table[slot, 1] |= TSC_ARMED
+                return True
+        return False
 
     def forget_blocks(self) -> None:
         """Empty the block-count cache (all its translations are gone too)."""
@@ -242,6 +271,8 @@ def hook_cpuid(uc, ud):
 
 
 REP_FLAG = np.int64(1) << 32  # cached value flag: the block is one REP-prefixed instruction
+TSC_FLAG = np.int64(1) << 33  # the block holds an RDTSC or RDTSCP
+TSC_ARMED = np.int64(1) << 34  # ... and the host has hooked them (FastPathState.arm_tsc_block)
 
 
 @njit(cache=True)
@@ -253,7 +284,11 @@ def block_count(uc, h, address, size):
     first iteration runs as the last instruction of the block before, so an iteration block that
     ends where the previous block ended is a repeat.
     """
-    value = _block_value(uc, h, address, size)
+    return _retired(h, _block_value(uc, h, address, size), address, size)
+
+
+@njit(cache=True)
+def _retired(h, value, address, size):
     end = np.int64(address) + size
     repeat = (value & REP_FLAG) != 0 and h[H_LAST_BLOCK] == end
     h[H_LAST_BLOCK] = end
@@ -317,11 +352,42 @@ def _decode_block(uc, h, address, size):
     n = count_instructions(code, 0, got) if got > 0 else 1
     if n == 1 and got > 0 and (code[0] == 0xF3 or code[0] == 0xF2):
         n |= REP_FLAG
+    if got > 0 and reads_tsc(code, got):
+        n |= TSC_FLAG
     return n
+
+
+@njit(cache=True)
+def reads_tsc(code, end):
+    """Whether an instruction in code[:end] is RDTSC (0F 31) or RDTSCP (0F 01 F9)."""
+    pos = 0
+    while pos < end:
+        if code[pos] == 0x0F and pos + 1 < end and (code[pos + 1] == 0x31 or (
+                code[pos + 1] == 0x01 and pos + 2 < end and code[pos + 2] == 0xF9)):
+            return True
+        length = insn_length(code, pos, end)
+        if length <= 0:
+            return False
+        pos += length
+    return False
 
 
 @cfunc(types.void(types.voidptr, types.uint64, types.uint32, types.voidptr), cache=True)
 def hook_block(uc, address, size, ud):
     h = _header(ud)
     h[H_BLOCKS] += 1
-    h[H_ICOUNT] += block_count(uc, h, address, size)
+    value = _block_value(uc, h, address, size)
+    if h[H_TSC_TRAP] != 0 and (value & TSC_FLAG) != 0 and (value & TSC_ARMED) == 0:
+        # The block reads the TSC and its RDTSC has no hook yet: the run ends before the block
+        # runs (RIP written back to the block's start), the host adds the hook and goes on.
+        h[H_TSC_PENDING], h[H_TSC_PENDING_SIZE] = address, size
+        rip = np.zeros(1, np.int64)
+        rip[0] = address
+        native.call_reg_access(h[H_FN_REG_WRITE], uc, x86.UC_X86_REG_RIP, rip.ctypes.data)
+        native.call_uc_stop(h[H_FN_UC_STOP], uc)
+        return
+    h[H_ICOUNT] += _retired(h, value, address, size)
+    if h[H_DEADLINE] != 0 and h[H_ICOUNT] >= h[H_DEADLINE]:
+        h[H_DEADLINE_HIT] = 1
+        h[H_DEADLINE] = 0
+        native.call_uc_stop(h[H_FN_UC_STOP], uc)

@@ -169,9 +169,9 @@ class Bus:
         rows = []
         for c in self._claims["pio"]:
             native = getattr(c.device, "native_pio", None)
-            if native is not None:
-                handler, state = native()
-                rows.append((c.region.start, c.region.size, handler, state))
+            pair = native() if native is not None else None     # None: this one runs in Python
+            if pair is not None:
+                rows.append((c.region.start, c.region.size, *pair))
         engine.state.set_native_pio(rows)
         engine.io_handler = self.engine_io
         engine.after_run.append(self.flush)

@@ -195,7 +195,7 @@ def config_from_args(args):
                         vtl0_iterations=args.vtl0_iterations,
                         device_workers=tuple(getattr(args, "device_worker", None) or ()),
                         tpm=bool(getattr(args, "tpm", False)), state_dir=getattr(args, "state", None),
-                        vtl0_cmdline=args.vtl0_cmdline).validated()
+                        vtl0_cmdline=args.vtl0_cmdline, linux=getattr(args, "linux", "stand-in")).validated()
     for option in ("kernel", "initrd", "shim", "sidecar"):
         path = getattr(config, option)
         if path is not None and not os.path.exists(path):
@@ -223,6 +223,15 @@ def cmd_boot(args) -> int:
     if args.gdb or args.wait_gdb:
         return _boot_gdb(args)
     config = config_from_args(args)
+    if config.linux == "real":
+        if args.until == "handoff" or args.keep_running or args.vsock or args.state:
+            raise UsageError("--linux real runs the kernel itself to its power off: drop --until handoff, "
+                             "--keep-running, --vsock and --state (they are the paravisor userspace's)")
+        from hclsim import real_linux_cli
+        from hclsim.console import Console
+        console = Console(echo=not args.json and not args.quiet, progress=not args.json and not args.quiet)
+        return real_linux_cli.cmd_real(args, real_linux_cli.real_config(args, config), console, _new_machine,
+                                       _report_fault)
     import json
     from hclsim.cpu.fault import GuestFaultError
     from hclsim.report import boot_report, fault_report, write_outputs
@@ -406,10 +415,10 @@ def _firmware_images() -> dict:
     from hclsim.boot import firmware
     from hclsim.kernel_stub import images
     return {"shim": firmware.SHIM, "sidecar": firmware.SIDECAR, "vtl0": firmware.VTL0_GUEST,
-            "kernel": images.STANDIN_KERNEL}
+            "kernel": images.STANDIN_KERNEL, "init": firmware.INIT}
 
 
-FIRMWARE_IMAGE_NAMES = ("shim", "sidecar", "vtl0", "kernel")
+FIRMWARE_IMAGE_NAMES = ("shim", "sidecar", "vtl0", "kernel", "init")
 
 
 def cmd_firmware_build(args) -> int:
@@ -454,6 +463,9 @@ def build_parser():
     p.add_argument("--device-worker", action="append", metavar="NAME",
                    help="run the VTL0 device NAME (test_port, mmio_test, loop_port) in a device worker "
                         "process of its own (repeatable)")
+    p.add_argument("--linux", choices=["stand-in", "real"], default="stand-in",
+                   help="who takes the shim's handoff: the Linux stand-in and the paravisor's userspace "
+                        "(default), or the --kernel image itself on the BSP until it powers off (real)")
     p.add_argument("--tpm", action="store_true",
                    help="give the VM a vTPM (TPM 2.0 on swtpm) in its own device worker, underhill-tpm")
     p.add_argument("--state", metavar="DIR",

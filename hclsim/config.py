@@ -9,6 +9,10 @@ from hclsim.boot.layout import CMDLINE_POLICY_BY_NAME, MAX_CPU_COUNT, MAX_NUMA_N
 from hclsim.defs.platform import ISOLATION_BY_NAME, VTL0_MAX_ITERATIONS
 
 VTL0_CMDLINE_MAX = 4095                # the guest's command line page holds it and its NUL
+LINUX_MODES = ("stand-in", "real")
+# What the host's device tree adds for a real kernel (hclsim/real_linux.py says why), before
+# --host-bootargs, whose words then win (Linux takes the last of a repeated option).
+REAL_LINUX_BOOTARGS = "noapic nolapic nokaslr rdinit=/init initcall_blacklist=do_init_real_mode"
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -84,6 +88,7 @@ class BootConfig:
     tpm: bool = False                 # the host's platform settings enable a vTPM (the "tpm" worker)
     state_dir: str | None = None      # the VM's state folder, kept across runs (its VMGS); None: fresh per run
     vtl0_cmdline: str = "console=ttyS0 hclsim.vtl0=test"  # what the VTL0 test guest measures as its command line
+    linux: str = "stand-in"           # who takes the handoff: the stand-in kernel, or "real" (the kernel image itself)
 
     def validated(self) -> "BootConfig":
         """self, or ConfigError naming the option and what it must be (nothing is built yet)."""
@@ -127,6 +132,11 @@ class BootConfig:
                                   f"{', '.join(sorted(WORKER_DEVICES))})")
         if len(self.vtl0_cmdline.encode()) > VTL0_CMDLINE_MAX or "\0" in self.vtl0_cmdline:
             raise ConfigError(f"--vtl0-cmdline: at most {VTL0_CMDLINE_MAX} bytes and no NUL (the guest's command line page)")
+        if self.linux not in LINUX_MODES:
+            raise ConfigError(f"--linux {self.linux!r}: one of {', '.join(LINUX_MODES)}")
+        if self.linux == "real" and (self.kernel is None or self.tpm or self.device_workers):
+            raise ConfigError("--linux real runs the kernel image itself: it needs --kernel BZIMAGE (a distribution "
+                              "kernel), and has no paravisor userspace for --tpm or --device-worker")
         if self.tpm:
             from hclsim.devices.swtpm import swtpm_binary
             if swtpm_binary() is None:
@@ -157,7 +167,8 @@ class BootConfig:
         reads the host's platform settings), passed to userspace like any unknown KEY=VALUE."""
         extra = f"HCLSIM_DEVICE_WORKERS={','.join(self.device_workers)}" if self.device_workers else ""
         tpm = "HCLSIM_TPM=1" if self.tpm else ""
-        return " ".join(w for w in (self.host_bootargs, extra, tpm) if w)
+        real = REAL_LINUX_BOOTARGS if self.linux == "real" else ""
+        return " ".join(w for w in (real, self.host_bootargs, extra, tpm) if w)
 
     @property
     def isolation_type(self) -> int:

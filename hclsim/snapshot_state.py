@@ -46,7 +46,10 @@ FASTPATH_LAYOUT = ("H_TOTAL", "H_FN_SLOW_IO", "H_FN_REG_READ", "H_FN_REG_WRITE",
                    "H_CPUID_ROWS", "H_BT_ADDR", "H_BT_SIZE", "H_RAM_ADDR", "H_RAM_SIZE", "H_NPIO_COUNT", "H_NPIO",
                    "H_APIC_TABLE", "H_APIC_ROWS", "H_FN_SLOW_SITE", "H_HV_AREA",
                    "H_RUNVP_AREA", "H_NATIVE_STOP",   # the doorbell area (armed only inside a RUN_VP); a flag cleared at each run
-                   "H_BT_EVICTIONS", "H_BT_ENTRIES")
+                   "H_BT_EVICTIONS", "H_BT_ENTRIES",
+                   # a real kernel's virtual time (hclsim/real_linux.py), which snapshots do not take
+                   "H_DEADLINE", "H_DEADLINE_HIT", "H_TSC_TRAP", "H_TSC_IDLE", "H_TSC_PENDING",
+                   "H_TSC_PENDING_SIZE", "H_TSC_READS")
 HANDOFF_REGS = ("rip", "rdi", "rsi", "rsp", "cr0", "cr3", "cr4", "efer", "cs", "ds", "ss")
 
 

@@ -404,7 +404,7 @@ def test_firmware_build_prints_every_image_path():
     assert side.returncode == 0 and side.stdout.strip().endswith("/sidecar.elf") and os.path.exists(side.stdout.strip())
     every = hclsim("firmware", "build", "--all")
     rows = dict(line.split(" ", 1) for line in every.stdout.strip().splitlines())
-    assert list(rows) == ["shim", "sidecar", "vtl0", "kernel"] and rows["shim"] == one.stdout.strip()
+    assert list(rows) == ["shim", "sidecar", "vtl0", "kernel", "init"] and rows["shim"] == one.stdout.strip()
     assert all(os.path.exists(p) for p in rows.values())
     two = hclsim("firmware", "build", "--image", "vtl0", "--image", "sidecar")
     assert [line.split()[0] for line in two.stdout.splitlines()] == ["vtl0", "sidecar"]

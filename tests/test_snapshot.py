@@ -233,7 +233,8 @@ MACHINE_RESTORED = {"serial", "linux"}
 ENGINE_REBUILT = {"mem", "cpuid_table", "io_handler", "hypercall_handler", "after_run", "exits", "uc", "_uch",
                   "_reg_buf", "_reg_ptr", "state", "_stop_reason", "_fault", "code_signature", "pristine",
                   "sites", "site_handler", "_site_hooks", "_hv_tables", "long_mode_templates",
-                  "_scratch", "_scratch_ptr", "_old_exception", "_batches", "runvp"}
+                  "_scratch", "_scratch_ptr", "_old_exception", "_batches", "runvp",
+                  "exception_handler"}   # None in a machine (a real kernel sets its own, hclsim/real_linux.py)
 ENGINE_RESTORED = {"current_vp", "vmcall_stops"}
 
 

@@ -1,0 +1,155 @@
+"""`hclsim boot --linux real` (hclsim/real_linux.py): the Debian kernel takes the boot shim's
+handoff on the same engine and boots to the shipped /init (boot/firmware/init), which prints what
+Linux shows userspace; that is held against what the shim built. Two runs give the same console
+and instruction counts. Also the engine pieces on small guests: the deadline and virtual RDTSC."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from hclsim.config import BootConfig
+from hclsim.cpu import engine as eng
+from hclsim.cpu import fastpath as fp
+from hclsim.cpu.cpuid import build_cpuid_table
+from hclsim.cpu.memory import GuestMemory
+from hclsim.cpu.virtual_tsc import VirtualTsc
+from hclsim.machine import Machine
+from hclsim.real_linux import RealLinux
+from hclsim.real_linux_cli import real_config
+from tests.asmutil import assemble
+
+
+def _boot(kernel, **changes):
+    config = real_config(None, BootConfig(cpus=1, kernel=str(kernel), linux="real", timeout=300, **changes))
+    machine = Machine(config)
+    try:
+        result = machine.run_to_handoff()
+        return result, RealLinux(machine).run(timeout=config.timeout)
+    finally:
+        machine.close()
+
+
+@pytest.fixture(scope="module")
+def booted(real_kernel):
+    return _boot(real_kernel)
+
+
+def _init_lines(outcome) -> dict:
+    lines = {}
+    for line in outcome.console.decode("utf-8", "replace").splitlines():
+        if line.startswith("init: "):
+            key, _, value = line[len("init: "):].partition(" ")
+            lines.setdefault(key, []).append(value)
+    return lines
+
+
+def test_the_kernel_boots_to_init_through_every_milestone_and_halts(booted):
+    _result, outcome = booted
+    names = [m.name for m in outcome.milestones]
+    for name in ("linux_version", "command_line", "e820", "smpboot", "free_initmem", "run_init", "init", "halted"):
+        assert name in names, (name, outcome.console[-2000:])
+    assert outcome.status == "halted" and outcome.panic is None
+    counts = [m.instructions for m in outcome.milestones]
+    assert counts == sorted(counts) and counts[-1] <= outcome.instructions
+    assert outcome.exceptions.get(14, 0) > 0 and outcome.syscalls > 50 and outcome.interrupts > 10
+    assert outcome.tsc_reads > 0                       # the TSC is virtual, read through the hooks
+
+
+def test_init_sees_what_the_shim_built(booted):
+    result, outcome = booted
+    init = _init_lines(outcome)
+    assert init["pid"] == ["1"] and init["machine"] == ["x86_64"] and "poweroff" in init
+    assert init["cmdline"] == [result.handoff.cmdline] == [outcome.command_line]
+    # /sys/firmware/memmap is the e820 map the shim gave (inclusive ends), in order.
+    e820 = [(e.addr, e.end - 1, "System RAM" if e.type == 1 else "Reserved") for e in result.handoff.e820]
+    memmap = [tuple(v.split(" ", 3)[1:]) for v in init["memmap"]]
+    assert [(int(a, 16), int(b, 16), t) for a, b, t in memmap] == e820
+    printed = [re.match(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\]", line).groups() for line in outcome.e820]
+    assert [(int(a, 16), int(b, 16)) for a, b in printed] == [(a, b) for a, b, _ in e820]
+    ram = sum(b - a + 1 for a, b, t in e820 if t == "System RAM")
+    memtotal = int(init["memtotal"][0].split()[0]) * 1024
+    assert ram // 2 < memtotal < ram                    # the kernel's own image and reservations aside
+    assert init["cpus-online"] == ["0"]
+
+
+def test_two_runs_give_the_same_console_and_instruction_counts(booted, real_kernel):
+    _result, first = booted
+    _result, second = _boot(real_kernel)
+    assert second.console == first.console
+    assert second.instructions == first.instructions
+    assert [(m.name, m.instructions) for m in second.milestones] == [(m.name, m.instructions) for m in first.milestones]
+
+
+def test_hclsim_boot_linux_real_writes_the_milestones_to_report_json(real_kernel, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "hclsim", "boot", "--linux", "real", "--kernel", str(real_kernel),
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the real kernel halted after" in done.stdout and "run_init" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    real = report["real_linux"]
+    assert real["status"] == "halted" and real["instructions"] > 10**8
+    assert {m["name"] for m in real["milestones"]} >= {"linux_version", "run_init", "halted"}
+    assert b"init: poweroff" in (out / "serial.log").read_bytes()
+
+
+def test_linux_real_needs_a_kernel_and_not_the_paravisors_options(tmp_path):
+    for args, words in ((["--linux", "real"], "needs --kernel BZIMAGE"),
+                        (["--linux", "real", "--kernel", "x", "--tpm"], "needs --kernel BZIMAGE"),
+                        (["--linux", "real", "--kernel", sys.executable, "--until", "handoff"], "drop --until")):
+        done = subprocess.run([sys.executable, "-m", "hclsim", "boot", *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode != 0 and words in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+# ---- the engine's pieces, on a small guest ------------------------------------------------------
+def _engine(source: str):
+    mem = GuestMemory(1 << 20)
+    mem.write(0x1000, assemble(source))
+    e = eng.Engine(mem, build_cpuid_table(0, 1), io_handler=lambda *a: 0, hypercall_handler=lambda en: None)
+    e.state.buf[fp.H_PAGING] = 0
+    e.uc.ctl_exits_enabled(False)
+    e.set_reg("rip", 0x1000)
+    e.set_reg("rsp", 0x8000)
+    return mem, e
+
+
+LOOP = "mov ecx, 100000\n1: dec ecx\n jnz 1b\n hlt"
+
+
+def test_the_deadline_ends_the_run_at_an_instruction_count():
+    _mem, whole = _engine(LOOP)
+    assert whole.run().kind == eng.EXIT_HLT
+    _mem, e = _engine(LOOP)
+    e.state.buf[fp.H_DEADLINE] = 1000
+    exit = e.run()
+    assert exit.kind == eng.EXIT_STOP and exit.stop_reason == eng.STOP_DEADLINE
+    assert 1000 <= e.counters()["instructions"] < 1010          # the block that crossed it finishes
+    assert e.state.buf[fp.H_DEADLINE] == 0                      # one shot
+    assert e.run().kind == eng.EXIT_HLT
+    # Stopped and resumed, the count is within a block of the run's without a stop (Unicorn
+    # translates the resumed loop's first block anew, from the instruction it stopped at).
+    assert abs(e.counters()["instructions"] - whole.counters()["instructions"]) <= 2
+
+
+def test_rdtsc_reads_the_instructions_retired_plus_the_skipped_idle_time():
+    source = "mov ecx, 500\n1: dec ecx\n jnz 1b\n rdtsc\n mov r8, rax\n mov r9, rdx\n rdtscp\n mov r10, rax\n hlt"
+    _mem, e = _engine(source)
+    tsc = VirtualTsc(e)
+    tsc.on()
+    e.state.buf[fp.H_TSC_IDLE] = 7 << 32                        # time a halted guest skipped
+    stops = 0
+    while (exit := e.run()).kind == eng.EXIT_STOP and exit.stop_reason == eng.STOP_TSC:
+        tsc.arm()                                               # the block is hooked, then runs
+        stops += 1
+    # RDTSC's block; then the block after it (the hook's RIP write ends a block), inside the
+    # range already hooked.
+    assert exit.kind == eng.EXIT_HLT and stops == 2
+    at = e.counters()["instructions"]
+    r8, r9, r10, rcx = (e.reg(n) for n in ("r8", "r9", "r10", "rcx"))
+    assert r9 == 7 and 1000 < r8 < r10 <= at and rcx == 0        # the count when each block began
+    assert e.state.buf[fp.H_TSC_READS] == 2 and len(tsc.sites) == 1
+    # Code rewritten in place (as Linux's alternatives do) keeps its hook: the RDTSC moved.
+    tsc.off()
