@@ -207,8 +207,12 @@ class RealLinux:
             stop = min(stop, retired + MAX_SLICE) if stop else retired + MAX_SLICE
             h[eng.fastpath.H_DEADLINE] = max(stop, retired + 1)
             self.running = True
-            exit = e.run()
-            self.running = False
+            try:
+                exit = e.run()
+            except TripleFault as exc:                     # raised in the exception hook
+                return "triple-fault", str(exc)
+            finally:
+                self.running = False
             if exit.kind == eng.EXIT_STOP:
                 reason = exit.stop_reason
                 if isinstance(reason, TripleFault):

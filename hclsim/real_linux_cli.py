@@ -62,10 +62,10 @@ def cmd_real(args, config, console, new_machine, report_fault) -> int:
     code = EXIT_OK if outcome.status in CLEAN else EXIT_NOT_CLEAN
     if args.json:
         print(json.dumps(report, indent=2))
-        return code
-    print(summary(outcome))
-    if wrote:
-        print("  wrote " + ", ".join(str(p) for p in wrote))
+    else:
+        print(summary(outcome))
+        if wrote:
+            print("  wrote " + ", ".join(str(p) for p in wrote))
     if code:
         print(f"hclsim: error: the kernel did not finish cleanly: {outcome.status}: "
               f"{outcome.panic or outcome.detail}", file=sys.stderr)

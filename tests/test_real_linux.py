@@ -153,3 +153,15 @@ def test_rdtsc_reads_the_instructions_retired_plus_the_skipped_idle_time():
     assert e.state.buf[fp.H_TSC_READS] == 2 and len(tsc.sites) == 1
     # Code rewritten in place (as Linux's alternatives do) keeps its hook: the RDTSC moved.
     tsc.off()
+
+
+def test_a_kernel_without_an_init_panics_and_the_run_says_so(real_kernel):
+    done = subprocess.run([sys.executable, "-m", "hclsim", "boot", "--linux", "real", "--kernel", str(real_kernel),
+                           "--no-initrd", "--quiet", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "the kernel did not finish cleanly: panic: Kernel panic - not syncing: No working " \
+        "init found" in errors[0]
+    real = json.loads(done.stdout)["real_linux"]
+    assert real["status"] == "panic" and real["panic"].startswith("Kernel panic - not syncing: No working init found")
+    assert "Run /sbin/init as init process" in {m["line"] for m in real["milestones"]}   # the fallbacks tried
