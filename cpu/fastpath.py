@@ -50,7 +50,12 @@ H_BT_ENTRIES = H_NPIO + NPIO_COLUMNS * NPIO_MAX
 # its address and size in H_TSC_PENDING, H_TSC_PENDING_SIZE; H_TSC_READS counts the reads.
 (H_DEADLINE, H_DEADLINE_HIT, H_TSC_TRAP, H_TSC_IDLE, H_TSC_PENDING, H_TSC_PENDING_SIZE,
  H_TSC_READS) = range(H_BT_ENTRIES + 1, H_BT_ENTRIES + 8)
-HEADER_SLOTS = H_TSC_READS + 1
+# The block-count cache's front: FRONT_SIZE direct-mapped (key, count) pairs (64 KiB, within a
+# core's L2) looked at before the 8-way table, whose lines a kernel's working set spreads over
+# megabytes. A front entry is never stale: whatever invalidates the table clears it.
+H_FRONT_ADDR = H_TSC_READS + 1
+HEADER_SLOTS = H_FRONT_ADDR + 1
+FRONT_SIZE = 1 << 12
 
 # The block-count cache: BLOCK_TABLE_SIZE slots of (key, count), key = (VA + 1) ^ (size << 48),
 # 0 = empty, count -1 = stale (invalidate_blocks). Set-associative: a key's bucket is the
@@ -121,6 +126,8 @@ class FastPathState:
         h[H_FN_UC_STOP] = native.UC_EMU_STOP
         h[H_CPUID_OFF], h[H_CPUID_ROWS] = cpuid_off, rows
         h[H_BT_ADDR], h[H_BT_SIZE] = self.block_table.ctypes.data, BLOCK_TABLE_SIZE
+        self.front = np.zeros((FRONT_SIZE, 2), np.int64)
+        h[H_FRONT_ADDR] = self.front.ctypes.data
         h[H_RAM_ADDR], h[H_RAM_SIZE] = ram_address, ram_size
         self.cpuid_table = h[cpuid_off:total_slots].reshape(rows, 6)
         self.cpuid_table[:] = cpuid_table
@@ -155,6 +162,9 @@ class FastPathState:
         table = self.block_table
         buckets = int(self.buf[H_BT_SIZE]) // BLOCK_TABLE_WAYS
         base = ((_int64((key * int(_BT_HASH)) & _MASK64) >> 40) & (buckets - 1)) * BLOCK_TABLE_WAYS
+        front = (_int64((key * int(_BT_HASH)) & _MASK64) >> 52) & (FRONT_SIZE - 1)
+        if self.front[front, 0] == key:
+            self.front[front, 1] |= TSC_ARMED
         for slot in range(base, base + BLOCK_TABLE_WAYS):
             if table[slot, 0] == key and table[slot, 1] >= 0:
                 table[slot, 1] |= TSC_ARMED
@@ -163,6 +173,7 @@ class FastPathState:
 
     def forget_blocks(self) -> None:
         """Empty the block-count cache (all its translations are gone too)."""
+        self.front[:] = 0
         if self.buf[H_BT_ENTRIES]:
             self._block_map.madvise(mmap.MADV_DONTNEED)   # private anonymous: zero again, pages released
         self.buf[H_BT_ENTRIES] = self.buf[H_BT_EVICTIONS] = 0
@@ -187,6 +198,7 @@ class FastPathState:
 
     def invalidate_blocks(self, start: int, end: int) -> None:
         """Forget cached instruction counts of blocks starting in [start, end) (code rewritten)."""
+        self.front[:] = 0
         if self.buf[H_BT_ENTRIES]:
             _invalidate(self.block_table, start & _VA_MASK, end & _VA_MASK)
 
@@ -298,6 +310,17 @@ def _retired(h, value, address, size):
 @njit(cache=True)
 def _block_value(uc, h, address, size):
     key = np.int64(address + 1) ^ (np.int64(size) << 48)
+    front = carray(_int_to_voidptr(h[H_FRONT_ADDR]), FRONT_SIZE * 2, np.int64)
+    fi = 2 * (((key * _BT_HASH) >> 52) & (FRONT_SIZE - 1))
+    if front[fi] == key:
+        return front[fi + 1]
+    value = _table_value(uc, h, key, address, size)
+    front[fi], front[fi + 1] = key, value
+    return value
+
+
+@njit(cache=True)
+def _table_value(uc, h, key, address, size):
     t = carray(_int_to_voidptr(h[H_BT_ADDR]), h[H_BT_SIZE] * 2, np.int64)
     buckets = h[H_BT_SIZE] // BLOCK_TABLE_WAYS
     base = (((key * _BT_HASH) >> 40) & (buckets - 1)) * (2 * BLOCK_TABLE_WAYS)

@@ -376,4 +376,5 @@ def test_block_cache_recounts_rewritten_code_after_evictions(small_table_machine
     e.code_changed(last, last + 5)
     assert table[row, 1] == -1
     assert run_chain(e, 1)["instructions"] == chain_instructions(blocks, 1) + 2
+    (row,) = np.flatnonzero(table[:, 0] == ((last + 1) ^ (5 << 48)))   # (inserts move entries in a bucket)
     assert table[row, 1] == 4
