@@ -326,6 +326,11 @@ def _boot_gdb(args) -> int:
     if args.json:
         raise UsageError("--gdb runs an interactive session: it prints no JSON report (drop --json; --out works)")
     config = config_from_args(args)              # checks the --out folder too, before the boot
+    if config.linux == "real":
+        if args.out:
+            raise UsageError("--gdb with --linux real writes no --out files (run without --gdb for report.json)")
+        from hclsim.real_linux_cli import real_config
+        config = real_config(args, config)
     from hclsim.debug.gdbserver import serve_boot
     from hclsim.console import Console
     console = Console(echo=not args.quiet, progress=False)

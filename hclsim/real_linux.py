@@ -23,6 +23,7 @@ from hclsim import HclsimError
 from hclsim.cpu import engine as eng
 from hclsim.cpu.delivery import Delivery, TripleFault
 from hclsim.cpu.virtual_tsc import VirtualTsc
+from hclsim.debug.events import StopRequest
 from hclsim.devices.bus import Bus
 from hclsim.devices.cmos_rtc import CmosRtc
 from hclsim.devices.pic8259 import Pic8259
@@ -178,14 +179,28 @@ class RealLinux:
 
     # ---- running -------------------------------------------------------------------------
     def run(self, timeout: float = 600.0) -> RealLinuxResult:
-        self._take_over()
+        self.start()
         try:
-            status, detail = self._loop(timeout)
-        finally:
+            status, detail, _request = self.resume(timeout)
+        except BaseException:
             self._give_back()
+            raise
+        return self.finish(status, detail)
+
+    def start(self) -> None:
+        """Give the engine the kernel's platform (the debugger then resumes and finishes)."""
+        self._take_over()
+
+    def finish(self, status: str, detail: str) -> RealLinuxResult:
+        self._give_back()
         return self._result(status, detail)
 
-    def _loop(self, timeout: float) -> tuple[str, str]:
+    def resume(self, timeout: float) -> tuple[str, str, object]:
+        """Run until the kernel ends ((status, detail, None)) or a debugger's hook stops it
+        ("debug", "", its StopRequest; the VP stands before the instruction it stopped at)."""
+        return self._loop(timeout)
+
+    def _loop(self, timeout: float) -> tuple[str, str, object]:
         e, h = self.engine, self.engine.state.buf
         deadline_wall = time.perf_counter() + timeout
         while True:
@@ -195,10 +210,10 @@ class RealLinux:
                 try:
                     self.delivery.interrupt(self.pic.acknowledge())
                 except TripleFault as exc:
-                    return "triple-fault", str(exc)
+                    return "triple-fault", str(exc), None
                 self.interrupts += 1
             if time.perf_counter() > deadline_wall:
-                return "timeout", f"no power off within {timeout:g} s"
+                return "timeout", f"no power off within {timeout:g} s", None
             retired = self._retired()
             next_ns = self._next_event_ns()
             stop = retired + self.clock.units_until(next_ns) if next_ns is not None else 0
@@ -210,29 +225,31 @@ class RealLinux:
             try:
                 exit = e.run()
             except TripleFault as exc:                     # raised in the exception hook
-                return "triple-fault", str(exc)
+                return "triple-fault", str(exc), None
             finally:
                 self.running = False
             if exit.kind == eng.EXIT_STOP:
                 reason = exit.stop_reason
                 if isinstance(reason, TripleFault):
-                    return "triple-fault", str(reason)
+                    return "triple-fault", str(reason), None
                 if isinstance(reason, BaseException):
                     raise reason
+                if isinstance(reason, StopRequest):       # the debugger's (hclsim/debug/kernel_target.py)
+                    return "debug", "", reason
                 if reason == eng.STOP_TSC:
                     self.tsc.arm()
                 continue                                   # the deadline, or a device's interrupt
             if exit.kind == eng.EXIT_HLT:
                 if not e.reg("rflags") & (1 << 9):
-                    return self._halted()
+                    return (*self._halted(), None)
                 next_ns = self._next_event_ns()
                 if next_ns is None and not self.pic.has_interrupt():
-                    return "idle", "the kernel halted with interrupts on and no timer armed"
+                    return "idle", "the kernel halted with interrupts on and no timer armed", None
                 if next_ns is not None:                    # skip the idle time to the timer
                     self.idle += self.clock.units_until(next_ns)
                     h[eng.fastpath.H_TSC_IDLE] = self.idle
                 continue
-            return "fault", exit.message or f"{exit.kind} at {exit.rip:#x}"
+            return "fault", exit.message or f"{exit.kind} at {exit.rip:#x}", None
 
     def _next_event_ns(self):
         events = [t for t in (self.pit.next_event_ns(), self.rtc.next_event_ns()) if t is not None]

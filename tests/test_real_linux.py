@@ -165,3 +165,61 @@ def test_a_kernel_without_an_init_panics_and_the_run_says_so(real_kernel):
     real = json.loads(done.stdout)["real_linux"]
     assert real["status"] == "panic" and real["panic"].startswith("Kernel panic - not syncing: No working init found")
     assert "Run /sbin/init as init process" in {m["line"] for m in real["milestones"]}   # the fallbacks tried
+
+
+# ---- gdb follows into the kernel ----------------------------------------------------------------
+def _rip_at(kernel, instructions: int) -> int:
+    """Where the kernel stands after `instructions` (a deadline stop: the same in every run)."""
+    from hclsim.cpu import fastpath as fpath
+    from hclsim.real_linux import STOP_IRQ
+    config = real_config(None, BootConfig(cpus=1, kernel=str(kernel), linux="real"))
+    machine = Machine(config)
+    try:
+        machine.run_to_handoff()
+        run = RealLinux(machine)
+        run.start()
+        e = machine.engine
+        e.state.buf[fpath.H_DEADLINE] = e.state.buf[fpath.H_ICOUNT] + instructions
+        while (x := e.run()).kind == eng.EXIT_STOP and x.stop_reason in (eng.STOP_TSC, STOP_IRQ):
+            if x.stop_reason == eng.STOP_TSC:
+                run.tsc.arm()
+        assert x.stop_reason == eng.STOP_DEADLINE
+        rip = e.reg("rip")
+        run.finish("interrupted", "")
+        return rip
+    finally:
+        machine.close()
+
+
+def test_gdb_follows_the_shim_into_the_real_kernel(real_kernel):
+    import threading
+    from hclsim.debug.gdbserver import GdbServer
+    from hclsim.debug.kernel_target import RealLinuxTarget
+    from tests.tools import require
+    address = _rip_at(real_kernel, 150_000_000)
+    assert address >> 48 == 0xFFFF                                  # kernel text
+    config = real_config(None, BootConfig(cpus=1, kernel=str(real_kernel), linux="real"))
+    machine = Machine(config)
+    logs, status = [], {}
+    server = GdbServer(RealLinuxTarget(machine), "127.0.0.1", 0, wait=True, log=logs.append)
+    thread = threading.Thread(target=lambda: status.update(exit=server.serve()), daemon=True)
+    thread.start()
+    try:
+        args = [require("gdb"), "-batch", "-nx", "-ex", "set architecture i386:x86-64",
+                "-ex", f"target remote 127.0.0.1:{server.address[1]}", "-ex", f"break *{address:#x}",
+                "-ex", "continue", "-ex", "continue", "-ex", "p/x $pc", "-ex", "p/x $cs", "-ex", "stepi",
+                "-ex", "p/x $pc", "-ex", "delete", "-ex", "continue"]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        text = out.stdout + out.stderr
+        thread.join(timeout=120)
+    finally:
+        server.close()
+        thread.join(timeout=10)
+        server.target.close()
+        machine.close()
+    assert "the real kernel runs VP 0" in text, text                 # the handoff, said on gdb's console
+    assert re.search(rf"Breakpoint 1, 0x0*{address:x} ", text), text
+    pcs = [int(v, 16) for v in re.findall(r"\$\d+ = (0x[0-9a-f]+)", text)]
+    assert pcs[0] == address and pcs[1] == 0x10 and pcs[2] != address   # in ring 0; stepi moved on
+    assert "exited normally" in text and status.get("exit") == 0     # the kernel halted: the process ended
+    assert any("the real kernel halted" in line for line in logs), logs

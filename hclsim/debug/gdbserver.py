@@ -108,7 +108,9 @@ class GdbServer:
                     self.attached_once = True
                     ended = self._session(sock)
                     if ended in ENDINGS:
-                        self.log(ENDINGS[ended][1])
+                        outcome = getattr(self.target, "outcome", None)     # --linux real
+                        self.log(f"the simulation ended: the real kernel {outcome.status}" if ended == "exit"
+                                 and outcome is not None else ENDINGS[ended][1])
                         return ENDINGS[ended][0]
                     self.finished = None   # gdb may have changed what can run
                     continue
@@ -183,7 +185,11 @@ def serve_boot(config, address: str | None, wait: bool, reports: bool = False, o
     machine = target = None
     try:
         machine = Machine(config, on_serial=on_serial)
-        target = DebugTarget(machine)
+        if config.linux == "real":                 # the shim, then the real kernel it hands over to
+            from hclsim.debug.kernel_target import RealLinuxTarget
+            target = RealLinuxTarget(machine)
+        else:
+            target = DebugTarget(machine)
         server = GdbServer(target, wait=wait, listener=listener)
         host, port = server.address
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
