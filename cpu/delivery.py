@@ -191,6 +191,11 @@ class Delivery:
         self._deliver(intno, code, software=software)
         return True
 
+    def interrupt_with_code(self, vector: int, code: int) -> None:
+        """A fault the host raises for the instruction at RIP (a #GP for an MSR it refuses)."""
+        self._save()
+        self._deliver(vector, code, software=False)
+
     def interrupt(self, vector: int) -> None:
         """An external interrupt at the current instruction boundary (the caller checked IF)."""
         self._save()

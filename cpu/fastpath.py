@@ -54,7 +54,10 @@ H_BT_ENTRIES = H_NPIO + NPIO_COLUMNS * NPIO_MAX
 # core's L2) looked at before the 8-way table, whose lines a kernel's working set spreads over
 # megabytes. A front entry is never stale: whatever invalidates the table clears it.
 H_FRONT_ADDR = H_TSC_READS + 1
-HEADER_SLOTS = H_FRONT_ADDR + 1
+# H_MSR_TRAP on: a block holding RDMSR or WRMSR ends the run before it runs as one with an RDTSC
+# does (H_TSC_PENDING names it), so the host can serve synthetic MSRs (hclsim/real_linux.py).
+H_MSR_TRAP = H_FRONT_ADDR + 1
+HEADER_SLOTS = H_MSR_TRAP + 1
 FRONT_SIZE = 1 << 12
 
 # The block-count cache: BLOCK_TABLE_SIZE slots of (key, count), key = (VA + 1) ^ (size << 48),
@@ -140,6 +143,7 @@ class FastPathState:
         h[H_MSR_FAST] = h[H_HC_FAST] = 0
         h[H_BT_MISSES] = h[H_BT_PROBES] = 0
         h[H_DEADLINE:H_TSC_READS + 1] = 0
+        h[H_MSR_TRAP] = 0
         h[H_LAST_BLOCK] = 0
         self.set_native_pio([])
         if cpuid_table.shape != self.cpuid_table.shape:
@@ -284,6 +288,7 @@ def hook_cpuid(uc, ud):
 
 REP_FLAG = np.int64(1) << 32  # cached value flag: the block is one REP-prefixed instruction
 TSC_FLAG = np.int64(1) << 33  # the block holds an RDTSC or RDTSCP
+MSR_FLAG = np.int64(1) << 35  # the block holds an RDMSR or WRMSR
 TSC_ARMED = np.int64(1) << 34  # ... and the host has hooked them (FastPathState.arm_tsc_block)
 
 
@@ -375,24 +380,29 @@ def _decode_block(uc, h, address, size):
     n = count_instructions(code, 0, got) if got > 0 else 1
     if n == 1 and got > 0 and (code[0] == 0xF3 or code[0] == 0xF2):
         n |= REP_FLAG
-    if got > 0 and reads_tsc(code, got):
-        n |= TSC_FLAG
+    if got > 0:
+        n |= special_instructions(code, got)
     return n
 
 
 @njit(cache=True)
-def reads_tsc(code, end):
-    """Whether an instruction in code[:end] is RDTSC (0F 31) or RDTSCP (0F 01 F9)."""
+def special_instructions(code, end):
+    """TSC_FLAG if an instruction in code[:end] is RDTSC (0F 31) or RDTSCP (0F 01 F9); MSR_FLAG
+    if one is RDMSR (0F 32) or WRMSR (0F 30)."""
+    flags = np.int64(0)
     pos = 0
     while pos < end:
-        if code[pos] == 0x0F and pos + 1 < end and (code[pos + 1] == 0x31 or (
-                code[pos + 1] == 0x01 and pos + 2 < end and code[pos + 2] == 0xF9)):
-            return True
+        if code[pos] == 0x0F and pos + 1 < end:
+            b = code[pos + 1]
+            if b == 0x31 or (b == 0x01 and pos + 2 < end and code[pos + 2] == 0xF9):
+                flags |= TSC_FLAG
+            elif b == 0x32 or b == 0x30:
+                flags |= MSR_FLAG
         length = insn_length(code, pos, end)
         if length <= 0:
-            return False
+            break
         pos += length
-    return False
+    return flags
 
 
 @cfunc(types.void(types.voidptr, types.uint64, types.uint32, types.voidptr), cache=True)
@@ -400,7 +410,8 @@ def hook_block(uc, address, size, ud):
     h = _header(ud)
     h[H_BLOCKS] += 1
     value = _block_value(uc, h, address, size)
-    if h[H_TSC_TRAP] != 0 and (value & TSC_FLAG) != 0 and (value & TSC_ARMED) == 0:
+    if (value & TSC_ARMED) == 0 and ((h[H_TSC_TRAP] != 0 and (value & TSC_FLAG) != 0)
+                                     or (h[H_MSR_TRAP] != 0 and (value & MSR_FLAG) != 0)):
         # The block reads the TSC and its RDTSC has no hook yet: the run ends before the block
         # runs (RIP written back to the block's start), the host adds the hook and goes on.
         h[H_TSC_PENDING], h[H_TSC_PENDING_SIZE] = address, size

@@ -73,17 +73,25 @@ class VirtualTsc:
     def pending(self) -> bool:
         return self.engine.state.buf[fp.H_TSC_PENDING] != 0
 
+    def pending_block(self) -> tuple[int, int]:
+        """(address, size) of the block the run stopped before, taken (the slots cleared)."""
+        h = self.engine.state.buf
+        address, size = int(h[fp.H_TSC_PENDING]) & 0xFFFFFFFFFFFFFFFF, int(h[fp.H_TSC_PENDING_SIZE])
+        h[fp.H_TSC_PENDING] = h[fp.H_TSC_PENDING_SIZE] = 0
+        return address, size
+
     def arm(self) -> bool:
         """The run stopped before a block that reads the TSC: hook the block. The hook covers
         the block's whole range, not just its RDTSC: code patched in place (Linux's alternatives
         turn an RDTSC into LFENCE; RDTSC or RDTSCP) keeps its cached count and flags, and its
         RDTSC may have moved. True if a hook was added."""
+        return self.arm_block(*self.pending_block())
+
+    def arm_block(self, address: int, size: int, reads_tsc: bool = True) -> bool:
+        """Hook the block at (address, size) if it reads the TSC; mark it handled either way."""
         e = self.engine
-        h = e.state.buf
-        address, size = int(h[fp.H_TSC_PENDING]) & 0xFFFFFFFFFFFFFFFF, int(h[fp.H_TSC_PENDING_SIZE])
-        h[fp.H_TSC_PENDING] = h[fp.H_TSC_PENDING_SIZE] = 0
         added = False
-        if not any(start <= address and address + size <= end for start, end in self.sites):
+        if reads_tsc and not any(start <= address and address + size <= end for start, end in self.sites):
             self.sites[(address, address + size)] = native.hook_add(
                 e.uc, ucc.UC_HOOK_CODE, hook_rdtsc.address, e.state.address, begin=address, end=address + size - 1)
             e.remove_cache(address, address + size)        # retranslated with the hook in it

@@ -195,7 +195,8 @@ def config_from_args(args):
                         vtl0_iterations=args.vtl0_iterations,
                         device_workers=tuple(getattr(args, "device_worker", None) or ()),
                         tpm=bool(getattr(args, "tpm", False)), state_dir=getattr(args, "state", None),
-                        vtl0_cmdline=args.vtl0_cmdline, linux=getattr(args, "linux", "stand-in")).validated()
+                        vtl0_cmdline=args.vtl0_cmdline, linux=getattr(args, "linux", "stand-in"),
+                        hyperv=bool(getattr(args, "hyperv", False))).validated()
     for option in ("kernel", "initrd", "shim", "sidecar"):
         path = getattr(config, option)
         if path is not None and not os.path.exists(path):
@@ -471,6 +472,9 @@ def build_parser():
     p.add_argument("--linux", choices=["stand-in", "real"], default="stand-in",
                    help="who takes the shim's handoff: the Linux stand-in and the paravisor's userspace "
                         "(default), or the --kernel image itself on the BSP until it powers off (real)")
+    p.add_argument("--hyperv", action="store_true",
+                   help="with --linux real: show the kernel the Hyper-V interface (its CPUID leaves, synthetic "
+                        "MSRs and the reference TSC page from the hypervisor model, hypercalls) instead of a bare PC")
     p.add_argument("--tpm", action="store_true",
                    help="give the VM a vTPM (TPM 2.0 on swtpm) in its own device worker, underhill-tpm")
     p.add_argument("--state", metavar="DIR",

@@ -89,6 +89,7 @@ class BootConfig:
     state_dir: str | None = None      # the VM's state folder, kept across runs (its VMGS); None: fresh per run
     vtl0_cmdline: str = "console=ttyS0 hclsim.vtl0=test"  # what the VTL0 test guest measures as its command line
     linux: str = "stand-in"           # who takes the handoff: the stand-in kernel, or "real" (the kernel image itself)
+    hyperv: bool = False              # --linux real: the kernel sees the Hyper-V interface, not a bare PC
 
     def validated(self) -> "BootConfig":
         """self, or ConfigError naming the option and what it must be (nothing is built yet)."""
@@ -137,6 +138,8 @@ class BootConfig:
         if self.linux == "real" and (self.kernel is None or self.tpm or self.device_workers):
             raise ConfigError("--linux real runs the kernel image itself: it needs --kernel BZIMAGE (a distribution "
                               "kernel), and has no paravisor userspace for --tpm or --device-worker")
+        if self.hyperv and self.linux != "real":
+            raise ConfigError("--hyperv shows the Hyper-V interface to a real kernel: it needs --linux real")
         if self.tpm:
             from hclsim.devices.swtpm import swtpm_binary
             if swtpm_binary() is None:

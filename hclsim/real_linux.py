@@ -17,10 +17,13 @@ the boot's stages, each with the instructions retired and the wall time when it 
 """
 import re
 import time
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from hclsim import HclsimError
 from hclsim.cpu import engine as eng
+from hclsim.cpu import fastpath
 from hclsim.cpu.delivery import Delivery, TripleFault
 from hclsim.cpu.virtual_tsc import VirtualTsc
 from hclsim.debug.events import StopRequest
@@ -83,6 +86,7 @@ class RealLinuxResult:
     syscalls: int = 0
     tsc_reads: int = 0
     idle_ns: int = 0
+    synthetic_msrs: dict | None = None   # with hyperv: reads, writes and refused (#GP) accesses
 
     def first(self, name: str):
         return next((m for m in self.milestones if m.name == name), None)
@@ -116,7 +120,9 @@ class _Console:
 class RealLinux:
     """The BSP of machine (standing at the kernel entry after run_to_handoff) into a real kernel."""
 
-    def __init__(self, machine, console_port: str = "COM3", on_serial=None):
+    def __init__(self, machine, console_port: str = "COM3", on_serial=None, hyperv: bool = False):
+        """hyperv: show the kernel the Hyper-V CPUID leaves and serve its synthetic MSRs and
+        hypercalls from the hypervisor model (hclsim/real_linux_hv.py), else a bare PC."""
         self.machine, self.engine = machine, machine.engine
         self.console_port, self.on_serial = console_port, on_serial
         self.running = False                            # inside the engine's run (a device may stop it)
@@ -139,6 +145,10 @@ class RealLinux:
         self.delivery = Delivery(self.engine)
         self.tsc = VirtualTsc(self.engine)
         self.interrupts = 0
+        self.hyperv = None
+        if hyperv:
+            from hclsim.real_linux_hv import SyntheticMsrs
+            self.hyperv = SyntheticMsrs(machine, self.delivery)
 
     def _intr(self, level: bool) -> None:
         """The PIC's INTR output rose (a device raised its line during the run): end the slice
@@ -163,7 +173,11 @@ class RealLinux:
             flush()
         e.after_run = []
         self.bus.attach(e)
-        plain_cpuid(e.state.cpuid_table)
+        if self.hyperv is None:
+            plain_cpuid(e.state.cpuid_table)
+        else:
+            one_package(e.state.cpuid_table)
+            e.state.buf[fastpath.H_MSR_TRAP] = 1
         e.uc.ctl_exits_enabled(False)         # no exit address: none can be revalidated (CR2, #DF)
         e.uc.ctl_flush_tb()
         self.delivery.install()
@@ -173,6 +187,9 @@ class RealLinux:
         e = self.engine
         self.delivery.uninstall()
         self.tsc.off()
+        if self.hyperv is not None:
+            self.hyperv.close()
+            e.state.buf[fastpath.H_MSR_TRAP] = 0
         e.state.buf[eng.fastpath.H_DEADLINE] = 0
         e.uc.ctl_exits_enabled(True)
         e.set_exits(e.exits, force=True)
@@ -237,7 +254,7 @@ class RealLinux:
                 if isinstance(reason, StopRequest):       # the debugger's (hclsim/debug/kernel_target.py)
                     return "debug", "", reason
                 if reason == eng.STOP_TSC:
-                    self.tsc.arm()
+                    self._arm_block()
                 continue                                   # the deadline, or a device's interrupt
             if exit.kind == eng.EXIT_HLT:
                 if not e.reg("rflags") & (1 << 9):
@@ -250,6 +267,15 @@ class RealLinux:
                     h[eng.fastpath.H_TSC_IDLE] = self.idle
                 continue
             return "fault", exit.message or f"{exit.kind} at {exit.rip:#x}", None
+
+    def _arm_block(self) -> None:
+        """A block that reads the TSC or (with hyperv) touches an MSR is about to run: hook it."""
+        address, size = self.tsc.pending_block()
+        code = np.frombuffer(self.engine.read_virtual(address, size), np.uint8)
+        flags = fastpath.special_instructions(code, len(code)) if len(code) else 0
+        if flags & fastpath.MSR_FLAG and self.hyperv is not None:
+            self.hyperv.hook_block(address, code)
+        self.tsc.arm_block(address, size, reads_tsc=bool(flags & fastpath.TSC_FLAG))
 
     def _next_event_ns(self):
         events = [t for t in (self.pit.next_event_ns(), self.rtc.next_event_ns()) if t is not None]
@@ -275,7 +301,16 @@ class RealLinux:
             e820=[m.line for m in c.milestones if m.name == "e820"], command_line=cmd, panic=panic, detail=detail,
             exceptions={v: n for v, n in sorted(self.delivery.counts.items()) if v < 32}, interrupts=self.interrupts, syscalls=self.delivery.syscalls,
             tsc_reads=int(self.engine.state.buf[eng.fastpath.H_TSC_READS]),
+            synthetic_msrs=None if self.hyperv is None else {"reads": self.hyperv.reads, "writes": self.hyperv.writes,
+                                                             "refused": self.hyperv.faults},
             idle_ns=self.clock.now_ns() - (self._retired() * 10**9 // self.clock.hz))
+
+
+def one_package(table) -> None:
+    """One logical processor per package in the topology leaves (Linux divides by their counts)."""
+    for row in table:
+        if row[0] in (0xB, 0x1F) and row[1] == 1:
+            row[3] = 1
 
 
 def plain_cpuid(table) -> None:

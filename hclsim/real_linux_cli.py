@@ -32,6 +32,7 @@ def outcome_dict(outcome) -> dict:
             "command_line": outcome.command_line, "e820": outcome.e820, "panic": outcome.panic,
             "exceptions": {str(k): v for k, v in sorted(outcome.exceptions.items())},
             "interrupts": outcome.interrupts, "syscalls": outcome.syscalls, "tsc_reads": outcome.tsc_reads,
+            "synthetic_msrs": outcome.synthetic_msrs,
             "idle_ns": outcome.idle_ns}
 
 
@@ -46,7 +47,7 @@ def cmd_real(args, config, console, new_machine, report_fault) -> int:
                 result = machine.run_to_handoff()
         except GuestFaultError as exc:
             return report_fault(args, exc, fault_report(exc, config, machine))
-        run = RealLinux(machine, on_serial=console.serial)
+        run = RealLinux(machine, on_serial=console.serial, hyperv=config.hyperv)
         with console.phase("running the real kernel"):
             outcome = run.run(timeout=config.timeout)
         serial = {k: bytes(v) for k, v in machine.serial.items()}
@@ -90,6 +91,9 @@ def summary(outcome) -> str:
         lines.append(f"  command line Linux saw: {outcome.command_line}")
     if outcome.panic:
         lines.append(f"  panic: {outcome.panic}")
+    if outcome.synthetic_msrs is not None:
+        m = outcome.synthetic_msrs
+        lines.append(f"  Hyper-V synthetic MSRs: {m['reads']} reads, {m['writes']} writes, {m['refused']} refused (#GP)")
     lines.append(f"  exceptions {sum(outcome.exceptions.values())}, interrupts {outcome.interrupts}, "
                  f"syscalls {outcome.syscalls}, virtual TSC reads {outcome.tsc_reads}, idle {outcome.idle_ns / 1e9:.2f} s of virtual time")
     return "\n".join(lines)

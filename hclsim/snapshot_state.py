@@ -49,7 +49,7 @@ FASTPATH_LAYOUT = ("H_TOTAL", "H_FN_SLOW_IO", "H_FN_REG_READ", "H_FN_REG_WRITE",
                    "H_BT_EVICTIONS", "H_BT_ENTRIES",
                    # a real kernel's virtual time (hclsim/real_linux.py), which snapshots do not take
                    "H_DEADLINE", "H_DEADLINE_HIT", "H_TSC_TRAP", "H_TSC_IDLE", "H_TSC_PENDING",
-                   "H_TSC_PENDING_SIZE", "H_TSC_READS", "H_FRONT_ADDR")
+                   "H_TSC_PENDING_SIZE", "H_TSC_READS", "H_FRONT_ADDR", "H_MSR_TRAP")
 HANDOFF_REGS = ("rip", "rdi", "rsi", "rsp", "cr0", "cr3", "cr4", "efer", "cs", "ds", "ss")
 
 

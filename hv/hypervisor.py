@@ -5,13 +5,14 @@ in hv/hypercalls.py.
 Time is deterministic: TIME_REF_COUNT advances with the executed instruction count (1 ns each),
 so the same image gives the same reference times run after run.
 """
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hclsim.defs.hvdef import (HvCall, HV_CRASH_CTL_CRASH_MESSAGE, HV_CRASH_CTL_NOTIFY, HV_CRASH_MESSAGE_MAX,
                                HV_X64_MSR_APIC_FREQUENCY, HV_X64_MSR_CRASH_CTL, HV_X64_MSR_CRASH_P0,
-                               HV_X64_MSR_GUEST_OS_ID, HV_X64_MSR_HYPERCALL, HV_X64_MSR_TIME_REF_COUNT,
+                               HV_X64_MSR_GUEST_OS_ID, HV_X64_MSR_HYPERCALL, HV_X64_MSR_REFERENCE_TSC, HV_X64_MSR_TIME_REF_COUNT,
                                HV_X64_MSR_TSC_FREQUENCY, HV_X64_MSR_VP_ASSIST_PAGE, HV_X64_MSR_VP_INDEX,
                                HVCALL_VTL_CALL, HVCALL_VTL_RETURN, HvRegister)
 from hclsim.defs.platform import ISOLATION_NONE, ISOLATION_SNP, ISOLATION_TDX
@@ -181,6 +182,7 @@ class Hypervisor:
     isolation: int = ISOLATION_NONE
     guest_os_id: int = 0
     hypercall_msr: int = 0
+    reference_tsc_msr: int = 0
     crash_params: list = field(default_factory=lambda: [0] * 5)
     crash: GuestCrash | None = None
 
@@ -218,6 +220,8 @@ class Hypervisor:
             return vp
         if index == HV_X64_MSR_TIME_REF_COUNT:
             return self.time_ref_count(engine)
+        if index == HV_X64_MSR_REFERENCE_TSC:
+            return self.reference_tsc_msr
         if index == HV_X64_MSR_TSC_FREQUENCY:
             return TSC_FREQUENCY
         if index == HV_X64_MSR_APIC_FREQUENCY:
@@ -243,6 +247,8 @@ class Hypervisor:
             self.guest_os_id = value
         elif index == HV_X64_MSR_HYPERCALL:
             self._write_hypercall_msr(engine, value)
+        elif index == HV_X64_MSR_REFERENCE_TSC:
+            self._write_reference_tsc_msr(value)
         elif index == HV_X64_MSR_VP_ASSIST_PAGE:
             if value & 0xFFE:
                 raise GeneralProtection(f"VP_ASSIST_PAGE reserved bits set: {value:#x}")
@@ -323,6 +329,17 @@ class Hypervisor:
     @staticmethod
     def _is_mtrr(index: int) -> bool:
         return index in (0x2FF, 0x250, 0x258, 0x259) or 0x268 <= index <= 0x26F or 0x200 <= index <= 0x21F
+
+    def _write_reference_tsc_msr(self, value: int) -> None:
+        """Enabled (bit 0): the reference TSC page at the GPN, TLFS's layout (TscSequence u32,
+        reserved, TscScale u64, TscOffset i64): reference time (100 ns) = (TSC * scale) >> 64 +
+        offset; the TSC ticks once an instruction (1 GHz), so scale = 2^64 / 100."""
+        if value & 0xFFE:
+            raise GeneralProtection(f"REFERENCE_TSC reserved bits set: {value:#x}")
+        self.reference_tsc_msr = value
+        gpa = value & ~0xFFF
+        if value & 1 and self.mem is not None and self.mem.contains(gpa, 0x1000):
+            self.mem.write(gpa, struct.pack("<IIQq", 1, 0, (1 << 64) // INSTRUCTIONS_PER_100NS, 0))
 
     def _write_hypercall_msr(self, engine, value: int) -> None:
         if self.hypercall_msr & 2:

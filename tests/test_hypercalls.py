@@ -153,3 +153,17 @@ def test_parse_vp_context_reads_what_the_sidecar_writes():
     assert (parsed.gdtr.base, parsed.gdtr.limit, parsed.idtr.base, parsed.idtr.limit) == (0x5000, 0x1F, 0x6000, 0x20F)
     assert (parsed.efer, parsed.cr0, parsed.cr3, parsed.cr4) == (0xD00, 0x80000021, 0x7000, 0x260)
     assert parsed.msr_cr_pat == 0x0007040600070406
+
+
+def test_the_reference_tsc_page_gives_100ns_units_of_the_instruction_clock(hv):
+    """HV_X64_MSR_REFERENCE_TSC (TLFS 12.7): enabled, the page holds sequence, scale and offset
+    such that (TSC * scale) >> 64 + offset counts 100 ns; the TSC ticks once an instruction."""
+    page = 0x20000
+    hv.wrmsr(hv.engine, 0, hvdef.HV_X64_MSR_REFERENCE_TSC, page | 1)
+    assert hv.rdmsr(hv.engine, 0, hvdef.HV_X64_MSR_REFERENCE_TSC) == page | 1
+    sequence, _reserved, scale, offset = struct.unpack("<IIQq", hv.mem.read(page, 24))
+    assert sequence != 0 and offset == 0
+    tsc = 12_345_678_900                                   # 12.3456789 s at 1 GHz
+    assert (tsc * scale) >> 64 == tsc // 100 - 1           # 100 ns units (scale is 2^64/100, floored)
+    with pytest.raises(GeneralProtection, match="reserved bits"):
+        hv.wrmsr(hv.engine, 0, hvdef.HV_X64_MSR_REFERENCE_TSC, page | 0x10)

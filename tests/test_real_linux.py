@@ -223,3 +223,32 @@ def test_gdb_follows_the_shim_into_the_real_kernel(real_kernel):
     assert pcs[0] == address and pcs[1] == 0x10 and pcs[2] != address   # in ring 0; stepi moved on
     assert "exited normally" in text and status.get("exit") == 0     # the kernel halted: the process ended
     assert any("the real kernel halted" in line for line in logs), logs
+
+
+def test_with_hyperv_the_kernel_takes_its_hyper_v_path_to_init(real_kernel):
+    """--hyperv: the Hyper-V leaves shown, the synthetic MSRs served by the hypervisor model; the
+    kernel runs on the reference TSC page's clock and still boots to /init."""
+    done = subprocess.run([sys.executable, "-m", "hclsim", "boot", "--linux", "real", "--hyperv", "--kernel",
+                           str(real_kernel), "--quiet", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    real = json.loads(done.stdout)["real_linux"]
+    lines = {m["line"] for m in real["milestones"]}
+    assert real["status"] == "halted" and "init: poweroff" in lines
+    assert real["synthetic_msrs"]["reads"] >= 1 and real["synthetic_msrs"]["refused"] == 0
+    plain = subprocess.run([sys.executable, "-m", "hclsim", "boot", "--hyperv"], capture_output=True, text=True,
+                           timeout=60)
+    assert plain.returncode != 0 and "needs --linux real" in plain.stderr
+
+
+def test_the_hyper_v_path_uses_the_reference_tsc_page(real_kernel):
+    config = real_config(None, BootConfig(cpus=1, kernel=str(real_kernel), linux="real", hyperv=True))
+    machine = Machine(config)
+    try:
+        machine.run_to_handoff()
+        outcome = RealLinux(machine, hyperv=True).run(timeout=300)
+    finally:
+        machine.close()
+    text = outcome.console.decode("utf-8", "replace")
+    assert "Hypervisor detected: Microsoft Hyper-V" in text
+    assert "Switched to clocksource hyperv_clocksource_tsc_page" in text
+    assert outcome.status == "halted"

@@ -55,7 +55,7 @@ class RealLinuxTarget:
 
     def _enter_kernel(self) -> None:
         from hclsim.real_linux import RealLinux
-        self.kernel = RealLinux(self.machine)
+        self.kernel = RealLinux(self.machine, hyperv=self.machine.config.hyperv)
         self.kernel.start()
         self.kernel_stop = self.shim.last_stop
 
