@@ -25,6 +25,10 @@ WATCH_KINDS = {"watch": "w", "rwatch": "r", "awatch": "a"}
 def add_parser(sub, add_boot_options) -> None:
     p = sub.add_parser("step", help="step through the boot shim and sidecar at a gdb-like prompt")
     add_boot_options(p)
+    p.add_argument("--linux", choices=["stand-in", "real"], default="stand-in",
+                   help="after the handoff: stop there (the stand-in, default), or follow the BSP into the "
+                        "--kernel image itself (real)")
+    p.add_argument("--hyperv", action="store_true", help="with --linux real: the kernel sees the Hyper-V interface")
     p.add_argument("--script", metavar="FILE", help="run the commands in FILE, then exit")
     p.add_argument("-x", dest="commands", action="append", default=[], metavar="CMD",
                    help="run CMD (repeatable, after --script), then exit")
@@ -432,9 +436,17 @@ def cmd_step(args, config_from_args) -> int:
             raise HclsimError(f"--snapshot {args.snapshot}: taken after the kernel handoff; "
                               "hclsim step goes on from snapshots of the firmware's run")
         config = machine.config
+    elif config.linux == "real":
+        from hclsim.real_linux_cli import real_config
+        config = real_config(args, config)
+        machine = Machine(config, on_serial=on_serial)
     else:
         machine = Machine(config, on_serial=on_serial)
-    target = DebugTarget(machine)
+    if config.linux == "real":                   # the shim, then the real kernel (debug/kernel_target.py)
+        from hclsim.debug.kernel_target import RealLinuxTarget
+        target = RealLinuxTarget(machine)
+    else:
+        target = DebugTarget(machine)
     loaded = machine.scheduler.loaded
     if args.snapshot and loaded is not None:   # go on with the VP that was stopped
         rip = target.registers(loaded.index)["rip"]

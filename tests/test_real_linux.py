@@ -252,3 +252,17 @@ def test_the_hyper_v_path_uses_the_reference_tsc_page(real_kernel):
     assert "Hypervisor detected: Microsoft Hyper-V" in text
     assert "Switched to clocksource hyperv_clocksource_tsc_page" in text
     assert outcome.status == "halted"
+
+
+def test_hclsim_step_follows_into_the_real_kernel(real_kernel):
+    address = _rip_at(real_kernel, 150_000_000)
+    done = subprocess.run([sys.executable, "-m", "hclsim", "step", "--quiet", "--linux", "real", "--kernel",
+                           str(real_kernel), "-x", f"break *{address:#x}", "-x", "continue", "-x", "continue",
+                           "-x", "info registers rip cs", "-x", "stepi", "-x", "x/2i $pc"],
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert done.returncode == 0, done.stderr + out
+    assert "the real kernel runs VP 0" in out and f"Breakpoint 1, VP 0 stopped at {address:#x}" in out, out
+    assert re.search(r"cs +0x10 ", out) and re.search(rf"=> {address:#x}:\t\S", out), out   # disassembled live
+    stops = re.findall(r"VP 0 stopped at (0xffffffff[0-9a-f]{8})\n", out)
+    assert stops[0] == f"{address:#x}" and int(stops[1], 16) != address, out   # stepi moved on

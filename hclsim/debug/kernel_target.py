@@ -11,6 +11,7 @@ Watchpoints stay the shim's (the kernel phase does not offer them yet).
 import math
 
 from hclsim.debug.events import FAULT, HANDOFF, IDLE, INTERRUPTED, DebugError, StopEvent, StopRequest
+from hclsim.debug.stops import NextBreakpoint
 from hclsim.debug.runner import Runner
 from hclsim.debug.target import DebugTarget
 from hclsim.hv.partition import REGISTER_NAMES
@@ -57,6 +58,9 @@ class RealLinuxTarget:
         from hclsim.real_linux import RealLinux
         self.kernel = RealLinux(self.machine, hyperv=self.machine.config.hyperv)
         self.kernel.start()
+        # The BSP's state is the engine's from here on: what reads it through the partition
+        # (disassembly, backtraces, memory through its page tables) reads it live.
+        self.machine.scheduler.loaded = self.machine.bsp
         self.kernel_stop = self.shim.last_stop
 
     # ---- VPs and state ----------------------------------------------------------------------
@@ -151,6 +155,53 @@ class RealLinuxTarget:
             return self._shim_stop(self.shim.cont(timeout))
         self.shim.stops.end_stepping()
         return self._resume(timeout)
+
+    def next(self, i=None, timeout: float | None = None) -> StopEvent:
+        """step, but a CALL runs until it returns to this stack depth."""
+        if not self.in_kernel:
+            return self._shim_stop(self.shim.next(i, timeout))
+        self._check(i)
+        regs = self.registers(0)
+        insn = self.shim.disassemble(0, regs["rip"], 1)
+        if not insn or not insn[0][2].startswith("call"):
+            return self.step(0, 1, timeout)
+        return self._until([(regs["rip"] + len(insn[0][1]), NextBreakpoint(0, regs["rsp"]))], timeout)
+
+    def finish(self, i=None, timeout: float | None = None) -> StopEvent:
+        if not self.in_kernel:
+            return self._shim_stop(self.shim.finish(i, timeout))
+        self._check(i)
+        found, why = self.shim.backtrace(0, 2)
+        if len(found) < 2 or found[0].cfa is None:
+            raise DebugError(f"\"finish\" not meaningful here: {why}")
+        return self._until([(found[1].pc, NextBreakpoint(0, found[0].cfa))], timeout)
+
+    def run_to(self, i, addresses: list[int], timeout: float | None = None) -> StopEvent:
+        if not self.in_kernel:
+            return self._shim_stop(self.shim.run_to(i, addresses, timeout))
+        self._check(i)
+        found, _why = self.shim.backtrace(0, 2)
+        temps = [(a, NextBreakpoint(0, 0)) for a in addresses]
+        if len(found) >= 2 and found[0].cfa is not None:
+            temps.append((found[1].pc, NextBreakpoint(0, found[0].cfa)))
+        return self._until(temps, timeout)
+
+    def _until(self, temps, timeout) -> StopEvent:
+        stops = self.shim.stops
+        for address, temp in temps:
+            stops.add_breakpoint(address, temp)
+        try:
+            return self.cont(timeout)
+        finally:
+            for address, temp in temps:
+                stops.remove_breakpoint(address, temp)
+
+    def __getattr__(self, name):
+        """What reads the guest the same way in both phases (symbolize, disassemble, backtrace,
+        resolve, ...) is the shim target's: the BSP stays the loaded VP on the one engine."""
+        if name in ("shim", "kernel", "machine", "outcome", "kernel_stop"):
+            raise AttributeError(name)
+        return getattr(self.shim, name)
 
     def interrupt(self) -> None:
         if not self.in_kernel:
