@@ -126,6 +126,7 @@ class RealLinux:
         self.machine, self.engine = machine, machine.engine
         self.console_port, self.on_serial = console_port, on_serial
         self.running = False                            # inside the engine's run (a device may stop it)
+        self.stopped_by_debugger = False                # the last slice ended at a debugger's stop
         self.idle = 0                                   # instructions' worth of time spent halted
         self.start_icount = self.engine.counters()["instructions"]
         self.clock = VirtualClock(lambda: self._retired() + self.idle)
@@ -214,12 +215,19 @@ class RealLinux:
 
     def resume(self, timeout: float) -> tuple[str, str, object]:
         """Run until the kernel ends ((status, detail, None)) or a debugger's hook stops it
-        ("debug", "", its StopRequest; the VP stands before the instruction it stopped at)."""
-        return self._loop(timeout)
+        ("debug", "", its StopRequest; the VP stands before the instruction it stopped at).
+        Resumed after a debugger's stop, the slice goes on as if it had not stopped: no
+        interrupt taken there, the same deadline (so the run is the same as without it)."""
+        return self._loop(timeout, resumed=self.stopped_by_debugger)
 
-    def _loop(self, timeout: float) -> tuple[str, str, object]:
+    def _loop(self, timeout: float, resumed: bool = False) -> tuple[str, str, object]:
         e, h = self.engine, self.engine.state.buf
         deadline_wall = time.perf_counter() + timeout
+        self.stopped_by_debugger = False
+        if resumed:                            # the slice a debugger stopped goes on as it was
+            end = self._slice()
+            if end is not None:
+                return end
         while True:
             self.pit.update()
             self.rtc.update()
@@ -238,35 +246,43 @@ class RealLinux:
                 stop = min(stop, retired + IRQ_WINDOW) if stop else retired + IRQ_WINDOW
             stop = min(stop, retired + MAX_SLICE) if stop else retired + MAX_SLICE
             h[eng.fastpath.H_DEADLINE] = max(stop, retired + 1)
-            self.running = True
-            try:
-                exit = e.run()
-            except TripleFault as exc:                     # raised in the exception hook
-                return "triple-fault", str(exc), None
-            finally:
-                self.running = False
-            if exit.kind == eng.EXIT_STOP:
-                reason = exit.stop_reason
-                if isinstance(reason, TripleFault):
-                    return "triple-fault", str(reason), None
-                if isinstance(reason, BaseException):
-                    raise reason
-                if isinstance(reason, StopRequest):       # the debugger's (hclsim/debug/kernel_target.py)
-                    return "debug", "", reason
-                if reason == eng.STOP_TSC:
-                    self._arm_block()
-                continue                                   # the deadline, or a device's interrupt
-            if exit.kind == eng.EXIT_HLT:
-                if not e.reg("rflags") & (1 << 9):
-                    return (*self._halted(), None)
-                next_ns = self._next_event_ns()
-                if next_ns is None and not self.pic.has_interrupt():
-                    return "idle", "the kernel halted with interrupts on and no timer armed", None
-                if next_ns is not None:                    # skip the idle time to the timer
-                    self.idle += self.clock.units_until(next_ns)
-                    h[eng.fastpath.H_TSC_IDLE] = self.idle
-                continue
-            return "fault", exit.message or f"{exit.kind} at {exit.rip:#x}", None
+            end = self._slice()
+            if end is not None:
+                return end
+
+    def _slice(self):
+        """One engine run; None to go on, else the end (status, detail, debugger's request)."""
+        e, h = self.engine, self.engine.state.buf
+        self.running = True
+        try:
+            exit = e.run()
+        except TripleFault as exc:                         # raised in the exception hook
+            return "triple-fault", str(exc), None
+        finally:
+            self.running = False
+        if exit.kind == eng.EXIT_STOP:
+            reason = exit.stop_reason
+            if isinstance(reason, TripleFault):
+                return "triple-fault", str(reason), None
+            if isinstance(reason, BaseException):
+                raise reason
+            if isinstance(reason, StopRequest):           # the debugger's (hclsim/debug/kernel_target.py)
+                self.stopped_by_debugger = True
+                return "debug", "", reason
+            if reason == eng.STOP_TSC:
+                self._arm_block()
+            return None                                    # the deadline, or a device's interrupt
+        if exit.kind == eng.EXIT_HLT:
+            if not e.reg("rflags") & (1 << 9):
+                return (*self._halted(), None)
+            next_ns = self._next_event_ns()
+            if next_ns is None and not self.pic.has_interrupt():
+                return "idle", "the kernel halted with interrupts on and no timer armed", None
+            if next_ns is not None:                        # skip the idle time to the timer
+                self.idle += self.clock.units_until(next_ns)
+                h[eng.fastpath.H_TSC_IDLE] = self.idle
+            return None
+        return "fault", exit.message or f"{exit.kind} at {exit.rip:#x}", None
 
     def _arm_block(self) -> None:
         """A block that reads the TSC or (with hyperv) touches an MSR is about to run: hook it."""

@@ -266,3 +266,28 @@ def test_hclsim_step_follows_into_the_real_kernel(real_kernel):
     assert re.search(r"cs +0x10 ", out) and re.search(rf"=> {address:#x}:\t\S", out), out   # disassembled live
     stops = re.findall(r"VP 0 stopped at (0xffffffff[0-9a-f]{8})\n", out)
     assert stops[0] == f"{address:#x}" and int(stops[1], 16) != address, out   # stepi moved on
+
+
+def test_a_run_stopped_and_stepped_under_the_debugger_ends_as_one_without_it(booted, real_kernel):
+    """Breakpoints and steps give back what a stopped block did not run: the kernel's virtual
+    time, so its console and instruction count, are those of the run without a debugger."""
+    from hclsim.debug.kernel_target import RealLinuxTarget
+    _result, plain = booted
+    address = _rip_at(real_kernel, 150_000_000)
+    config = real_config(None, BootConfig(cpus=1, kernel=str(real_kernel), linux="real"))
+    machine = Machine(config)
+    target = RealLinuxTarget(machine)
+    try:
+        assert target.cont().reason == "handoff"
+        target.add_breakpoint(address)
+        assert target.cont().rip == address
+        for _ in range(3):
+            target.step()
+        target.remove_breakpoint(address)
+        end = target.cont()
+        assert end.reason == "idle" and target.vp_state(0) == "external"
+        outcome = target.outcome
+    finally:
+        target.close()
+        machine.close()
+    assert outcome.console == plain.console and outcome.instructions == plain.instructions
