@@ -39,7 +39,8 @@ from hclsim.devices.virtual_clock import VirtualClock
 # real mode trampoline (OpenHCL blacklists init_real_mode; 6.1 calls it do_init_real_mode), the
 # test initrd's program is /init, and KASLR off keeps runs comparable.
 LEGACY_UARTS = (("COM1", 0x3F8, 4), ("COM2", 0x2F8, 3), ("COM3", 0x3E8, 4), ("COM4", 0x2E8, 3))
-IRQ_WINDOW = 2000             # instructions between looks for IF while an interrupt waits
+IRQ_WINDOW = 50_000           # instructions between looks for IF while an interrupt waits (2,000 made 44k
+                              # slices of a boot whose early part runs with IF off: ~1 s of loop overhead)
 STOP_IRQ = "irq"              # the engine's stop reason when a device raised an interrupt
 MAX_SLICE = 50_000_000        # instructions a slice may run (~0.7 s): the timeout is looked at between
                               # slices; never a stop from another thread, whose moment would vary
