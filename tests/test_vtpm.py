@@ -105,6 +105,18 @@ def test_the_register_state_survives_save_and_restore(tpm):
 NV_INDEX = 0x01500016
 
 
+_OPEN: list = []                   # (proxy, engine) of _worker, closed after each test whatever happened
+
+
+@pytest.fixture(autouse=True)
+def _close_workers():
+    yield
+    while _OPEN:
+        proxy, engine = _OPEN.pop()
+        proxy.close()
+        engine.close()
+
+
 def _worker(tmp_path, name, stores, saved=None):
     """The vTPM served by a DeviceServer (as in its worker) behind a proxy on a bus, with the
     VM's stores at the proxy: (bus, proxy, ram, engine, device)."""
@@ -120,6 +132,7 @@ def _worker(tmp_path, name, stores, saved=None):
     ram = Ram()
     proxy = ProxyDevice("tpm", ours, relaunch=lambda: (_ for _ in ()).throw(OSError("no restarts here")),
                         guest_memory=ram, stores=stores)
+    _OPEN.append((proxy, engine))
     bus = Bus("vtl0")
     bus.add(proxy)
     bus.pio_write(vtpm.CONTROL_PORT, 4, vtpm.IO_MAP_SHARED_MEMORY)
