@@ -41,7 +41,7 @@ def _hclsim(kernel: str) -> dict:
     from hclsim.machine import Machine
     from hclsim.real_linux import RealLinux
     from hclsim.real_linux_cli import real_config
-    config = real_config(None, BootConfig(cpus=1, kernel=kernel, linux="real", timeout=300))
+    config = real_config(BootConfig(cpus=1, kernel=kernel, linux="real", timeout=300))
     t0 = time.perf_counter()
     machine = Machine(config)
     try:

@@ -29,11 +29,10 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
 from hclsim.cpu import native
+from hclsim.cpu.interrupts import RFLAGS_RF, DeliveryError, cleared_flags, idt_gate, push_frame, read_exactly
 
 ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
 VECTOR_DF = 8
-GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF
-RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF = 1 << 8, 1 << 9, 1 << 14, 1 << 16
 HF_CPL_MASK = 3
 MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000084
 # Descriptor cache flags, as QEMU keeps them (the descriptor's high dword, bits 8..23).
@@ -48,10 +47,6 @@ SEGS_AFTER_RAX, HFLAGS_BEFORE_SEGS, TR_AFTER_SEGS = 184, 8, 7 * SEG_CACHE.size
 
 class TripleFault(Exception):
     """Delivering #DF failed: on hardware the CPU shuts down (the machine resets)."""
-
-
-class DeliveryError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -142,41 +137,12 @@ class Delivery:
     def _tss_base(self) -> int:
         return ctypes.c_uint64.from_address(self._base + self.layout.tr + 8).value
 
-    # ---- guest memory --------------------------------------------------------------------
-    def _read(self, va: int, n: int) -> bytes:
-        data = self.engine.read_virtual(va, n)
-        if len(data) != n:
-            raise DeliveryError(f"{va:#x} is not mapped")
-        return data
-
-    def _push(self, rsp: int, values) -> int:
-        data = struct.pack(f"<{len(values)}Q", *values)
-        top = rsp - len(data)
-        for i in range(0, len(data), 8):           # 8-aligned: each piece lies within one page
-            pa = self.engine.translate(top + i)
-            if pa < 0 or not self.engine.mem.contains(pa, 8):
-                raise DeliveryError(f"stack {top + i:#x} is not mapped")
-            self.engine.mem.write(pa, data[i:i + 8])
-        return top
-
-    def _gate(self, vector: int) -> tuple[int, int, int, int, int]:
-        """(handler, selector, IST, gate type, DPL) of vector's IDT gate."""
-        _sel, base, limit, _flags = self.uc.reg_read(x86.UC_X86_REG_IDTR)
-        if 16 * vector + 15 > limit:
-            raise DeliveryError(f"vector {vector} is past the IDT limit {limit:#x}")
-        lo, hi = struct.unpack("<QQ", self._read(base + 16 * vector, 16))
-        kind, dpl = (lo >> 40) & 0xF, (lo >> 45) & 3
-        if not (lo >> 47) & 1 or kind not in (GATE_INTERRUPT, GATE_TRAP):
-            raise DeliveryError(f"IDT gate {vector} is not a present interrupt or trap gate")
-        handler = (lo & 0xFFFF) | ((lo >> 48) & 0xFFFF) << 16 | (hi & 0xFFFFFFFF) << 32
-        return handler, (lo >> 16) & 0xFFFF, (lo >> 32) & 7, kind, dpl
-
     def _code_flags(self, selector: int) -> int:
         """The descriptor cache flags of a code segment, from the GDT."""
         _s, base, limit, _f = self.uc.reg_read(x86.UC_X86_REG_GDTR)
         if (selector | 7) > limit:
             raise DeliveryError(f"code selector {selector:#x} is past the GDT limit {limit:#x}")
-        return (struct.unpack("<Q", self._read(base + (selector & ~7), 8))[0] >> 32) & 0x00F0FF00
+        return (struct.unpack("<Q", read_exactly(self.engine, base + (selector & ~7), 8))[0] >> 32) & 0x00F0FF00
 
     # ---- delivery ----------------------------------------------------------------------------
     def exception(self, intno: int) -> bool:
@@ -217,26 +183,25 @@ class Delivery:
     def _deliver_once(self, vector: int, code, software: bool) -> None:
         eng = self.engine
         rip, rsp, rflags, cs, ss = eng.read_regs(("rip", "rsp", "rflags", "cs", "ss"))
-        handler, selector, ist, kind, dpl = self._gate(vector)
+        handler, selector, ist, kind, dpl = idt_gate(eng, vector)
         cpl = cs & 3
         if software and dpl < cpl:                   # INT n to a gate the ring may not use: #GP
             vector, code, software = 13, vector * 8 + 2, False
-            handler, selector, ist, kind, dpl = self._gate(13)
+            handler, selector, ist, kind, dpl = idt_gate(eng, 13)
         if ist:
-            new_rsp = struct.unpack("<Q", self._read(self._tss_base() + 0x24 + 8 * (ist - 1), 8))[0]
+            new_rsp = struct.unpack("<Q", read_exactly(self.engine, self._tss_base() + 0x24 + 8 * (ist - 1), 8))[0]
         elif cpl:
-            new_rsp = struct.unpack("<Q", self._read(self._tss_base() + 4, 8))[0]
+            new_rsp = struct.unpack("<Q", read_exactly(self.engine, self._tss_base() + 4, 8))[0]
         else:
             new_rsp = rsp
         frame = [rip, cs, rflags, rsp, ss]
         if code is not None:
             frame.insert(0, code)
-        top = self._push(new_rsp & ~0xF, frame)
+        top = push_frame(eng, new_rsp & ~0xF, frame)
         if cpl:
             self._enter_ring0(selector, self._code_flags(selector), 0)
         self._restore()
-        cleared = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | (RFLAGS_IF if kind == GATE_INTERRUPT else 0)
-        eng.write_regs(("rsp", "rflags", "rip"), (top, rflags & ~cleared, handler))
+        eng.write_regs(("rsp", "rflags", "rip"), (top, rflags & ~cleared_flags(kind), handler))
         self.counts[vector] = self.counts.get(vector, 0) + 1
 
     def syscall(self, uc=None, user_data=None) -> None:

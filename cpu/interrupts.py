@@ -2,7 +2,8 @@
 
 Done the way a 64-bit CPU does for an external interrupt with no privilege change: align RSP to
 16, push SS, RSP, RFLAGS, CS, RIP, clear IF (interrupt gate) and continue at the gate's handler.
-The guest returns with IRETQ, which Unicorn executes itself.
+The guest returns with IRETQ, which Unicorn executes itself. The gate and frame pieces serve
+cpu/delivery.py too (exceptions, and privilege changes, for a guest with its own IDT).
 """
 import struct
 
@@ -23,7 +24,8 @@ def interrupts_enabled(engine) -> bool:
     return bool(engine.reg("rflags") & RFLAGS_IF)
 
 
-def _read(engine, va: int, length: int) -> bytes:
+def read_exactly(engine, va: int, length: int) -> bytes:
+    """length bytes at va through the loaded VP's page tables; DeliveryError if any is unmapped."""
     data = engine.read_virtual(va, length)
     if len(data) != length:
         raise DeliveryError(f"IDT/stack address {va:#x} is not mapped")
@@ -38,24 +40,38 @@ def _write(engine, va: int, data: bytes) -> None:
         engine.mem.write(pa, data[i:i + 8])
 
 
-def deliver(engine, vector: int) -> int:
-    """Enter the handler for vector on the loaded VP; returns the handler address."""
+def push_frame(engine, rsp: int, values) -> int:
+    """values (quadwords, lowest address first) pushed below rsp; the new RSP."""
+    data = struct.pack(f"<{len(values)}Q", *values)
+    _write(engine, rsp - len(data), data)
+    return rsp - len(data)
+
+
+def idt_gate(engine, vector: int) -> tuple[int, int, int, int, int]:
+    """(handler, selector, IST, gate type, DPL) of vector's gate in the loaded VP's IDT."""
     _sel, idt_base, idt_limit, _flags = engine.uc.reg_read(x86.UC_X86_REG_IDTR)
     if 16 * vector + 15 > idt_limit:
         raise DeliveryError(f"vector {vector:#x} is beyond the IDT limit {idt_limit:#x}")
-    lo, hi = struct.unpack("<QQ", _read(engine, idt_base + 16 * vector, 16))
+    lo, hi = struct.unpack("<QQ", read_exactly(engine, idt_base + 16 * vector, 16))
     gate_type = (lo >> 40) & 0xF
     if not (lo >> 47) & 1 or gate_type not in (GATE_INTERRUPT, GATE_TRAP):
         raise DeliveryError(f"IDT gate {vector:#x} is not a present interrupt/trap gate")
     handler = (lo & 0xFFFF) | (((lo >> 48) & 0xFFFF) << 16) | ((hi & 0xFFFFFFFF) << 32)
-    selector = (lo >> 16) & 0xFFFF
+    return handler, (lo >> 16) & 0xFFFF, (lo >> 32) & 7, gate_type, (lo >> 45) & 3
+
+
+def cleared_flags(gate_type: int) -> int:
+    """The RFLAGS bits a delivery through a gate of gate_type clears."""
+    return RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | (RFLAGS_IF if gate_type == GATE_INTERRUPT else 0)
+
+
+def deliver(engine, vector: int) -> int:
+    """Enter the handler for vector on the loaded VP; returns the handler address."""
+    handler, selector, _ist, gate_type, _dpl = idt_gate(engine, vector)
     rsp, rflags = engine.reg("rsp"), engine.reg("rflags")
-    frame_top = rsp & ~0xF
-    frame = struct.pack("<5Q", engine.reg("rip"), engine.reg("cs"), rflags, rsp, engine.reg("ss"))
-    _write(engine, frame_top - len(frame), frame)
-    engine.set_reg("rsp", frame_top - len(frame))
-    cleared = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | (RFLAGS_IF if gate_type == GATE_INTERRUPT else 0)
-    engine.set_reg("rflags", rflags & ~cleared)
+    top = push_frame(engine, rsp & ~0xF, (engine.reg("rip"), engine.reg("cs"), rflags, rsp, engine.reg("ss")))
+    engine.set_reg("rsp", top)
+    engine.set_reg("rflags", rflags & ~cleared_flags(gate_type))
     if selector != engine.reg("cs"):
         engine.set_reg("cs", selector)
     engine.set_reg("rip", handler)

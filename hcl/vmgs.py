@@ -238,12 +238,8 @@ def check_file(path: str) -> str:
     when it is not a VMGS (nothing is changed: the user's data stays as it was)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        slot, header, _ = read_headers(fd)
-        if header is None:
+        if read_headers(fd)[1] is None:
             return "blank"
-        probe = Vmgs.__new__(Vmgs)
-        probe.fd, probe.capacity_blocks = fd, max(os.fstat(fd).st_size // BLOCK, MIN_FILE_BLOCK + 2)
-        table = probe._read_table(header[5])
-        return f"{sum(1 for i, e in enumerate(table) if i and e[1])} files"
+        return f"{len(Vmgs(fd).files())} files"        # a formatted disk is only read
     finally:
         os.close(fd)

@@ -231,7 +231,7 @@ def cmd_boot(args) -> int:
         from hclsim import real_linux_cli
         from hclsim.console import Console
         console = Console(echo=not args.json and not args.quiet, progress=not args.json and not args.quiet)
-        return real_linux_cli.cmd_real(args, real_linux_cli.real_config(args, config), console, _new_machine,
+        return real_linux_cli.cmd_real(args, real_linux_cli.real_config(config), console, _new_machine,
                                        _report_fault)
     import json
     from hclsim.cpu.fault import GuestFaultError
@@ -331,7 +331,7 @@ def _boot_gdb(args) -> int:
         if args.out:
             raise UsageError("--gdb with --linux real writes no --out files (run without --gdb for report.json)")
         from hclsim.real_linux_cli import real_config
-        config = real_config(args, config)
+        config = real_config(config)
     from hclsim.debug.gdbserver import serve_boot
     from hclsim.console import Console
     console = Console(echo=not args.quiet, progress=False)

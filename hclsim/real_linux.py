@@ -139,11 +139,9 @@ class RealLinux:
         self.bus = Bus("pc")
         for dev in (self.pic, self.pit, self.rtc):
             self.bus.add(dev)
-        self.uarts = {}
         for name, port, irq in LEGACY_UARTS:
-            uart = Uart16550(name, port, sink=self._serial, native=False,
-                             irq=lambda level, irq=irq: self.pic.set_irq(irq, level))
-            self.uarts[name] = self.bus.add(uart)
+            self.bus.add(Uart16550(name, port, sink=self._serial, native=False,
+                                   irq=lambda level, irq=irq: self.pic.set_irq(irq, level)))
         self.delivery = Delivery(self.engine)
         self.tsc = VirtualTsc(self.engine)
         self.interrupts = 0
@@ -159,7 +157,7 @@ class RealLinux:
             self.engine.request_stop(STOP_IRQ)
 
     def _retired(self) -> int:
-        return int(self.engine.state.buf[eng.fastpath.H_ICOUNT])
+        return int(self.engine.state.buf[fastpath.H_ICOUNT])
 
     def _serial(self, name: str, data: bytes) -> None:
         self.machine.serial.setdefault(name, bytearray()).extend(data)
@@ -192,7 +190,7 @@ class RealLinux:
         if self.hyperv is not None:
             self.hyperv.close()
             e.state.buf[fastpath.H_MSR_TRAP] = 0
-        e.state.buf[eng.fastpath.H_DEADLINE] = 0
+        e.state.buf[fastpath.H_DEADLINE] = 0
         e.uc.ctl_exits_enabled(True)
         e.set_exits(e.exits, force=True)
 
@@ -246,7 +244,7 @@ class RealLinux:
             if self.pic.has_interrupt():       # IF is off: look again soon
                 stop = min(stop, retired + IRQ_WINDOW) if stop else retired + IRQ_WINDOW
             stop = min(stop, retired + MAX_SLICE) if stop else retired + MAX_SLICE
-            h[eng.fastpath.H_DEADLINE] = max(stop, retired + 1)
+            h[fastpath.H_DEADLINE] = max(stop, retired + 1)
             end = self._slice()
             if end is not None:
                 return end
@@ -281,7 +279,7 @@ class RealLinux:
                 return "idle", "the kernel halted with interrupts on and no timer armed", None
             if next_ns is not None:                        # skip the idle time to the timer
                 self.idle += self.clock.units_until(next_ns)
-                h[eng.fastpath.H_TSC_IDLE] = self.idle
+                h[fastpath.H_TSC_IDLE] = self.idle
             return None
         return "fault", exit.message or f"{exit.kind} at {exit.rip:#x}", None
 
@@ -317,7 +315,7 @@ class RealLinux:
             wall_s=time.perf_counter() - self.t0, console=bytes(c.data),
             e820=[m.line for m in c.milestones if m.name == "e820"], command_line=cmd, panic=panic, detail=detail,
             exceptions={v: n for v, n in sorted(self.delivery.counts.items()) if v < 32}, interrupts=self.interrupts, syscalls=self.delivery.syscalls,
-            tsc_reads=int(self.engine.state.buf[eng.fastpath.H_TSC_READS]),
+            tsc_reads=int(self.engine.state.buf[fastpath.H_TSC_READS]),
             synthetic_msrs=None if self.hyperv is None else {"reads": self.hyperv.reads, "writes": self.hyperv.writes,
                                                              "refused": self.hyperv.faults},
             idle_ns=self.clock.now_ns() - (self._retired() * 10**9 // self.clock.hz))
@@ -334,10 +332,9 @@ def plain_cpuid(table) -> None:
     """The CPUID a kernel sees in the kernel phase: no hypervisor (the Hyper-V leaves hidden and
     the hypervisor bit clear, so Linux takes the bare-metal path), one logical processor per
     package (Linux divides by the topology leaves' counts)."""
+    one_package(table)
     for row in table:
         if row[0] == 1:
             row[4] &= ~(1 << 31)
-        elif row[0] in (0xB, 0x1F) and row[1] == 1:
-            row[3] = 1
         elif 0x40000000 <= row[0] < 0x50000000:
             row[0] = -2                                     # a leaf no one asks for

@@ -12,7 +12,7 @@ EXIT_OK, EXIT_NOT_CLEAN = 0, 2
 CLEAN = ("halted", "power-off")
 
 
-def real_config(args, config):
+def real_config(config):
     """The boot options' config for a real kernel: the shipped test initrd unless --initrd (or
     --no-initrd), no VTL0 test guest (VTL0 does not run), VTL2 at least 256 MiB."""
     changes = {"vtl0_guest": False, "vtl2_size": max(config.vtl2_size, REAL_LINUX_MIN_VTL2)}

@@ -438,7 +438,7 @@ def cmd_step(args, config_from_args) -> int:
         config = machine.config
     elif config.linux == "real":
         from hclsim.real_linux_cli import real_config
-        config = real_config(args, config)
+        config = real_config(config)
         machine = Machine(config, on_serial=on_serial)
     else:
         machine = Machine(config, on_serial=on_serial)

@@ -22,7 +22,7 @@ from tests.asmutil import assemble
 
 
 def _boot(kernel, **changes):
-    config = real_config(None, BootConfig(cpus=1, kernel=str(kernel), linux="real", timeout=300, **changes))
+    config = real_config(BootConfig(cpus=1, kernel=str(kernel), linux="real", timeout=300, **changes))
     machine = Machine(config)
     try:
         result = machine.run_to_handoff()
@@ -172,7 +172,7 @@ def _rip_at(kernel, instructions: int) -> int:
     """Where the kernel stands after `instructions` (a deadline stop: the same in every run)."""
     from hclsim.cpu import fastpath as fpath
     from hclsim.real_linux import STOP_IRQ
-    config = real_config(None, BootConfig(cpus=1, kernel=str(kernel), linux="real"))
+    config = real_config(BootConfig(cpus=1, kernel=str(kernel), linux="real"))
     machine = Machine(config)
     try:
         machine.run_to_handoff()
@@ -198,7 +198,7 @@ def test_gdb_follows_the_shim_into_the_real_kernel(real_kernel):
     from tests.tools import require
     address = _rip_at(real_kernel, 150_000_000)
     assert address >> 48 == 0xFFFF                                  # kernel text
-    config = real_config(None, BootConfig(cpus=1, kernel=str(real_kernel), linux="real"))
+    config = real_config(BootConfig(cpus=1, kernel=str(real_kernel), linux="real"))
     machine = Machine(config)
     logs, status = [], {}
     server = GdbServer(RealLinuxTarget(machine), "127.0.0.1", 0, wait=True, log=logs.append)
@@ -241,7 +241,7 @@ def test_with_hyperv_the_kernel_takes_its_hyper_v_path_to_init(real_kernel):
 
 
 def test_the_hyper_v_path_uses_the_reference_tsc_page(real_kernel):
-    config = real_config(None, BootConfig(cpus=1, kernel=str(real_kernel), linux="real", hyperv=True))
+    config = real_config(BootConfig(cpus=1, kernel=str(real_kernel), linux="real", hyperv=True))
     machine = Machine(config)
     try:
         machine.run_to_handoff()
@@ -274,7 +274,7 @@ def test_a_run_stopped_and_stepped_under_the_debugger_ends_as_one_without_it(boo
     from hclsim.debug.kernel_target import RealLinuxTarget
     _result, plain = booted
     address = _rip_at(real_kernel, 150_000_000)
-    config = real_config(None, BootConfig(cpus=1, kernel=str(real_kernel), linux="real"))
+    config = real_config(BootConfig(cpus=1, kernel=str(real_kernel), linux="real"))
     machine = Machine(config)
     target = RealLinuxTarget(machine)
     try:
