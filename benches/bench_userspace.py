@@ -19,12 +19,20 @@ began) and kmsg.
   come from each run's work (VTL0 running -> the last "vp N done" console line): with VPs halted
   on sidecar CPUs, the power-off event also waits for the worker to stop them (remote_stop_s).
 
-HCLSIM_BENCH_ROUNDS overrides every test's round count (default 3 / 2 / 1). Small knobs for a quick
-check:
+- test_consoles_repeat_and_the_process_tree: HCLSIM_BENCH_DETERMINISM_CPUS vCPUs (default 8; VPs on
+  the Linux CPU and on sidecar CPUs), HCLSIM_BENCH_DETERMINISM_ITERATIONS iterations (default
+  200), to power off, each round a new VM: every VP's VTL0 console is byte for byte the first
+  round's (determinism), and the process tree is section 0's: underhill-init (the kernel's child)
+  -> openvmm_hcl -> underhill-vm, by comm and parent pid. Asserted; recorded in extra_info.
+
+HCLSIM_BENCH_ROUNDS overrides every test's round count (default 3 / 2 / 1 / 3; at least 2 for the
+determinism check). Small knobs for a quick check:
     HCLSIM_BENCH_ROUNDS=1 HCLSIM_BENCH_EXITS=2000 HCLSIM_BENCH_SIDECAR_ITERATIONS=20 \
+        HCLSIM_BENCH_DETERMINISM_CPUS=4 HCLSIM_BENCH_DETERMINISM_ITERATIONS=20 \
         .venv/bin/pytest benches/bench_userspace.py --benchmark-only -s
     .venv/bin/pytest benches/bench_userspace.py --benchmark-only --benchmark-json=userspace.json -s
 """
+import hashlib
 import logging
 import os
 import re
@@ -78,10 +86,11 @@ def _run(config: BootConfig):
 
 
 def _times(r) -> dict:
-    """Event name -> its first time; "process" -> [(comm, time)] in order."""
+    """Event name -> its first time; "process" -> [(comm, time)] in order (the VM worker's
+    host, underhill-vm, is a "worker" event)."""
     out = {"process": []}
     for name, t, detail in r.timeline.events:
-        if name == "process":
+        if name in ("process", "worker"):
             out["process"].append((detail.split(" (", 1)[0], t))
         else:
             out.setdefault(name, t)
@@ -278,3 +287,45 @@ def test_sidecar_exits_and_conversion(benchmark):
           f"converted {conv['work_s']:.3f} s ({info['remote_vs_converted']:.2f}x); conversion: kernel "
           f"{info['kernel_conversion_ms']} ms, as the worker sees it {info['worker_conversion_ms']} ms "
           f"(max {info['worker_conversion_max_ms']} ms)")
+
+
+# ---- 4. the VTL0 consoles run after run, and the process tree -------------------------------
+SECTION0_TREE = (("underhill-init", None), ("openvmm_hcl", "underhill-init"), ("underhill-vm", "openvmm_hcl"))
+
+
+def _tree(process_tree) -> tuple:
+    """(comm, its parent's comm) of each process in order; None for the kernel's child (PID 1,
+    whose parent is the machine process, this one)."""
+    comm = {p["pid"]: p["comm"] for p in process_tree}
+    return tuple((p["comm"], None if p["ppid"] == os.getpid() else comm.get(p["ppid"], f"pid {p['ppid']}"))
+                 for p in process_tree)
+
+
+def test_consoles_repeat_and_the_process_tree(benchmark):
+    cpus = _env_int("HCLSIM_BENCH_DETERMINISM_CPUS", 8)
+    iterations = _env_int("HCLSIM_BENCH_DETERMINISM_ITERATIONS", 200)
+    config = BootConfig(cpus=cpus, vtl0_iterations=iterations)
+    runs = []
+    benchmark.pedantic(lambda: runs.append(_run(config)), rounds=max(2, _rounds(3)), warmup_rounds=0)
+
+    first = runs[0][0].consoles
+    differing = sorted({vp for r, _, _ in runs[1:] for vp in set(first) | set(r.consoles)
+                        if r.consoles.get(vp) != first.get(vp)})
+    trees = [_tree(r.process_tree) for r, _, _ in runs]
+    digest = hashlib.sha256(b"".join(b"%d:" % vp + first[vp] for vp in sorted(first))).hexdigest()
+    info = benchmark.extra_info
+    info.update(cpus=cpus, vtl0_iterations=iterations, rounds=len(runs), vps=len(first),
+                console_lines_per_vp=sorted({text.count(b"\n") for text in first.values()}),
+                console_bytes=sum(len(text) for text in first.values()), console_sha256=digest[:16],
+                consoles_identical=not differing, differing_vps=differing,
+                process_tree=" -> ".join(comm for comm, _ in trees[0]),
+                process_tree_as_section_0=all(t == SECTION0_TREE for t in trees),
+                exit_statuses=sorted({p["exit_status"] or "none" for r, _, _ in runs for p in r.process_tree}))
+    print(f"\n{cpus} vCPUs, {iterations} iterations, {len(runs)} rounds: VTL0 consoles "
+          f"{'identical' if not differing else 'DIFFER on VPs ' + str(differing)} (sha256 {digest[:16]}, "
+          f"{info['console_bytes']} bytes); process tree {info['process_tree']}"
+          f"{'' if info['process_tree_as_section_0'] else ' NOT as section 0 names it: ' + str(trees)}")
+    check_goal(benchmark, "VPs whose VTL0 console differs from the first round's", len(differing), 0, unit=" VPs")
+    assert not differing, differing
+    assert len(first) == cpus
+    assert all(t == SECTION0_TREE for t in trees), trees

@@ -28,7 +28,7 @@ from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UcError
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
-from hclsim.cpu import native
+from hclsim.cpu import block_clock, native
 from hclsim.cpu.interrupts import RFLAGS_RF, DeliveryError, cleared_flags, idt_gate, push_frame, read_exactly
 
 ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
@@ -153,12 +153,14 @@ class Delivery:
         software = self._i32(lay.is_int).value != 0
         self._i32(lay.old_exception).value = -1
         self.last = (intno, self.engine.reg("rip"), error)
+        block_clock.give_back(self.engine, self.last[1])   # the block's rest did not run
         code = error if intno in ERROR_CODE_VECTORS and not software else None
         self._deliver(intno, code, software=software)
         return True
 
     def interrupt_with_code(self, vector: int, code: int) -> None:
         """A fault the host raises for the instruction at RIP (a #GP for an MSR it refuses)."""
+        block_clock.give_back(self.engine)
         self._save()
         self._deliver(vector, code, software=False)
 

@@ -8,8 +8,6 @@ Exits come from three places (see shared/design/architecture.md, "Measured facts
 - HLT (emu_start returns after it), vmcall (the invalid-instruction hook) and faults.
 """
 import ctypes
-import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,9 +16,10 @@ from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86
 
-from hclsim.cpu import fastpath, hypercall_fastpath, msr_fastpath, native, runvp_fastpath
+from hclsim.cpu import fastpath, hypercall_fastpath, msr_fastpath, native, runvp_fastpath, uc_internals
 from hclsim.cpu.native import raw_ctl, raw_reg_read, raw_reg_read_batch, raw_reg_write, raw_reg_write_batch
 from hclsim.cpu.memory import GuestMemory
+from hclsim.cpu.slow_paths import SLOW_IO, SLOW_SITE, WATCHDOG  # noqa: F401 (SLOW_IO: the benches' too)
 from hclsim.cpu.pagetable import translate
 
 MSR_EFER = 0xC0000080
@@ -30,8 +29,9 @@ EXIT_HLT = "hlt"
 EXIT_ADDRESS = "exit-address"   # RIP reached a registered exit address
 EXIT_STOP = "stop"              # a handler asked the engine to stop (crash MSR, error, ...)
 EXIT_FAULT = "fault"
-# EXIT_STOP reasons the block hook gives (cpu/fastpath.py): the deadline, a TSC read to hook.
-STOP_DEADLINE, STOP_TSC = "deadline", "tsc"
+# EXIT_STOP reasons the block hook gives (cpu/fastpath.py): the deadline; a block whose trapped
+# instructions (H_MSR_TRAP) the host must hook before it runs.
+STOP_DEADLINE, STOP_PENDING = "deadline", "pending"
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
                 8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
@@ -122,94 +122,6 @@ class VpExit:
     unmapped_write: bool | None = None  # faults on a GPA outside RAM: was it a write
 
 
-class SlowIoDispatch:
-    """The single Python entry point native hooks call for slow port I/O, keyed by uc handle."""
-
-    def __init__(self):
-        self.engines: dict[int, "Engine"] = {}
-        self.callback = native.SLOW_IO_PROTO(self._dispatch)
-        self.address = ctypes.cast(self.callback, ctypes.c_void_p).value
-
-    def _dispatch(self, uc_ptr, port, size, value, is_in):
-        engine = self.engines.get(uc_ptr)
-        if engine is None:
-            return 0
-        try:
-            return engine.io_handler(port, size, value, bool(is_in)) & 0xFFFFFFFF
-        except BaseException as exc:  # a Python exception must not unwind through C frames
-            engine.request_stop(exc)
-            return 0
-
-
-SLOW_IO = SlowIoDispatch()
-
-
-class SlowSiteDispatch:
-    """The Python entry point for the sites native hooks pass on (cpu/msr_fastpath.py,
-    cpu/runvp_fastpath.py), by kind index."""
-    KINDS = {msr_fastpath.SITE_RDMSR: "rdmsr", msr_fastpath.SITE_WRMSR: "wrmsr",
-             runvp_fastpath.SITE_IN: "vtl0:in", runvp_fastpath.SITE_OUT: "vtl0:out"}
-
-    def __init__(self):
-        self.engines: dict[int, "Engine"] = {}
-        self.callback = native.SLOW_SITE_PROTO(self._dispatch)
-        self.address = ctypes.cast(self.callback, ctypes.c_void_p).value
-
-    def _dispatch(self, uc_ptr, address, kind):
-        engine = self.engines.get(uc_ptr)
-        if engine is None:
-            return
-        if kind == hypercall_fastpath.SLOW_INVALID:  # address: where to say whether it was handled
-            try:
-                handled = engine._on_invalid(engine.uc, None)
-            except BaseException as exc:  # not through C frames: end the run and raise after it
-                engine.request_stop(exc)
-                handled = True
-            ctypes.c_int64.from_address(address).value = int(bool(handled))
-            return
-        engine._on_site(engine.uc, address, 0, self.KINDS[kind])  # catches everything itself
-
-
-SLOW_SITE = SlowSiteDispatch()
-
-
-class Watchdog:
-    """Stops engines that run past their deadline. Unicorn's own emu_start timeout starts and
-    joins a thread on every call (~100 us each, more than most VP exits cost), so one shared
-    thread checks instead, a few times a second."""
-    PERIOD = 0.05
-
-    def __init__(self):
-        self.deadlines: dict[int, tuple] = {}
-        self.lock = threading.Lock()
-        self.thread = None
-
-    def arm(self, engine, seconds: float) -> None:
-        with self.lock:
-            self.deadlines[id(engine)] = (engine, time.monotonic() + seconds)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._watch, name="hclsim-watchdog", daemon=True)
-                self.thread.start()
-
-    def disarm(self, engine) -> None:
-        with self.lock:
-            self.deadlines.pop(id(engine), None)
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(self.PERIOD)
-            now = time.monotonic()
-            with self.lock:
-                late = [e for e, deadline in self.deadlines.values() if deadline <= now]
-                for e in late:
-                    del self.deadlines[id(e)]
-            for e in late:
-                e.request_stop("timeout")
-
-
-WATCHDOG = Watchdog()
-
-
 @dataclass
 class Engine:
     mem: GuestMemory
@@ -268,6 +180,8 @@ class Engine:
         self.long_mode_templates.clear()
         self.after_run = []
         self.exception_handler = None
+        if not uc_internals.memory_exit_checks(self.uc):
+            uc_internals.set_memory_exit_checks(self.uc, True)
         self.state.reset(cpuid_table)
         self.state.buf[fastpath.H_PAGING] = 1
         self.runvp.reset()
@@ -437,6 +351,16 @@ class Engine:
         the previous VP's mappings of the VAs they share (the sidecar's per-CPU window)."""
         raw_ctl(self._uch, _CTL_TLB_FLUSH)
 
+    def set_memory_exit_checks(self, on: bool) -> bool:
+        """Unicorn's stop check after each guest load and store, on (its default) or off, for
+        code translated from now on (cpu/uc_internals.py); off, the block hook also spares the
+        instruction hooks their state rebuild. Off suits a guest that only stops at blocks'
+        starts (deadlines); a code hook that stops or writes RIP needs it on. False if this
+        Unicorn has no such switch."""
+        ok = uc_internals.set_memory_exit_checks(self.uc, on)
+        self.state.buf[fastpath.H_SKIP_SYNC] = uc_internals.skip_sync_address(self.uc) if ok and not on else 0
+        return ok
+
     def remove_cache(self, start: int, end: int) -> None:
         """ctl_remove_cache, keeping CR2: finding the blocks walks the page tables, and a miss
         sets CR2 as a #PF would though the guest saw none."""
@@ -605,8 +529,8 @@ class Engine:
             return self._fault
         if isinstance(self._stop_reason, BaseException):
             raise self._stop_reason
-        if h[fastpath.H_TSC_PENDING]:      # a block reads the TSC: cpu/virtual_tsc.py hooks it
-            return VpExit(EXIT_STOP, rip, stop_reason=STOP_TSC)
+        if h[fastpath.H_PENDING]:          # a block holds an MSR instruction to hook first
+            return VpExit(EXIT_STOP, rip, stop_reason=STOP_PENDING)
         if h[fastpath.H_DEADLINE_HIT]:     # the instruction count reached H_DEADLINE
             h[fastpath.H_DEADLINE_HIT] = 0
             return VpExit(EXIT_STOP, rip, stop_reason=STOP_DEADLINE)

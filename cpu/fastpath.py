@@ -45,19 +45,28 @@ H_NPIO, NPIO_COLUMNS, NPIO_MAX = 32, 4, 8
 H_BT_ENTRIES = H_NPIO + NPIO_COLUMNS * NPIO_MAX
 # Virtual time for a guest with its own timekeeping (hclsim/real_linux.py): H_DEADLINE, the
 # instruction count at which the block hook ends the run (0: none), H_DEADLINE_HIT set when it
-# did; H_TSC_TRAP on, RDTSC and RDTSCP read (H_ICOUNT + H_TSC_IDLE) instead of the host's TSC
-# (cpu/virtual_tsc.py), and a block with an RDTSC not yet hooked ends the run before it runs,
-# its address and size in H_TSC_PENDING, H_TSC_PENDING_SIZE; H_TSC_READS counts the reads.
-(H_DEADLINE, H_DEADLINE_HIT, H_TSC_TRAP, H_TSC_IDLE, H_TSC_PENDING, H_TSC_PENDING_SIZE,
+# did; H_TSC_IDLE, the time a halted guest skipped, which RDTSC adds to the count
+# (cpu/virtual_tsc.py), H_TSC_READS counts those reads. H_SKIP_SYNC, when not 0, is the address
+# of Unicorn's skip_sync_pc_on_exit byte, which the block hook sets (cpu/uc_internals.py).
+# H_PENDING, H_PENDING_SIZE: the block a trap stopped the run before (H_MSR_TRAP below).
+(H_DEADLINE, H_DEADLINE_HIT, H_SKIP_SYNC, H_TSC_IDLE, H_PENDING, H_PENDING_SIZE,
  H_TSC_READS) = range(H_BT_ENTRIES + 1, H_BT_ENTRIES + 8)
 # The block-count cache's front: FRONT_SIZE direct-mapped (key, count) pairs (64 KiB, within a
 # core's L2) looked at before the 8-way table, whose lines a kernel's working set spreads over
 # megabytes. A front entry is never stale: whatever invalidates the table clears it.
 H_FRONT_ADDR = H_TSC_READS + 1
-# H_MSR_TRAP on: a block holding RDMSR or WRMSR ends the run before it runs as one with an RDTSC
-# does (H_TSC_PENDING names it), so the host can serve synthetic MSRs (hclsim/real_linux.py).
+# H_MSR_TRAP on: a block holding RDMSR or WRMSR ends the run before it runs (H_PENDING names
+# it), so the host can hook those instructions and serve synthetic MSRs (hclsim/real_linux_hv.py);
+# the block is marked ARMED in the cache then, and runs on.
 H_MSR_TRAP = H_FRONT_ADDR + 1
-HEADER_SLOTS = H_MSR_TRAP + 1
+# The block being run: its start, and what the hook added to H_ICOUNT for it (a whole block is
+# counted as it starts; cpu/block_clock.py gives back what a stop inside it did not run).
+# H_RUN_START: H_ICOUNT where the current straight-line run began, the last block no other block
+# fell into. Unicorn ends translations in straight-line code where its buffers fill, which
+# differs with what it generates (hooks, exit checks); those run starts do not, so virtual time
+# stops runs (the deadline) only there and reads the count there (RDTSC, devices).
+H_BLOCK_START, H_BLOCK_COUNT, H_RUN_START = H_MSR_TRAP + 1, H_MSR_TRAP + 2, H_MSR_TRAP + 3
+HEADER_SLOTS = H_RUN_START + 1
 FRONT_SIZE = 1 << 12
 
 # The block-count cache: BLOCK_TABLE_SIZE slots of (key, count), key = (VA + 1) ^ (size << 48),
@@ -142,9 +151,9 @@ class FastPathState:
         h[H_ICOUNT:H_CPUID_EXITS + 1] = 0
         h[H_MSR_FAST] = h[H_HC_FAST] = 0
         h[H_BT_MISSES] = h[H_BT_PROBES] = 0
-        h[H_DEADLINE:H_TSC_READS + 1] = 0
+        h[H_DEADLINE:H_TSC_READS + 1] = 0      # H_SKIP_SYNC too: set by whoever wants it
         h[H_MSR_TRAP] = 0
-        h[H_LAST_BLOCK] = 0
+        h[H_LAST_BLOCK] = h[H_BLOCK_START] = h[H_BLOCK_COUNT] = h[H_RUN_START] = 0
         self.set_native_pio([])
         if cpuid_table.shape != self.cpuid_table.shape:
             raise ValueError("CPUID table shape changed")
@@ -159,19 +168,20 @@ class FastPathState:
             self.native_pio[i] = row
         self.buf[H_NPIO_COUNT] = len(rows)
 
-    def arm_tsc_block(self, address: int, size: int) -> bool:
-        """Mark the cached block at (address, size) as having its RDTSCs hooked; False if it is
-        not in the cache (it will be decoded, and stop once more, when it next runs)."""
+    def arm_block(self, address: int, size: int) -> bool:
+        """Mark the cached block at (address, size) as having its trapped instructions hooked;
+        False if it is not in the cache (it will be decoded, and stop once more, when it next
+        runs)."""
         key = _int64(((address + 1) ^ (size << 48)) & _MASK64)      # as _block_value computes it
         table = self.block_table
         buckets = int(self.buf[H_BT_SIZE]) // BLOCK_TABLE_WAYS
         base = ((_int64((key * int(_BT_HASH)) & _MASK64) >> 40) & (buckets - 1)) * BLOCK_TABLE_WAYS
         front = (_int64((key * int(_BT_HASH)) & _MASK64) >> 52) & (FRONT_SIZE - 1)
         if self.front[front, 0] == key:
-            self.front[front, 1] |= TSC_ARMED
+            self.front[front, 1] |= ARMED
         for slot in range(base, base + BLOCK_TABLE_WAYS):
             if table[slot, 0] == key and table[slot, 1] >= 0:
-                table[slot, 1] |= TSC_ARMED
+                table[slot, 1] |= ARMED
                 return True
         return False
 
@@ -287,9 +297,8 @@ def hook_cpuid(uc, ud):
 
 
 REP_FLAG = np.int64(1) << 32  # cached value flag: the block is one REP-prefixed instruction
-TSC_FLAG = np.int64(1) << 33  # the block holds an RDTSC or RDTSCP
 MSR_FLAG = np.int64(1) << 35  # the block holds an RDMSR or WRMSR
-TSC_ARMED = np.int64(1) << 34  # ... and the host has hooked them (FastPathState.arm_tsc_block)
+ARMED = np.int64(1) << 34     # ... and the host has hooked them (FastPathState.arm_block)
 
 
 @njit(cache=True)
@@ -387,17 +396,12 @@ def _decode_block(uc, h, address, size):
 
 @njit(cache=True)
 def special_instructions(code, end):
-    """TSC_FLAG if an instruction in code[:end] is RDTSC (0F 31) or RDTSCP (0F 01 F9); MSR_FLAG
-    if one is RDMSR (0F 32) or WRMSR (0F 30)."""
+    """MSR_FLAG if an instruction in code[:end] is RDMSR (0F 32) or WRMSR (0F 30)."""
     flags = np.int64(0)
     pos = 0
     while pos < end:
-        if code[pos] == 0x0F and pos + 1 < end:
-            b = code[pos + 1]
-            if b == 0x31 or (b == 0x01 and pos + 2 < end and code[pos + 2] == 0xF9):
-                flags |= TSC_FLAG
-            elif b == 0x32 or b == 0x30:
-                flags |= MSR_FLAG
+        if code[pos] == 0x0F and pos + 1 < end and (code[pos + 1] == 0x32 or code[pos + 1] == 0x30):
+            flags |= MSR_FLAG
         length = insn_length(code, pos, end)
         if length <= 0:
             break
@@ -408,20 +412,27 @@ def special_instructions(code, end):
 @cfunc(types.void(types.voidptr, types.uint64, types.uint32, types.voidptr), cache=True)
 def hook_block(uc, address, size, ud):
     h = _header(ud)
-    h[H_BLOCKS] += 1
+    if h[H_SKIP_SYNC] != 0:
+        carray(_int_to_voidptr(h[H_SKIP_SYNC]), 1, np.uint8)[0] = 1
     value = _block_value(uc, h, address, size)
-    if (value & TSC_ARMED) == 0 and ((h[H_TSC_TRAP] != 0 and (value & TSC_FLAG) != 0)
-                                     or (h[H_MSR_TRAP] != 0 and (value & MSR_FLAG) != 0)):
-        # The block reads the TSC and its RDTSC has no hook yet: the run ends before the block
-        # runs (RIP written back to the block's start), the host adds the hook and goes on.
-        h[H_TSC_PENDING], h[H_TSC_PENDING_SIZE] = address, size
+    if h[H_MSR_TRAP] != 0 and (value & MSR_FLAG) != 0 and (value & ARMED) == 0:
+        # The block touches an MSR whose instructions have no hook yet: the run ends before the
+        # block runs (RIP written back to the block's start), the host adds them and goes on.
+        h[H_PENDING], h[H_PENDING_SIZE] = address, size
         rip = np.zeros(1, np.int64)
         rip[0] = address
         native.call_reg_access(h[H_FN_REG_WRITE], uc, x86.UC_X86_REG_RIP, rip.ctypes.data)
         native.call_uc_stop(h[H_FN_UC_STOP], uc)
         return
-    h[H_ICOUNT] += _retired(h, value, address, size)
-    if h[H_DEADLINE] != 0 and h[H_ICOUNT] >= h[H_DEADLINE]:
-        h[H_DEADLINE_HIT] = 1
-        h[H_DEADLINE] = 0
-        native.call_uc_stop(h[H_FN_UC_STOP], uc)
+    if np.int64(address) != h[H_LAST_BLOCK]:       # a run starts: the deadline is looked at
+        h[H_RUN_START] = h[H_ICOUNT]
+        if h[H_DEADLINE] != 0 and h[H_ICOUNT] >= h[H_DEADLINE]:
+            h[H_DEADLINE_HIT] = 1                  # ends before the block runs, not counted
+            h[H_DEADLINE] = 0
+            native.call_uc_stop(h[H_FN_UC_STOP], uc)
+            return
+    h[H_BLOCKS] += 1
+    n = _retired(h, value, address, size)
+    h[H_ICOUNT] += n
+    h[H_BLOCK_START] = address
+    h[H_BLOCK_COUNT] = n

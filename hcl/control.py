@@ -200,14 +200,31 @@ class Control:
             self.paused = False
 
     def crash(self, pid: int) -> None:
-        """Panic the process pid: this one, or a mesh host (fire and forget)."""
+        """Panic the process pid: this one, or any mesh host of mesh/hosts (the vm, the profiler,
+        a device worker's host), which panics on the host's Crash request (fire and forget)."""
         if pid == os.getpid():
             threading.Timer(0.1, _panic, args=(self.log,)).start()      # after the reply is out
             return
+        channel = self._host_channel(pid)
+        if channel is None:
+            raise self._diag_error(f"no mesh host with pid {pid}")
+        try:
+            channel.send(rpc=pb.WorkerRpc(crash=pb.Empty()))
+        except mesh.MeshError as exc:
+            raise self._diag_error(f"cannot reach the mesh host with pid {pid}: {exc}") from None
+
+    def _host_channel(self, pid: int):
+        """The mesh channel of the host pid (one that inspect's mesh/hosts lists), or None."""
+        if pid <= 0:
+            return None
         if self.vm is not None and pid == self.vm_pid:
-            self.vm[1].send(rpc=pb.WorkerRpc(crash=pb.Empty()))
-            return
-        raise self._diag_error(f"no mesh host with pid {pid}")
+            return self.vm[1]
+        with self._lock:
+            profiler = self.profiler
+            hosts = [h for h in self.device_hosts.values() if h["pid"] == pid]
+        if profiler is not None and profiler[0] == pid:
+            return profiler[1]
+        return hosts[0]["channel"] if hosts else None
 
     def profile(self, duration: int, args: list[str], conn) -> None:
         """Profile.AzureProfiler: the "profiler" host (started once, then reused) runs a
@@ -263,6 +280,7 @@ class Control:
             "mesh": {"hosts": self._hosts()},
             "proc": {"pid": os.getpid(), "argv": " ".join(self.argv), "threads": threading.active_count()},
             "diag": {"connections": self.diag.connections if self.diag else 0,
+                     "transports": dict(self.diag.by_transport) if self.diag else {},
                      "parked_data_connections": self.diag.data.parked() if self.diag else 0},
             "kernel": it.Lazy(_kernel_tree),
             "trace": {"level": it.Leaf(_LEVEL_NAMES[self.log.max_level], update=self._set_log_level)},

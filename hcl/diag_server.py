@@ -8,6 +8,8 @@ and followed reads block), and its response is written under the connection's lo
 request's stream id. Failures come back as google.rpc.Status: Unimplemented for an unknown
 service or method, InvalidArgument for bad frames or protobuf, ResourceExhausted for an
 oversized frame, Unknown with the handler's error text, DeadlineExceeded past timeout_nano.
+Connections come by hybrid vsock or real AF_VSOCK (kernel_stub/vsock.py); inspect's
+diag/transports counts the open ones by which.
 """
 import select
 import socket
@@ -22,6 +24,12 @@ from hclsim.hcl.pb import status_pb2, ttrpc_pb2
 CONTROL_PORT, DATA_PORT = 1, 2
 RESOURCE_EXHAUSTED = 8
 _ID = struct.Struct("=Q")
+
+
+def transport_of(conn: socket.socket) -> str:
+    """How a host client reached us: a real AF_VSOCK connection, or hybrid vsock (the host's Unix
+    socket, handed over by the kernel)."""
+    return "af_vsock" if conn.family == getattr(socket, "AF_VSOCK", -1) else "hybrid_vsock"
 
 
 class DiagError(Exception):
@@ -105,6 +113,7 @@ class DiagServer:
         self.control = linux.VsockListener(CONTROL_PORT)
         self.data = DataConnections(linux.VsockListener(DATA_PORT))
         self.connections = 0
+        self.by_transport = {"hybrid_vsock": 0, "af_vsock": 0}     # open control connections, by how they came
         self._lock = threading.Lock()
         self._in_flight: dict[tuple, object] = {}    # (connection id, stream id) -> its write lock
         self._closing = False
@@ -128,8 +137,10 @@ class DiagServer:
             threading.Thread(target=self._serve, args=(conn,), name="diag-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        transport = transport_of(conn)
         with self._lock:
             self.connections += 1
+            self.by_transport[transport] += 1
         write_lock = threading.Lock()
         try:
             while True:
@@ -155,6 +166,7 @@ class DiagServer:
         finally:
             with self._lock:
                 self.connections -= 1
+                self.by_transport[transport] -= 1
             conn.close()
 
     def _call(self, conn, write_lock, stream_id: int, payload: bytes) -> None:

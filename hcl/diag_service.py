@@ -9,6 +9,7 @@ done), or a pty relayed to them with tty. Files are read through the kernel: a c
 import errno
 import os
 import select
+import socket
 import threading
 
 from hclsim.defs import kabi
@@ -85,41 +86,67 @@ class DiagService:
                 env[pair.name] = pair.value
             else:
                 env.pop(pair.name, None)
-        path = self._resolve(req.command, env)
-        data = self.control.diag.data
-        conns = {name: data.take(getattr(req, name)) if getattr(req, name) else None
-                 for name in ("stdin", "stdout", "stderr")}
-        if req.combine_stderr and conns["stdout"] is not None:
-            conns["stderr"] = conns["stdout"]
+        conns = self._take_stdio(req)
         devnull = os.open("/dev/null", os.O_RDWR)
+        unique = {id(c): c for c in conns.values() if c is not None}.values()
         try:
+            path = self._resolve(req.command, env)
             if req.tty:
                 pid = self._exec_tty(path, req, env, conns)
             else:
                 stdio = [c.fileno() if c is not None else devnull for c in conns.values()]
                 pid = linux.spawn(path, [req.command, *req.args], env, stdio=tuple(stdio))
-        except OSError as exc:
+        except (OSError, DiagError) as exc:
+            for c in unique:                # nothing runs: the client's readers see the end now
+                _close(c)
+            if isinstance(exc, DiagError):
+                raise
             raise DiagError(f"failed to launch {req.command}: {exc.strerror or exc}") from None
         finally:
             os.close(devnull)
-            if not req.tty:
-                for c in {id(c): c for c in conns.values() if c is not None}.values():
-                    c.close()               # the program holds its own copies now
+        if not req.tty:
+            for c in unique:
+                c.close()                   # the program holds its own copies now
         with self._lock:
             self.children[pid] = req.command
         return dpb.ExecResponse(pid=pid)
+
+    def _take_stdio(self, req) -> dict:
+        """The data connections named by stdin, stdout and stderr (0: none), all or none."""
+        data, conns = self.control.diag.data, {}
+        try:
+            for name in ("stdin", "stdout", "stderr"):
+                conn_id = getattr(req, name)
+                conns[name] = data.take(conn_id) if conn_id else None
+        except DiagError:
+            for c in conns.values():
+                if c is not None:
+                    _close(c)
+            raise
+        if req.combine_stderr and conns["stdout"] is not None:
+            if conns["stderr"] is not None:
+                _close(conns["stderr"])
+            conns["stderr"] = conns["stdout"]
+        return conns
 
     def _exec_tty(self, path, req, env, conns) -> int:
         master, slave = os.openpty()
         try:
             pid = linux.spawn(path, [req.command, *req.args], env, stdio=(slave, slave, slave), setsid=True)
+        except BaseException:
+            os.close(master)
+            raise
         finally:
             os.close(slave)
         out = conns["stdout"]
-        threading.Thread(target=_pty_out, args=(master, out), name="diag-pty-out", daemon=True).start()
+        if conns["stderr"] is not None and conns["stderr"] is not out:
+            conns["stderr"].close()         # the pty carries stderr with stdout
+        feeder = None
         if conns["stdin"] is not None:
-            threading.Thread(target=_pty_in, args=(conns["stdin"], master), name="diag-pty-in",
-                             daemon=True).start()
+            feeder = threading.Thread(target=_pty_in, args=(conns["stdin"], master), name="diag-pty-in", daemon=True)
+            feeder.start()
+        threading.Thread(target=_pty_out, args=(master, out, conns["stdin"], feeder), name="diag-pty-out",
+                         daemon=True).start()
         return pid
 
     def wait(self, req):
@@ -181,24 +208,40 @@ class DiagService:
         return self.read_file(dpb.FileRequest(follow=req.follow, conn=req.conn, file_path="/dev/kmsg"))
 
     def read_file(self, req):
-        kind = linux.stat_kind(req.file_path)
-        if kind is None:
-            raise DiagError(f"failed to open {req.file_path}: No such file or directory (os error 2)")
-        if kind == kabi.KIND_DIR:
-            raise DiagError("cannot read directory")
+        """The data connection is taken first, as the real server does, and shut down whatever
+        happens: a client reading it sees the end of the stream even when the call fails."""
         conn = self.control.diag.data.take(req.conn)
+        doing = "open"
         try:
+            kind = linux.stat_kind(req.file_path)
+            if kind is None:
+                raise DiagError(f"failed to open {req.file_path}: No such file or directory (os error 2)")
+            if kind == kabi.KIND_DIR:
+                raise DiagError("cannot read directory")
             flags = kabi.O_RDONLY | (0 if req.follow else kabi.O_NONBLOCK)
             with linux.open_file(req.file_path, flags) as f:
+                doing = "read"
                 if kind == kabi.KIND_CHARDEV:
                     _send_records(f, conn, req.follow)
                 else:
                     _send_file(f, conn, req.follow)
-        except BrokenPipeError:
+        except (BrokenPipeError, ConnectionResetError):
             pass                                   # the client stopped reading: done
+        except OSError as exc:
+            raise DiagError(f"failed to {doing} {req.file_path}: {exc.strerror or exc} (os error {exc.errno})") \
+                from None
         finally:
-            conn.close()
+            _close(conn)
         return EMPTY()
+
+
+def _close(conn) -> None:
+    """Shut the connection down (the peer sees its end at once, whoever else holds it) and close it."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    conn.close()
 
 
 def _peer_gone(conn) -> bool:
@@ -239,7 +282,9 @@ def _send_file(f, conn, follow: bool) -> None:
         threading.Event().wait(FOLLOW_POLL_S)
 
 
-def _pty_out(master: int, conn) -> None:
+def _pty_out(master: int, conn, stdin_conn=None, feeder=None) -> None:
+    """The pty's output to conn until the program's session is done; then stdin's relay is
+    ended before the master closes (its descriptor number must not be reused under it)."""
     try:
         while True:
             try:
@@ -253,6 +298,15 @@ def _pty_out(master: int, conn) -> None:
     except OSError:
         pass
     finally:
+        if stdin_conn is not None:
+            try:
+                stdin_conn.shutdown(socket.SHUT_RDWR)      # wakes the relay's recv
+            except OSError:
+                pass
+        if feeder is not None:
+            feeder.join(5)
+        if stdin_conn is not None:
+            stdin_conn.close()
         os.close(master)
         if conn is not None:
             conn.close()
@@ -267,4 +321,3 @@ def _pty_in(conn, master: int) -> None:
             os.write(master, data)
     except OSError:
         pass
-

@@ -212,7 +212,7 @@ def start_process(comm: str, argv: list[str]) -> None:
     set_comm(comm)
     parent = os.getppid()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if parent == 1:          # the parent died before the prctl: follow it
+    if os.getppid() != parent:   # the parent died before the prctl (re-parented to init or a subreaper): follow it
         os._exit(1)
     syscall(kabi.Op.HELLO, list(argv))
     if threading.current_thread() is threading.main_thread():

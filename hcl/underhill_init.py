@@ -3,6 +3,10 @@ section 1), in its order: logging to /dev/kmsg before any mount, the four mounts
 writes, host entropy, setup scripts, modules in the background, RLIMIT_NOFILE, then spawn
 openvmm_hcl and reap every child until it exits, exiting with its status (255 if a signal
 killed it). Any error: "fatal: ..." in kmsg and exit 1.
+
+Linux re-parents every orphan to PID 1, which reaps them. hclsim's PID 1 is not the host's, so
+it makes itself a child subreaper first (prctl PR_SET_CHILD_SUBREAPER): the VM's orphans are
+re-parented to it, and its wait loop reaps them (and tells the kernel, EXITED).
 """
 import os
 import resource
@@ -27,6 +31,7 @@ MAX_ENTROPY = 256
 NOFILE = 0x100000
 CONTROL = "/bin/openvmm_hcl"
 PID_FILE = "/run/underhill.pid"
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class InitError(Exception):
@@ -200,12 +205,23 @@ def run(log: klog.Logger, args: list[str], env: dict) -> int:
         return 255
 
 
+def become_subreaper() -> int:
+    """What being PID 1 gives the real init: the orphans of the system are re-parented to it.
+    0, or the errno of the prctl."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    return 0 if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 else ctypes.get_errno()
+
+
 def main(argv: list[str]) -> int:
     boot_time = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
     linux.start_process("underhill-init", argv)
+    subreaper_error = become_subreaper()
     log = None
     try:
         log = init_logging()
+        if subreaper_error:
+            log.warn(f"cannot reap orphans: PR_SET_CHILD_SUBREAPER: {os.strerror(subreaper_error)}")
         log.info(f"Initial process: crate_name={CRATE}, crate_revision=hclsim, crate_branch=main")
         scripts, passthrough = parse_options(argv[1:])
         env = dict(os.environ)

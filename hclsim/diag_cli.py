@@ -1,5 +1,6 @@
 """`hclsim diag <VM> <command>`: ohcldiag-dev's shape (openhcl/ohcldiag-dev), against the diag
-server of a running `hclsim boot --keep-running` (its address: vsock:PATH, printed at boot).
+server of a running `hclsim boot --keep-running` (its address: vsock:PATH, printed at boot, or
+vsock-cid:1 where the host has AF_VSOCK loopback).
 
     hclsim diag vsock:/tmp/vm.sock inspect -r vm/vps/0
     hclsim diag vsock:/tmp/vm.sock kmsg -f
@@ -8,15 +9,18 @@ server of a running `hclsim boot --keep-running` (its address: vsock:PATH, print
 import argparse
 import json
 import os
+import socket
 import sys
 import threading
 import time
 
 from hclsim.diag_client import DiagClient, DiagClientError, RpcError, parse_vm
+from hclsim.hcl import ttrpc
 
 WAIT_S = 20.0        # how long a VM that is not up yet is retried (ohcldiag-dev's reconnect timeout);
                      # HCLSIM_DIAG_WAIT_S overrides it
 UNLIMITED = 0xFFFFFFFF
+STREAM_REPLY_S = 10.0   # how long the call's reply may trail the end of its data connection
 
 
 def add_parser(sub) -> None:
@@ -70,7 +74,7 @@ def cmd_diag(args) -> int:
     path = parse_vm(args.vm)
     command = {"i": "inspect"}.get(args.diag_command, args.diag_command)
     try:
-        client = DiagClient(path, wait=float(os.environ.get("HCLSIM_DIAG_WAIT_S", WAIT_S)))
+        client = DiagClient(path, wait=_wait_s())
     except DiagClientError as exc:
         raise DiagClientError(f"{args.vm}: {exc}") from None
     try:
@@ -80,6 +84,14 @@ def cmd_diag(args) -> int:
         return 1
     finally:
         client.close()
+
+
+def _wait_s() -> float:
+    text = os.environ.get("HCLSIM_DIAG_WAIT_S", "")
+    try:
+        return max(0.0, float(text)) if text else WAIT_S
+    except ValueError:
+        raise DiagClientError(f"HCLSIM_DIAG_WAIT_S={text!r}: expected a number of seconds") from None
 
 
 # ---- the commands ------------------------------------------------------------------------------
@@ -121,7 +133,10 @@ def _deprecated_update(client, args) -> int:
     return _update(client, args.path, args.value)
 
 
-def _stream(client, method: str, request_fields: dict, follow: bool, nul_separated: bool) -> int:
+def _stream(client, method: str, request_fields: dict, nul_separated: bool):
+    """Kmsg or ReadFile: what the data connection carries goes to stdout until it ends. The
+    call runs on a thread of its own; when it fails, the connection is shut down, which wakes
+    the reader (a close from another thread would not). (0 or 1, the call's error or None)."""
     d, _i, _e = _pb()
     conn_id, conn = client.data_connection()
     request = d.KmsgRequest(conn=conn_id, **request_fields) if method == "Kmsg" else \
@@ -131,10 +146,13 @@ def _stream(client, method: str, request_fields: dict, follow: bool, nul_separat
     def call():
         try:
             client.call("diag.UnderhillDiag", method, request, _e.Empty)
-        except (RpcError, DiagClientError) as exc:
+        except DiagClientError as exc:
             outcome["error"] = exc
-            conn.close()
-    t = threading.Thread(target=call, daemon=True)
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+    t = threading.Thread(target=call, name="diag-stream-call", daemon=True)
     t.start()
     out = sys.stdout.buffer
     pending = b""
@@ -156,36 +174,64 @@ def _stream(client, method: str, request_fields: dict, follow: bool, nul_separat
             out.flush()
     finally:
         conn.close()
-    t.join(5)
-    if "error" in outcome:
-        print(f"hclsim: error: {outcome['error']}", file=sys.stderr)
-        return 1
-    return 0
+    t.join(STREAM_REPLY_S)              # the reply follows the end of the stream
+    error = outcome.get("error")
+    return (1 if error is not None else 0), error
+
+
+def _went_away(error) -> bool:
+    """The call ended because the VM (its control process) went away: cancelled at its
+    shutdown, or the connection broke."""
+    if isinstance(error, RpcError):
+        return error.code == ttrpc.CANCELLED
+    return isinstance(error, DiagClientError)
 
 
 def _kmsg(client, args) -> int:
-    """With -r: when the VM goes away (a reset, a crash), wait for it (Ping) and go on."""
-    while True:
-        try:
-            status = _stream(client, "Kmsg", {"follow": args.follow}, args.follow, True)
-        except DiagClientError:
-            status = 1
-        if not args.reconnect:
-            return status
-        client.close()
-        print("hclsim: kmsg: the VM went away; waiting for it", file=sys.stderr)
+    """With -r: when the VM goes away (a reset, a crash), say so in one line, wait for it
+    (Ping) and go on with the new boot's log; an error that is not the VM going away ends it."""
+    clients = []
+    try:
         while True:
             try:
-                client = DiagClient(parse_vm(args.vm), wait=WAIT_S)
-                _d, _i, e = _pb()
-                client.call("diag.OpenhclDiag", "Ping", e.Empty(), e.Empty, timeout=5)
-                break
-            except DiagClientError:
-                time.sleep(1)
+                status, error = _stream(client, "Kmsg", {"follow": args.follow}, True)
+            except DiagClientError as exc:          # no data connection: the VM is going away
+                status, error = 1, exc
+            gone = _went_away(error) if error is not None else args.follow
+            if not (args.reconnect and gone):
+                if error is not None:
+                    print(f"hclsim: error: {error}", file=sys.stderr)
+                return status
+            print("hclsim: kmsg: the VM went away; waiting for it to come back", file=sys.stderr)
+            sys.stderr.flush()
+            client = _wait_for_server(args.vm)
+            clients.append(client)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _wait_for_server(vm: str):
+    """A client of the VM once its diag server answers a Ping (ohcldiag-dev's wait_for_server)."""
+    _d, _i, e = _pb()
+    while True:
+        client = None
+        try:
+            client = DiagClient(parse_vm(vm), wait=_wait_s())
+            client.call("diag.OpenhclDiag", "Ping", e.Empty(), e.Empty, timeout=5)
+            return client
+        except DiagClientError:
+            if client is not None:
+                client.close()
+            time.sleep(1)
 
 
 def _file(client, args) -> int:
-    return _stream(client, "ReadFile", {"follow": args.follow, "file_path": args.file_path}, args.follow, False)
+    status, error = _stream(client, "ReadFile", {"follow": args.follow, "file_path": args.file_path}, False)
+    if error is not None:
+        text = str(error)
+        print(f"hclsim: error: {text if args.file_path in text else f'{args.file_path}: {text}'}", file=sys.stderr)
+    return status
 
 
 def _run(client, args) -> int:
@@ -279,10 +325,14 @@ def resolve_host_pid(client, name: str) -> int:
     tree = node_json(resp.result)
     if name in ("underhill", "openvmm_hcl", "control"):
         return int(tree["proc"]["pid"])
-    for pid, host in (tree.get("mesh", {}).get("hosts") or {}).items():
-        if isinstance(host, dict) and host.get("name") == name:
-            return int(pid)
-    raise DiagClientError(f"no mesh host named {name!r}")
+    hosts = tree.get("mesh", {}).get("hosts") or {}
+    names = []
+    for pid, host in hosts.items():
+        if isinstance(host, dict) and isinstance(host.get("name"), str):
+            if name in (host["name"], f"underhill-{host['name']}"):     # its name, or its process name
+                return int(pid)
+            names.append(host["name"])
+    raise DiagClientError(f"no mesh host named {name!r} (the hosts: {', '.join(['underhill', *sorted(names)])})")
 
 
 def _profile(client, args) -> int:
@@ -291,22 +341,30 @@ def _profile(client, args) -> int:
     from google.protobuf import empty_pb2
     if args.duration <= 0:
         raise DiagClientError("--duration must be at least 1 second")
-    conn_id, conn = client.data_connection()
-    received = []
-    reader = threading.Thread(target=lambda: received.append(_read_all(conn)), daemon=True)
-    reader.start()
+    existed = os.path.exists(args.output)
+    out = open(args.output, "wb")              # before profiling: a bad -o fails at once
+    done = False
     try:
-        client.call("profile.AzureProfiler", "Profile",
-                    profile_pb2.ProfileRequest(conn=conn_id, duration=args.duration,
-                                               profiler_args=[f"format={args.format}"]), empty_pb2.Empty)
-        reader.join(10)
+        conn_id, conn = client.data_connection()
+        received = []
+        reader = threading.Thread(target=lambda: received.append(_read_all(conn)), daemon=True)
+        reader.start()
+        try:
+            client.call("profile.AzureProfiler", "Profile",
+                        profile_pb2.ProfileRequest(conn=conn_id, duration=args.duration,
+                                                   profiler_args=[f"format={args.format}"]), empty_pb2.Empty)
+            reader.join(10)
+        finally:
+            conn.close()
+        data = received[0] if received else b""
+        if not data:
+            raise DiagClientError("the profiler sent no profile")
+        out.write(data)
+        done = True
     finally:
-        conn.close()
-    data = received[0] if received else b""
-    if not data:
-        raise DiagClientError("the profiler sent no profile")
-    with open(args.output, "wb") as f:
-        f.write(data)
+        out.close()
+        if not done and not existed:
+            os.unlink(args.output)
     print(f"wrote {args.output} ({len(data)} bytes, {args.format})")
     return 0
 

@@ -11,6 +11,8 @@ from hclsim.hcl import ttrpc
 from hclsim.hcl.pb import ttrpc_pb2
 
 CONTROL_PORT, DATA_PORT = 1, 2
+CID_PREFIX = "vsock-cid:"     # a VM reached with real AF_VSOCK (hclsim's own form; ohcldiag-dev has none on Linux)
+AF_VSOCK_CONNECT_S = 2.0
 RETRY_S = 1.0                 # ohcldiag-dev's wait between connection attempts to a VM not up yet
 _ID = struct.Struct("=Q")
 
@@ -31,7 +33,13 @@ class RpcError(DiagClientError):
 
 
 def parse_vm(text: str) -> str:
-    """The hybrid vsock path of a VM argument ("vsock:PATH", or a bare PATH as on Linux)."""
+    """The address of a VM argument: the hybrid vsock path of "vsock:PATH" (or of a bare PATH,
+    as on Linux), or "vsock-cid:CID" as it is for real AF_VSOCK."""
+    if text.startswith(CID_PREFIX):
+        cid = text[len(CID_PREFIX):]
+        if not cid.isdigit() or int(cid) > 0xFFFFFFFF:
+            raise DiagClientError(f"{text!r}: expected {CID_PREFIX}CID, CID a number (1: this host's loopback)")
+        return text
     path = text[len("vsock:"):] if text.startswith("vsock:") else text
     if not path:
         raise DiagClientError(f"no hybrid vsock path in {text!r}")
@@ -39,7 +47,10 @@ def parse_vm(text: str) -> str:
 
 
 def connect(path: str, port: int, timeout: float = 5.0) -> socket.socket:
-    """A connection to the guest's vsock port through the host's Unix socket."""
+    """A connection to the guest's vsock port: through the host's Unix socket (hybrid vsock),
+    or straight to it with AF_VSOCK for a "vsock-cid:CID" address."""
+    if path.startswith(CID_PREFIX):
+        return _connect_af_vsock(int(path[len(CID_PREFIX):]), port, min(timeout, AF_VSOCK_CONNECT_S))
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -64,6 +75,27 @@ def connect(path: str, port: int, timeout: float = 5.0) -> socket.socket:
     except BaseException:
         s.close()
         raise
+    s.settimeout(None)
+    return s
+
+
+def _connect_af_vsock(cid: int, port: int, timeout: float) -> socket.socket:
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        raise DiagClientError("this host has no AF_VSOCK")
+    try:
+        s = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise DiagClientError(f"AF_VSOCK: {exc.strerror or exc}") from None
+    s.settimeout(timeout)
+    try:
+        s.connect((cid, port))
+    except (ConnectionResetError, ConnectionRefusedError, TimeoutError) as exc:
+        s.close()
+        raise NotReady(f"nothing answers on AF_VSOCK cid {cid} port {port} ({exc.strerror or 'timed out'})") from None
+    except OSError as exc:
+        s.close()
+        raise DiagClientError(f"AF_VSOCK cid {cid} port {port}: {exc.strerror or exc}") from None
     s.settimeout(None)
     return s
 

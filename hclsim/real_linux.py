@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from hclsim import HclsimError
 from hclsim.cpu import engine as eng
-from hclsim.cpu import fastpath
+from hclsim.cpu import block_clock, fastpath
 from hclsim.cpu.delivery import Delivery, TripleFault
 from hclsim.cpu.virtual_tsc import VirtualTsc
 from hclsim.debug.events import StopRequest
@@ -32,16 +32,20 @@ from hclsim.devices.cmos_rtc import CmosRtc
 from hclsim.devices.pic8259 import Pic8259
 from hclsim.devices.pit8254 import Pit8254
 from hclsim.devices.uart16550 import Uart16550
-from hclsim.devices.virtual_clock import VirtualClock
+from hclsim.devices.virtual_clock import NS_PER_SECOND, VirtualClock
 
 # config.REAL_LINUX_BOOTARGS, what the host's device tree adds to the command line: this
 # platform has no local APIC or I/O APIC (noapic nolapic), VTL2 has no memory below 1 MiB for the
 # real mode trampoline (OpenHCL blacklists init_real_mode; 6.1 calls it do_init_real_mode), the
 # test initrd's program is /init, and KASLR off keeps runs comparable.
 LEGACY_UARTS = (("COM1", 0x3F8, 4), ("COM2", 0x2F8, 3), ("COM3", 0x3E8, 4), ("COM4", 0x2E8, 3))
-IRQ_WINDOW = 50_000           # instructions between looks for IF while an interrupt waits (2,000 made 44k
-                              # slices of a boot whose early part runs with IF off: ~1 s of loop overhead)
-STOP_IRQ = "irq"              # the engine's stop reason when a device raised an interrupt
+IRQ_WINDOW = (500, 50_000)    # instructions between looks for IF while an interrupt waits: from the first,
+                              # doubled while IF stays off, up to the last. Spin locks with IRQs off last
+                              # hundreds (a UART interrupt waiting 50k each time lost /init's last lines at
+                              # the halt); the boot's early part runs with IF off for millions (a fixed 2k
+                              # window made 44k slices there: ~1 s of loop overhead)
+PORT_IO_NS = 1000             # virtual time a port access takes: ~1 us on ISA (Linux's io_delay writes
+                              # port 0x80 for it); 1 ns made the TSC calibration poll the PIT 45k times, now 17k
 MAX_SLICE = 50_000_000        # instructions a slice may run (~0.7 s): the timeout is looked at between
                               # slices; never a stop from another thread, whose moment would vary
 MILESTONES = (                # (name, what starts the console line's text)
@@ -86,7 +90,9 @@ class RealLinuxResult:
     interrupts: int = 0
     syscalls: int = 0
     tsc_reads: int = 0
-    idle_ns: int = 0
+    idle_ns: int = 0               # virtual time spent halted
+    port_ios: int = 0
+    port_io_ns: int = 0            # virtual time port I/O took (PORT_IO_NS each)
     synthetic_msrs: dict | None = None   # with hyperv: reads, writes and refused (#GP) accesses
 
     def first(self, name: str):
@@ -121,18 +127,27 @@ class _Console:
 class RealLinux:
     """The BSP of machine (standing at the kernel entry after run_to_handoff) into a real kernel."""
 
-    def __init__(self, machine, console_port: str = "COM3", on_serial=None, hyperv: bool = False):
+    def __init__(self, machine, console_port: str = "COM3", on_serial=None, hyperv: bool = False,
+                 debugger: bool = False):
         """hyperv: show the kernel the Hyper-V CPUID leaves and serve its synthetic MSRs and
-        hypercalls from the hypervisor model (hclsim/real_linux_hv.py), else a bare PC."""
+        hypercalls from the hypervisor model (hclsim/real_linux_hv.py), else a bare PC.
+        debugger: a debugger's code hooks will stop the kernel (hclsim/debug/kernel_target.py)."""
         self.machine, self.engine = machine, machine.engine
+        # Stops come only at blocks' starts (the deadline; a device's interrupt sets it), so
+        # Unicorn's check after every load and store can go (cpu/uc_internals.py): ~10% of a
+        # boot. Code hooks that stop or write RIP (a debugger's, the synthetic MSRs') need it,
+        # and a run is the same with or without it.
+        self.memory_exit_checks = hyperv or debugger
         self.console_port, self.on_serial = console_port, on_serial
         self.running = False                            # inside the engine's run (a device may stop it)
         self.stopped_by_debugger = False                # the last slice ended at a debugger's stop
-        self.idle = 0                                   # instructions' worth of time spent halted
+        self.idle = 0                                   # instructions' worth of time not from instructions:
+        self.halted = 0                                 # ... halted (skipped to the next timer event)
         self.start_icount = self.engine.counters()["instructions"]
-        self.clock = VirtualClock(lambda: self._retired() + self.idle)
+        self.clock = VirtualClock(lambda: self._now() + self.idle)
+        self.port_ios = 0
         self.t0 = time.perf_counter()
-        self.console = _Console(lambda: (self._retired() - self.start_icount, time.perf_counter() - self.t0))
+        self.console = _Console(lambda: (self._now() - self.start_icount, time.perf_counter() - self.t0))
         self.pic = Pic8259("pic", intr=self._intr)
         self.pit = Pit8254(self.clock, irq=lambda level: self.pic.set_irq(0, level))
         self.rtc = CmosRtc(self.clock, irq=lambda level: self.pic.set_irq(8, level))
@@ -145,6 +160,7 @@ class RealLinux:
         self.delivery = Delivery(self.engine)
         self.tsc = VirtualTsc(self.engine)
         self.interrupts = 0
+        self.irq_window = 0                             # the current look-again window (IRQ_WINDOW)
         self.hyperv = None
         if hyperv:
             from hclsim.real_linux_hv import SyntheticMsrs
@@ -152,12 +168,32 @@ class RealLinux:
 
     def _intr(self, level: bool) -> None:
         """The PIC's INTR output rose (a device raised its line during the run): end the slice
-        at the end of the current block, so the interrupt is taken about when it was raised."""
+        where the next block starts (a deadline already passed), so the interrupt is taken about
+        when it was raised, at a block's start whether or not Unicorn checks for stops after
+        loads and stores."""
         if level and self.running:
-            self.engine.request_stop(STOP_IRQ)
+            self.engine.state.buf[fastpath.H_DEADLINE] = 1
+
+    def _port_io(self, port: int, size: int, value: int, is_in: bool) -> int:
+        """Port I/O takes PORT_IO_NS of virtual time, as an ISA access does: the clock, the TSC
+        and the slice's deadline move with it."""
+        h = self.engine.state.buf
+        self.port_ios += 1
+        self.idle += PORT_IO_NS * self.clock.hz // NS_PER_SECOND
+        h[fastpath.H_TSC_IDLE] = self.idle
+        if h[fastpath.H_DEADLINE] > 1:
+            h[fastpath.H_DEADLINE] = max(self._now() + 1,
+                                         int(h[fastpath.H_DEADLINE]) - PORT_IO_NS * self.clock.hz // NS_PER_SECOND)
+        return self.bus.engine_io(port, size, value, is_in)
 
     def _retired(self) -> int:
+        """The instructions retired (exact between slices)."""
         return int(self.engine.state.buf[fastpath.H_ICOUNT])
+
+    def _now(self) -> int:
+        """The instructions retired as virtual time reads them inside a slice: where the current
+        straight-line run began (block_clock.run_start), the same however Unicorn split it."""
+        return block_clock.run_start(self.engine.state.buf)
 
     def _serial(self, name: str, data: bytes) -> None:
         self.machine.serial.setdefault(name, bytearray()).extend(data)
@@ -173,6 +209,7 @@ class RealLinux:
             flush()
         e.after_run = []
         self.bus.attach(e)
+        e.io_handler = self._port_io
         if self.hyperv is None:
             plain_cpuid(e.state.cpuid_table)
         else:
@@ -180,6 +217,7 @@ class RealLinux:
             e.state.buf[fastpath.H_MSR_TRAP] = 1
         e.uc.ctl_exits_enabled(False)         # no exit address: none can be revalidated (CR2, #DF)
         e.uc.ctl_flush_tb()
+        e.set_memory_exit_checks(self.memory_exit_checks)
         self.delivery.install()
         self.tsc.on()
 
@@ -191,6 +229,7 @@ class RealLinux:
             self.hyperv.close()
             e.state.buf[fastpath.H_MSR_TRAP] = 0
         e.state.buf[fastpath.H_DEADLINE] = 0
+        e.set_memory_exit_checks(True)
         e.uc.ctl_exits_enabled(True)
         e.set_exits(e.exits, force=True)
 
@@ -236,13 +275,17 @@ class RealLinux:
                 except TripleFault as exc:
                     return "triple-fault", str(exc), None
                 self.interrupts += 1
+                self.irq_window = 0
             if time.perf_counter() > deadline_wall:
                 return "timeout", f"no power off within {timeout:g} s", None
             retired = self._retired()
             next_ns = self._next_event_ns()
             stop = retired + self.clock.units_until(next_ns) if next_ns is not None else 0
             if self.pic.has_interrupt():       # IF is off: look again soon
-                stop = min(stop, retired + IRQ_WINDOW) if stop else retired + IRQ_WINDOW
+                window = self.irq_window = min(2 * self.irq_window, IRQ_WINDOW[1]) if self.irq_window else IRQ_WINDOW[0]
+                stop = min(stop, retired + window) if stop else retired + window
+            else:
+                self.irq_window = 0
             stop = min(stop, retired + MAX_SLICE) if stop else retired + MAX_SLICE
             h[fastpath.H_DEADLINE] = max(stop, retired + 1)
             end = self._slice()
@@ -268,29 +311,32 @@ class RealLinux:
             if isinstance(reason, StopRequest):           # the debugger's (hclsim/debug/kernel_target.py)
                 self.stopped_by_debugger = True
                 return "debug", "", reason
-            if reason == eng.STOP_TSC:
+            if reason == eng.STOP_PENDING:
                 self._arm_block()
-            return None                                    # the deadline, or a device's interrupt
+            return None                                    # the deadline (or a device's interrupt)
         if exit.kind == eng.EXIT_HLT:
             if not e.reg("rflags") & (1 << 9):
                 return (*self._halted(), None)
             next_ns = self._next_event_ns()
             if next_ns is None and not self.pic.has_interrupt():
                 return "idle", "the kernel halted with interrupts on and no timer armed", None
-            if next_ns is not None:                        # skip the idle time to the timer
-                self.idle += self.clock.units_until(next_ns)
+            if next_ns is not None and not self.pic.has_interrupt():   # skip the idle time to the timer
+                skipped = self.clock.units_until(next_ns)
+                self.idle += skipped
+                self.halted += skipped
                 h[fastpath.H_TSC_IDLE] = self.idle
             return None
         return "fault", exit.message or f"{exit.kind} at {exit.rip:#x}", None
 
     def _arm_block(self) -> None:
-        """A block that reads the TSC or (with hyperv) touches an MSR is about to run: hook it."""
-        address, size = self.tsc.pending_block()
+        """A block that (with hyperv) touches an MSR is about to run: hook its MSR instructions."""
+        h = self.engine.state.buf
+        address, size = int(h[fastpath.H_PENDING]) & 0xFFFFFFFFFFFFFFFF, int(h[fastpath.H_PENDING_SIZE])
+        h[fastpath.H_PENDING] = h[fastpath.H_PENDING_SIZE] = 0
         code = np.frombuffer(self.engine.read_virtual(address, size), np.uint8)
-        flags = fastpath.special_instructions(code, len(code)) if len(code) else 0
-        if flags & fastpath.MSR_FLAG and self.hyperv is not None:
+        if self.hyperv is not None:
             self.hyperv.hook_block(address, code)
-        self.tsc.arm_block(address, size, reads_tsc=bool(flags & fastpath.TSC_FLAG))
+        self.engine.state.arm_block(address, size)
 
     def _next_event_ns(self):
         events = [t for t in (self.pit.next_event_ns(), self.rtc.next_event_ns()) if t is not None]
@@ -318,7 +364,8 @@ class RealLinux:
             tsc_reads=int(self.engine.state.buf[fastpath.H_TSC_READS]),
             synthetic_msrs=None if self.hyperv is None else {"reads": self.hyperv.reads, "writes": self.hyperv.writes,
                                                              "refused": self.hyperv.faults},
-            idle_ns=self.clock.now_ns() - (self._retired() * 10**9 // self.clock.hz))
+            idle_ns=self.halted * NS_PER_SECOND // self.clock.hz, port_ios=self.port_ios,
+            port_io_ns=self.port_ios * PORT_IO_NS)
 
 
 def one_package(table) -> None:

@@ -33,7 +33,7 @@ def outcome_dict(outcome) -> dict:
             "exceptions": {str(k): v for k, v in sorted(outcome.exceptions.items())},
             "interrupts": outcome.interrupts, "syscalls": outcome.syscalls, "tsc_reads": outcome.tsc_reads,
             "synthetic_msrs": outcome.synthetic_msrs,
-            "idle_ns": outcome.idle_ns}
+            "idle_ns": outcome.idle_ns, "port_ios": outcome.port_ios, "port_io_ns": outcome.port_io_ns}
 
 
 def cmd_real(args, config, console, new_machine, report_fault) -> int:
@@ -95,5 +95,6 @@ def summary(outcome) -> str:
         m = outcome.synthetic_msrs
         lines.append(f"  Hyper-V synthetic MSRs: {m['reads']} reads, {m['writes']} writes, {m['refused']} refused (#GP)")
     lines.append(f"  exceptions {sum(outcome.exceptions.values())}, interrupts {outcome.interrupts}, "
-                 f"syscalls {outcome.syscalls}, virtual TSC reads {outcome.tsc_reads}, idle {outcome.idle_ns / 1e9:.2f} s of virtual time")
+                 f"syscalls {outcome.syscalls}, virtual TSC reads {outcome.tsc_reads}, idle {outcome.idle_ns / 1e9:.2f} s of virtual time, "
+                 f"{outcome.port_ios} port accesses ({outcome.port_io_ns / 1e6:.1f} ms)")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import threading
 
 EXIT_GUEST_FAULT = 2
 TIMELINE_NAMES = {"shim": "boot shim entry", "handoff": "kernel handoff", "rootfs": "initrd unpacked as the rootfs",
-                  "pid1": "PID 1 started", "vtl0": "VTL0 running", "power-off": "power off", "panic": "kernel panic",
+                  "pid1": "PID 1 started", "worker": "worker started", "vtl0": "VTL0 running", "power-off": "power off", "panic": "kernel panic",
                   "reset": "VM reset"}
 
 
@@ -112,10 +112,11 @@ def print_timeline(outcome) -> None:
           + (f", {outcome.resets} reset{'s' if outcome.resets != 1 else ''}" if outcome.resets else ""))
     print("  timeline:")
     for name, t, detail in outcome.timeline.events:
-        if name == "process":
-            label = "process started"
-        else:
-            label = TIMELINE_NAMES.get(name, name)
+        label = TIMELINE_NAMES.get(name, name)
+        if name in ("process", "worker"):      # "underhill-vm (pid 12, parent 11): argv"
+            comm, _, rest = detail.partition(" (")
+            label = f"{'worker' if name == 'worker' else 'process'} started ({comm})"
+            detail = rest.replace(")", "", 1) if rest else ""
         print(f"    {t:8.3f} s  {label}" + (f": {detail}" if detail else ""))
     print("  processes:")
     for p in outcome.process_tree:

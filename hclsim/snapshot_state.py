@@ -48,8 +48,9 @@ FASTPATH_LAYOUT = ("H_TOTAL", "H_FN_SLOW_IO", "H_FN_REG_READ", "H_FN_REG_WRITE",
                    "H_RUNVP_AREA", "H_NATIVE_STOP",   # the doorbell area (armed only inside a RUN_VP); a flag cleared at each run
                    "H_BT_EVICTIONS", "H_BT_ENTRIES",
                    # a real kernel's virtual time (hclsim/real_linux.py), which snapshots do not take
-                   "H_DEADLINE", "H_DEADLINE_HIT", "H_TSC_TRAP", "H_TSC_IDLE", "H_TSC_PENDING",
-                   "H_TSC_PENDING_SIZE", "H_TSC_READS", "H_FRONT_ADDR", "H_MSR_TRAP")
+                   "H_DEADLINE", "H_DEADLINE_HIT", "H_SKIP_SYNC", "H_TSC_IDLE", "H_PENDING",
+                   "H_PENDING_SIZE", "H_TSC_READS", "H_FRONT_ADDR", "H_MSR_TRAP", "H_BLOCK_START",
+                   "H_BLOCK_COUNT", "H_RUN_START")
 HANDOFF_REGS = ("rip", "rdi", "rsi", "rsp", "cr0", "cr3", "cr4", "efer", "cs", "ds", "ss")
 
 

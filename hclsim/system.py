@@ -85,7 +85,9 @@ def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_even
                stop=None, timeout: float | None = None, vsock_path: str | None = None) -> SystemResult:
     """Boot and run until power off (or, with keep_running, until stop() is true after it).
     The host side of the VM's hybrid vsock is at vsock_path (default: vsock.sock in the run's
-    folder), the same across resets; a "vsock" event names it. Raises GuestFaultError for a
+    folder), the same across resets; a "vsock" event names it. Without vsock_path, the VM's vsock
+    ports are on real AF_VSOCK too where the host has loopback (kernel_stub/vsock.py). timeout
+    (default config.timeout) bounds each boot up to its power off, a boot after a reset included. Raises GuestFaultError for a
     firmware fault, SystemError_ when the run cannot finish."""
     from hclsim.kernel_stub.vsock import Vsock
     remove_stale_run_folders()
@@ -99,13 +101,14 @@ def run_system(config, *, on_serial=None, on_kmsg=None, on_console=None, on_even
     except StateDirError as exc:
         shutil.rmtree(run_root, ignore_errors=True)
         raise SystemError_(str(exc)) from None
-    try:
-        vsock = Vsock(vsock_path or os.path.join(run_root, "vsock.sock"),
-                      lambda text, level=6: current["us"].log(text, level) if current.get("us") else None)
+    host_path = vsock_path or os.path.join(run_root, "vsock.sock")
+    try:            # real AF_VSOCK too where the host offers it, unless --vsock PATH asks for hybrid vsock
+        vsock = Vsock(host_path, lambda text, level=6: current["us"].log(text, level) if current.get("us") else None,
+                      real=vsock_path is None)
     except OSError as exc:
         state.close()
         shutil.rmtree(run_root, ignore_errors=True)
-        raise SystemError_(f"cannot listen for hybrid vsock at {vsock_path}: {exc.strerror or exc}") from None
+        raise SystemError_(f"cannot listen for hybrid vsock at {host_path}: {exc.strerror or exc}") from None
     try:
         return _run_system(config, run_root, vsock, current, on_serial=on_serial, on_kmsg=on_kmsg,
                            on_console=on_console, on_event=on_event, keep_running=keep_running, stop=stop,
@@ -127,10 +130,11 @@ def _run_system(config, run_root, vsock, current, *, on_serial, on_kmsg, on_cons
         if on_event is not None:
             on_event(name, t, detail)
     resets = 0
-    deadline = time.monotonic() + (timeout or config.timeout)
+    limit = timeout or config.timeout        # each boot's, from its shim entry to power off
     if on_event is not None:
         on_event("vsock", 0.0, vsock.host_path)       # where diag clients connect (not a stage)
     while True:
+        deadline = time.monotonic() + limit      # restarted at each reset: a boot after a reset gets its own
         machine = Machine(config, on_serial=on_serial)
         us = None
         run_dir = os.path.join(run_root, f"boot{resets + 1}")
@@ -215,6 +219,8 @@ def _attach(exc, outcome):
 
 
 def _wait(us, deadline: float, keep_running: bool, stop) -> str:
+    """How the boot ended. The deadline bounds the boot up to power off; kept running after
+    power off, nothing but stop() or a panic ends it."""
     while not us.wait(0.05):
         if stop is not None and stop():
             return "interrupted"

@@ -123,6 +123,7 @@ class Mshv:
         self.running: set[int] = set()
         self.dispatcher = None
         self._doorbell_lock = threading.Lock()
+        self.closed = threading.Event()           # the kernel is going away (a blocked read returns)
         for cpu in range(partition.vp_count):
             page = self.pages.register_page(cpu)
             self.pages.map[page + kabi.REGPAGE_VERSION:page + kabi.REGPAGE_VERSION + 2] = b"\x01\x00"
@@ -133,11 +134,12 @@ class Mshv:
                  CharDevice("mshv_hvcall", MISC_MAJOR, 234, lambda fl, c: File(), 0o600)]
         for node in (self.sidecar.nodes if self.sidecar is not None else []):
             nodes.append(CharDevice(f"mshv_vtl_sidecar{node.index}", SIDECAR_MAJOR, node.index,
-                                    lambda fl, c, n=node: SidecarFile(self, n), 0o600))
+                                    lambda fl, c, n=node: SidecarFile(self, n, fl), 0o600))
         return nodes
 
     def close(self) -> None:
         """Stop the doorbell dispatcher (a VMM waiting on a doorbell sees it closed)."""
+        self.closed.set()
         if self.dispatcher is not None:
             self.dispatcher.close()
         self.pages.close()
@@ -363,10 +365,16 @@ class Vtl0MemoryFile(File):
 
 
 class SidecarFile(File):
-    """/dev/mshv_vtl_sidecar<N>: the node's CPUs, driven by whoever waits for them."""
+    """/dev/mshv_vtl_sidecar<N>: the node's CPUs, driven by whoever waits for them. START hands
+    a CPU the command its page holds; read() returns the CPUs whose commands finished (u32
+    each): with O_NONBLOCK EAGAIN when none has, else it runs the node's CPUs until one does
+    (and sleeps while none has a command to run)."""
 
-    def __init__(self, mshv: Mshv, node):
+    WAIT_POLL_S = 0.05
+
+    def __init__(self, mshv: Mshv, node, flags: int = 0):
         self.mshv, self.node = mshv, node
+        self.nonblock = bool(flags & kabi.O_NONBLOCK)
 
     def _cpu(self, arg) -> int:
         cpu = _cpu_arg(arg)
@@ -416,12 +424,30 @@ class SidecarFile(File):
             if cpu in stopped:
                 stopped.remove(cpu)
 
+    def _busy(self) -> bool:
+        """A CPU of the node has a command to finish (RUN, STOP or REMOVE)."""
+        return any(int(s) in (sl.CPU_RUN, sl.CPU_STOP, sl.CPU_REMOVE) for s in self.node.status)
+
+    def _wait_finished(self) -> None:
+        sc, index = self.mshv.sidecar, self.node.index
+        while True:
+            with self.mshv.lock:
+                sc.poll()
+                if sc.stopped[index]:
+                    return
+                busy = self._busy()
+            if busy:
+                self._drive(lambda: bool(sc.stopped[index]))
+                return
+            if self.mshv.closed.wait(self.WAIT_POLL_S):          # nothing to run: sleep until a START
+                raise KernelError(kabi.EINTR, "the kernel is going away")
+
     def read(self, count, nonblock=False):
         sc = self.mshv.sidecar
         if count < 4:
-            raise KernelError(kabi.EINVAL)
-        if not nonblock:
-            self._drive(lambda: bool(sc.stopped[self.node.index]))
+            raise KernelError(kabi.EINVAL, "read() of a sidecar device takes at least one u32")
+        if not (nonblock or self.nonblock):
+            self._wait_finished()
         with self.mshv.lock:
             sc.poll()
             done = sc.read_stopped(self.node.index)[:count // 4]
@@ -435,6 +461,6 @@ class SidecarFile(File):
         node, mem = self.node, self.mshv.partition.mem
         if mem.fd is None:
             raise KernelError(kabi.ENODEV, "guest RAM is private to the machine process (HCLSIM_GUEST_RAM)")
-        if offset + length > node.cpu_count * sl.SHMEM_PAGES_PER_VP * kabi.PAGE_SIZE:
+        if offset < 0 or length <= 0 or offset + length > node.cpu_count * sl.SHMEM_PAGES_PER_VP * kabi.PAGE_SIZE:
             raise KernelError(kabi.EINVAL, "beyond the node's command pages")
         return mem.fd, node.shmem_base + offset

@@ -28,7 +28,10 @@ class Process:
     started: float
     files: dict = field(default_factory=dict)
     next_fd: int = 3
-    exit_status: int | None = None       # the wait status its parent reaped
+    exit_status: int | None = None       # the wait status its reaper got (its parent, a subreaper, the kernel)
+    sid: int = 0                         # its session on the host (the VM's is PID 1's)
+    pidfd: int | None = None             # a pidfd on it (signals and waitid without pid reuse)
+    killed: str | None = None            # the host killed it tearing the VM down: when ("at power off")
     sampled: bool = False                # it answers SIGPROF with its stacks (STACKS)
     stacks: tuple | None = None          # (monotonic time, folded stacks) it last reported
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -53,6 +56,21 @@ def host_ppid(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def host_sid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def open_pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):       # gone already, or a host without pidfds
+        return None
 
 
 def host_comm(pid: int) -> str:
@@ -102,7 +120,8 @@ class SyscallServer:
         with self._lock:
             proc = self.processes.get(pid)
             if proc is None:
-                proc = Process(pid, host_ppid(pid), [], host_comm(pid), time.monotonic())
+                proc = Process(pid, host_ppid(pid), [], host_comm(pid), time.monotonic(), sid=host_sid(pid),
+                               pidfd=open_pidfd(pid))
                 self.processes[pid] = proc
                 self.order.append(pid)
             return proc
@@ -169,6 +188,7 @@ class SyscallServer:
         proc.argv = list(argv)
         proc.comm = host_comm(proc.pid)
         proc.ppid = host_ppid(proc.pid)
+        proc.sid = host_sid(proc.pid)
         if self.on_hello is not None:
             self.on_hello(proc)
         return [proc.pid], []
@@ -253,11 +273,23 @@ class SyscallServer:
         return [], []
 
     def _exited(self, proc, caller, pid, status):
+        """Its parent reaped pid, or an ancestor did: a subreaper (underhill_init) that an orphan
+        was re-parented to. The first report counts."""
         with self._lock:
             child = self.processes.get(pid)
-        if child is not None and child.ppid == proc.pid:
-            child.exit_status = status
+            if child is not None and child.exit_status is None and self.is_ancestor(proc.pid, child):
+                child.exit_status = status
         return [], []
+
+    def is_ancestor(self, pid: int, proc: Process) -> bool:
+        """pid is proc's parent, or its parent's, ... as the table knows them."""
+        seen = set()
+        while proc is not None and proc.pid not in seen:
+            if proc.ppid == pid:
+                return True
+            seen.add(proc.pid)
+            proc = self.processes.get(proc.ppid)
+        return False
 
     _OPS = {kabi.Op.HELLO: (_hello, (list,)), kabi.Op.OPEN: (_open, (str, int, int)),
             kabi.Op.READ: (_read, (int, int)), kabi.Op.WRITE: (_write, (int, bytes)), kabi.Op.CLOSE: (_close, (int,)),
@@ -295,6 +327,9 @@ class SyscallServer:
                 except Exception:       # a driver's close failing must not stop the others
                     pass
             proc.files.clear()
+            if proc.pidfd is not None:
+                os.close(proc.pidfd)
+                proc.pidfd = None
         os.close(self.dir_fd)
         try:
             os.unlink(self.path)

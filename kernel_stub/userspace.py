@@ -5,9 +5,16 @@ NAME=VALUE words as its environment). PID 1 exiting panics the kernel ("Attempte
 init!"); the caller (hclsim/system.py) decides what a panic does (panic=-1: reset).
 
 Every process the VM starts is in PID 1's process group and dies with it (PR_SET_PDEATHSIG
-chains up to the machine process): shutdown() kills the group and waits for it.
+chains up to the machine process). Each process gets its real exit status in the process table:
+its reaper's (its parent, or underhill_init, a child subreaper, for orphans; both report it with
+EXITED), or the kernel's own: the machine process is a child subreaper while a VM runs, so the
+VM's processes whose parents and init are gone are re-parented to it and reaped here (waitid).
+shutdown() stops every process of the VM (SIGSTOP: none can exit or reap another in between),
+notes which were still alive, kills them (SIGKILL) and waits until each is reaped: those show
+"killed by signal 9 at power off" (or when else the host tore the VM down).
 """
 import os
+import select
 import shutil
 import signal
 import sys
@@ -46,6 +53,8 @@ class Event:
 class InitProcess:
     pid: int
     returncode: int | None = None
+    pidfd: int | None = None
+    status: int | None = None        # its wait status, once reaped
 
 
 @dataclass
@@ -120,6 +129,8 @@ class Userspace:
         self.vsock = vsock                          # kernel_stub.vsock.Vsock: the VM's, across resets
         self.symbolize = symbolize                  # guest address -> "image:symbol+off" (profiling)
         self.vmgs_path = vmgs_path                  # the host's VMGS disk (/dev/vmgs), of the VM's state folder
+        self._reaper = None
+        self._reap_stop = threading.Event()
 
     def log(self, text: str, level: int = 6) -> None:
         self.kmsg.log(text, level)
@@ -216,26 +227,95 @@ class Userspace:
             return
         self.log(f"Run {path} as init process", 6)
         devnull = os.open(os.devnull, os.O_RDWR)
+        _subreaper(True)
         try:   # PID 1 gets the kernel at KERNEL_FD and a session of its own (the VM's processes)
             pid = os.posix_spawn(sys.executable, kabi.binfmt_argv(sys.executable, host, [path, *self.args.argv]),
                                  self.args.env,
                                  file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
                                                (os.POSIX_SPAWN_DUP2, self.server.dir_fd, kabi.KERNEL_FD)],
                                  setsid=True)
+        except BaseException:
+            _subreaper(False)
+            raise
         finally:
             os.close(devnull)
-        self.init_proc = InitProcess(pid)
+        from hclsim.kernel_stub.syscalls import open_pidfd
+        self.init_proc = InitProcess(pid, pidfd=open_pidfd(pid))
         self.event("pid1", f"{path} (host pid {pid})")
-        threading.Thread(target=self._wait_init, name="init-wait", daemon=True).start()
+        self._reap_wake = os.pipe()               # wakes the reaper to stop it
+        self._reaper = threading.Thread(target=self._reap, name="kernel-reaper", daemon=True)
+        self._reaper.start()
 
-    def _wait_init(self) -> None:
-        _pid, status = os.waitpid(self.init_proc.pid, 0)
-        self.init_proc.returncode = os.waitstatus_to_exitcode(status)
-        proc = self.server.processes.get(self.init_proc.pid)
-        if proc is not None:
+    # ---- reaping ---------------------------------------------------------------------------
+    def _reap(self) -> None:
+        """The kernel's reaper: PID 1 when it exits (the panic), then the VM's processes that
+        were re-parented to this process (their parents and init gone): those in PID 1's
+        process group, and the others of the table by their pidfds."""
+        init = self.init_proc
+        poller = select.poll()
+        poller.register(self._reap_wake[0], select.POLLIN)
+        watching = init.pidfd is not None
+        if watching:
+            poller.register(init.pidfd, select.POLLIN)     # readable once init has exited
+        while not self._reap_stop.is_set():
+            poller.poll(500 if init.returncode is None else 20)
+            if init.returncode is None:
+                try:
+                    pid, status = os.waitpid(init.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                if pid:
+                    self._reaped(pid, status)
+            self.reap_orphans()
+            if watching and init.returncode is not None:
+                poller.unregister(init.pidfd)
+                watching = False
+
+    def reap_orphans(self) -> bool:
+        """Reap what has exited of the VM's processes that are this process's children now;
+        False once none of PID 1's process group is left to reap."""
+        group_left = True
+        while True:
+            try:
+                res = os.waitid(os.P_PGID, self.init_proc.pid, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                group_left = False
+                break
+            if res is None:
+                break
+            self._reaped(res.si_pid, _wait_status(res))
+        p_pidfd = getattr(os, "P_PIDFD", None)
+        for proc in self._vm_processes():      # the VM's processes outside the group (setsid)
+            if proc.exit_status is not None or proc.pidfd is None or p_pidfd is None or proc.pid == self.init_proc.pid:
+                continue
+            try:
+                res = os.waitid(p_pidfd, proc.pidfd, os.WEXITED | os.WNOHANG)
+            except (ChildProcessError, OSError):
+                continue                         # not ours: its parent reaps it
+            if res is not None:
+                self._reaped(proc.pid, _wait_status(res))
+        return group_left
+
+    def _reaped(self, pid: int, status: int) -> None:
+        proc = self.server.processes.get(pid)
+        if proc is not None and proc.exit_status is None:
             proc.exit_status = status
-        if not self.tearing_down and self.panic is None:   # also after power off (a VM kept running)
-            self._panic(f"Attempted to kill init! exitcode={status:#010x}", status)
+        if pid == self.init_proc.pid:
+            self.init_proc.status = status
+            self.init_proc.returncode = os.waitstatus_to_exitcode(status)
+            if not self.tearing_down and self.panic is None:   # also after power off (a VM kept running)
+                self._panic(f"Attempted to kill init! exitcode={status:#010x}", status)
+
+    def _vm_processes(self) -> list:
+        """The processes of the table that are the VM's: PID 1, those in its session, their
+        descendants (a client of the kernel socket from elsewhere is not)."""
+        init, out, pids = self.init_proc.pid, [], set()
+        for pid in list(self.server.order):
+            proc = self.server.processes[pid]
+            if pid != os.getpid() and (pid == init or proc.sid == init or proc.ppid in pids):
+                pids.add(pid)
+                out.append(proc)
+        return out
 
     def _panic(self, message: str, status: int) -> None:
         self.panic = Panic(message, status)
@@ -245,7 +325,10 @@ class Userspace:
 
     # ---- processes and the host channel -----------------------------------------------
     def _hello(self, proc) -> None:
-        self.event("process", f"{proc.comm} (pid {proc.pid}, parent {proc.ppid}): {' '.join(proc.argv)}")
+        """A process introduced itself: "process" on the timeline, "worker" for the VM worker's
+        host (underhill-vm)."""
+        self.event("worker" if proc.comm == "underhill-vm" else "process",
+                   f"{proc.comm} (pid {proc.pid}, parent {proc.ppid}): {' '.join(proc.argv)}")
 
     def _host_message(self, kind: int, data: bytes) -> None:
         if kind == kabi.HOST_CONSOLE and len(data) >= 4:
@@ -262,13 +345,24 @@ class Userspace:
             self.finished.set()
 
     def process_tree(self) -> list[dict]:
-        """Every process that introduced itself: pid, parent, argv, comm, exit status."""
+        """Every process that introduced itself: pid, parent, argv, comm, exit status (as its
+        reaper got it; "killed by signal 9 at power off" for those the teardown killed)."""
         out = []
-        for pid in self.server.order if self.server else []:
+        if not self.server:
+            return out
+        vm = {p.pid for p in self._vm_processes()} if self.init_proc is not None else set()
+        for pid in self.server.order:
             p = self.server.processes[pid]
             status = p.exit_status
-            out.append({"pid": p.pid, "ppid": p.ppid, "argv": p.argv, "comm": p.comm,
-                        "exit_status": None if status is None else _describe(status)})
+            if status is not None:
+                text = _describe(status)
+                if p.killed and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                    text += f" {p.killed}"
+            elif self.tearing_down and pid in vm and not _alive(p):
+                text = "exited (reaped by a process that did not report its status)"
+            else:
+                text = None                       # running (or not one of the VM's processes)
+            out.append({"pid": p.pid, "ppid": p.ppid, "argv": p.argv, "comm": p.comm, "exit_status": text})
         return out
 
     # ---- the end ---------------------------------------------------------------------------
@@ -276,17 +370,12 @@ class Userspace:
         return self.finished.wait(timeout)
 
     def shutdown(self) -> None:
-        """Kill every process of the VM, wait for them, stop serving, remove the run folder."""
+        """Kill every process of the VM, wait until each is reaped, stop serving, remove the
+        run folder."""
         self.tearing_down = True               # from here PID 1 dying is the teardown, not a panic
         self.finished.set()
         if self.init_proc is not None:
-            try:
-                os.killpg(self.init_proc.pid, signal.SIGKILL)   # PID 1's session: every process of the VM
-            except (ProcessLookupError, PermissionError):
-                pass
-            deadline = time.monotonic() + 5
-            while self.init_proc.returncode is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+            self._kill_everything()
         if self.server is not None:
             self.server.close()
         if self.devices is not None:
@@ -295,6 +384,118 @@ class Userspace:
         if self.mshv is not None:
             self.mshv.close()
         shutil.rmtree(os.path.join(self.run_dir, "root"), ignore_errors=True)
+
+
+    def _kill_everything(self) -> None:
+        """Stop every process of the VM (SIGSTOP to PID 1's group and to each of the table's,
+        which may have left it), note the ones still alive, SIGKILL them all, and wait until
+        every one is reaped (by the reaper thread: each is this process's child by then)."""
+        init = self.init_proc
+        reason = ("at power off" if self.powered_off.is_set() else
+                  "after the kernel panic" if self.panic is not None else "when the VM was stopped")
+        procs = [p for p in self._vm_processes() if p.exit_status is None]
+        self._signal_all(procs, signal.SIGSTOP)
+        deadline = time.monotonic() + 2
+        for p in procs:                           # stopped, or already exited (a zombie) or gone
+            while _state(p.pid) not in "TtZX" and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if _state(p.pid) not in "ZX" and p.exit_status is None:
+                p.killed = reason
+        self._signal_all(procs, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        gone_since = None
+        while time.monotonic() < deadline:
+            self.reap_orphans()
+            if init.returncode is not None and not _group_members(init.pid):
+                if all(p.exit_status is not None for p in procs):
+                    break
+                # The rest are gone, reaped by their parents: their reports (EXITED) come within
+                # milliseconds, unless the parent died before it sent one (the report says so).
+                if all(p.exit_status is not None or _state(p.pid) == "X" for p in procs):
+                    gone_since = gone_since or time.monotonic()
+                    if time.monotonic() - gone_since > GONE_GRACE_S:
+                        break
+            time.sleep(0.002)
+        self._reap_stop.set()
+        os.write(self._reap_wake[1], b"x")
+        self._reaper.join(2)
+        for fd in (*self._reap_wake, init.pidfd):
+            if fd is not None:
+                os.close(fd)
+        init.pidfd = None
+        _subreaper(False)
+
+    def _signal_all(self, procs, sig: int) -> None:
+        try:
+            os.killpg(self.init_proc.pid, sig)      # PID 1's process group: every process of the VM
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in procs:                             # and those that left it (setsid)
+            try:
+                if p.pidfd is not None:
+                    signal.pidfd_send_signal(p.pidfd, sig)
+                else:
+                    os.kill(p.pid, sig)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+
+
+PR_SET_CHILD_SUBREAPER = 36
+_subreaper_lock = threading.Lock()
+_subreaper_users = [0]
+
+
+def _subreaper(on: bool) -> None:
+    """The machine process is a child subreaper while any VM of it runs (prctl): a VM process
+    whose parent and init are gone is re-parented here, not to the host's init, and reaped
+    with its real status. Counted: several VMs may run in one process."""
+    with _subreaper_lock:
+        before = _subreaper_users[0]
+        _subreaper_users[0] = max(0, before + (1 if on else -1))
+        if (before == 0) != (_subreaper_users[0] == 0):
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+
+
+GONE_GRACE_S = 0.25     # how long a reaped process's report may take (not the 5 s a lost one cost)
+
+
+def _state(pid: int) -> str:
+    """The host's state letter of pid (R, S, D, T, Z, ...); "X" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The host's processes (zombies too) in process group pgid."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _alive(proc) -> bool:
+    if proc.pidfd is not None:
+        return not select.select([proc.pidfd], [], [], 0)[0]      # readable once it has exited
+    return _state(proc.pid) not in "ZX"
+
+
+def _wait_status(res) -> int:
+    """A waitid() result as the wait status waitpid() would have given."""
+    if res.si_code == os.CLD_EXITED:
+        return (res.si_status & 0xFF) << 8
+    if res.si_code == os.CLD_DUMPED:
+        return res.si_status | 0x80
+    return res.si_status
 
 
 def _describe(status: int) -> str:

@@ -46,6 +46,43 @@ def descendants(pid: int) -> dict[int, str]:
     return out
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def leftovers(pid: int) -> dict[int, str]:
+    """What is left of the VM's processes below pid on the host, zombies included: pid -> state."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        st = _stat(int(entry)) if entry.isdigit() else None
+        if st is not None:
+            procs[int(entry)] = st
+    out, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for child, st in procs.items():
+            if int(st[1]) == p and child not in out:
+                try:
+                    with open(f"/proc/{child}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    continue
+                todo.append(child)
+                if comm in NAMES or comm.startswith("underhill-"):
+                    out[child] = f"{comm} {st[0]}"
+    return out
+
+
+def _same_process(pid: int, start: str) -> bool:
+    """pid is still the process that started at start (its /proc/PID/stat starttime), zombie or not."""
+    st = _stat(pid)
+    return st is not None and st[19] == start
+
+
 def _all_named(procs: dict):
     return procs if set(NAMES) <= set(procs.values()) else None
 
@@ -66,7 +103,8 @@ def test_boot_runs_the_whole_system_to_power_off(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "the VM powered off after" in proc.stdout
-    for label in ("boot shim entry", "kernel handoff", "PID 1 started", "VTL0 running", "power off"):
+    for label in ("boot shim entry", "kernel handoff", "PID 1 started", "worker started (underhill-vm)",
+                  "VTL0 running", "power off"):
         assert label in proc.stdout, label
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "power-off"
@@ -76,8 +114,15 @@ def test_boot_runs_the_whole_system_to_power_off(tmp_path):
     assert procs[0]["argv"] == ["/underhill-init"]
     assert procs[1]["argv"] == ["/bin/openvmm_hcl", "--pid", "/run/underhill.pid"]
     assert procs[2]["argv"] == ["/bin/openvmm_hcl", "vm"]
+    # All three were running at power off; the host's teardown killed each (init is the kernel's
+    # child; the others were reaped by it once their parents were gone).
+    assert [p["exit_status"] for p in procs] == ["killed by signal 9 at power off"] * 3
     events = [e["event"] for e in report["system"]["timeline"]]
-    assert events.index("handoff") < events.index("pid1") < events.index("vtl0") < events.index("power-off")
+    assert events.index("handoff") < events.index("pid1") < events.index("worker") < events.index("vtl0") \
+        < events.index("power-off")
+    worker = next(e for e in report["system"]["timeline"] if e["event"] == "worker")
+    assert worker["detail"].startswith(f"underhill-vm (pid {procs[2]['pid']}, parent {procs[1]['pid']})")
+    assert not leftovers(os.getpid())
     kmsg = (out / "kmsg.log").read_text()
     for line in ("Linux version", "Command line: ", "BIOS-e820: [mem ", "Run /underhill-init as init process",
                  "underhill_init: Initial process: crate_name=underhill_init", "openvmm_hcl: VMM process",
@@ -150,21 +195,35 @@ def test_ctrl_c_shuts_everything_down():
 def test_a_killed_process_panics_the_kernel_and_the_vm_resets(victim):
     """kill -9 of any of the three: init exits (directly, or because its child did), the kernel
     panics "Attempted to kill init!", and with panic=-1 the host resets the VM, which boots again
-    from the shim and then runs to power off."""
-    killed = []
+    from the shim and then runs to power off. The killed VM's processes are all gone (none left
+    running, none left a zombie) before the next boot's, and nothing is left after the run."""
+    killed, gone, errors = [], [], []
 
     def killer():
-        pid = wait_for(lambda: next((p for p, c in descendants(os.getpid()).items() if c == victim), None),
-                       what=victim)
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
+        try:
+            tree = wait_for(lambda: _all_named(descendants(os.getpid())), what="the three processes")
+            starts = {p: _stat(p)[19] for p, c in tree.items() if c in NAMES}
+            pid = next(p for p, c in tree.items() if c == victim)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            wait_for(lambda: not any(_same_process(p, st) for p, st in starts.items()), timeout=20,
+                     what="the killed VM's processes to be gone")
+            gone.append(sorted(starts))
+        except Exception as exc:        # reported by the test's thread
+            errors.append(exc)
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     events = []
     outcome = run_system(BootConfig(cpus=2, vtl0_iterations=5000), on_event=lambda n, t_, d: events.append((n, d)),
                          timeout=60)
     t.join(30)
-    assert killed
+    assert not errors, errors
+    assert killed and gone
+    assert not leftovers(os.getpid())
+    # The second boot's processes were running at power off, new ones (not the killed boot's).
+    assert [p["comm"] for p in outcome.process_tree] == list(NAMES)
+    assert not {p["pid"] for p in outcome.process_tree} & set(gone[0])
+    assert [p["exit_status"] for p in outcome.process_tree] == ["killed by signal 9 at power off"] * 3
     names = [n for n, _ in events]
     assert names.index("panic") < names.index("reset") < names.index("power-off")
     panic = next(d for n, d in events if n == "panic")
@@ -173,6 +232,26 @@ def test_a_killed_process_panics_the_kernel_and_the_vm_resets(victim):
     assert panic == "Attempted to kill init! exitcode=" + {"underhill-init": "0x00000009", "openvmm_hcl": "0x0000ff00",
                                                            "underhill-vm": "0x00000100"}[victim]
     assert outcome.status == "power-off" and outcome.resets == 1 and outcome.boots == 2
+
+
+def test_a_failing_worker_gives_every_process_its_real_exit_status(tmp_path):
+    """The VM worker fails (a device worker that does not exist): openvmm_hcl exits 1, init exits
+    1, the kernel panics, four times. report.json's processes (the last boot's) carry the
+    statuses their reapers got: none is null, none says the teardown killed it."""
+    out = tmp_path / "out"
+    proc = subprocess.run([*HCLSIM, "boot", "--cpus", "2", "--out", str(out), "--host-bootargs",
+                           "HCLSIM_DEVICE_WORKERS=nosuch"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "reset 3 times" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    procs = report["system"]["processes"]
+    assert [p["comm"] for p in procs] == list(NAMES)
+    assert procs[0]["exit_status"] == "exit 1" and procs[1]["exit_status"] == "exit 1"
+    # underhill-vm: its host ends after the failure (exit 0), unless openvmm_hcl exited first,
+    # which kills it (PR_SET_PDEATHSIG): either way, what its reaper got.
+    assert procs[2]["exit_status"] in ("exit 0", "killed by signal 9"), procs[2]
+    assert "Attempted to kill init! exitcode=0x00000100" in (out / "kmsg.log").read_text()
+    assert not leftovers(os.getpid())
 
 
 def test_no_init_program_panics_and_gives_up_after_the_resets(tmp_path):

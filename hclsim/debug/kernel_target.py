@@ -56,7 +56,7 @@ class RealLinuxTarget:
 
     def _enter_kernel(self) -> None:
         from hclsim.real_linux import RealLinux
-        self.kernel = RealLinux(self.machine, hyperv=self.machine.config.hyperv)
+        self.kernel = RealLinux(self.machine, hyperv=self.machine.config.hyperv, debugger=True)
         self.kernel.start()
         # The BSP's state is the engine's from here on: what reads it through the partition
         # (disassembly, backtraces, memory through its page tables) reads it live.

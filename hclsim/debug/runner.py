@@ -15,18 +15,14 @@ import gc
 import threading
 import time
 
-import numpy as np
 
 from hclsim import HclsimError
-from hclsim.cpu.fastpath import H_BLOCKS, H_ICOUNT, H_LAST_BLOCK
-from hclsim.cpu.insnlen import count_instructions
+from hclsim.cpu import block_clock
 from hclsim.hv.scheduler import STOP_ADDRESS, STOP_FAULT, SchedulerStop
 from hclsim.debug.events import (EVENT, FAULT, HANDOFF, IDLE, INTERRUPTED, STEP, TIMEOUT, StopEvent,
                                  StopRequest)
 
 INTERRUPT_GRACE = 0.1      # seconds to wait for a natural stop before stopping the engine outright
-MAX_BLOCK_BYTES = 8192
-MASK64 = (1 << 64) - 1
 
 
 class Runner:
@@ -187,15 +183,5 @@ class Runner:
     @staticmethod
     def _rewind(engine) -> None:
         """The run stopped before RIP, inside the last block it entered (counted whole on entry):
-        give back the count of that block's instructions from RIP on, which have not run. The
-        resumed run enters a block at RIP and counts them then."""
-        h = engine.state.buf
-        end, rip = int(h[H_LAST_BLOCK]) & MASK64, engine.reg("rip")  # the slot holds it as int64
-        if not 0 < end - rip <= MAX_BLOCK_BYTES:
-            return  # stopped at a block boundary: nothing counted ahead
-        code = engine.read_virtual(rip, end - rip)
-        if len(code) != end - rip:
-            return
-        h[H_ICOUNT] -= count_instructions(np.frombuffer(code, np.uint8), 0, len(code))
-        h[H_BLOCKS] -= 1
-        h[H_LAST_BLOCK] = rip - (1 << 64) if rip >> 63 else rip
+        give back the count of its instructions that have not run (cpu/block_clock.py)."""
+        block_clock.give_back(engine)

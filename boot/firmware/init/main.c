@@ -9,7 +9,7 @@
  *      (the kernel found no console to give PID 1), open /dev/console as fds 0, 1 and 2.
  *   2. mkdir and mount proc at /proc and sysfs at /sys (nosuid, nodev, noexec).
  *   3. Print the lines below, one write(2) per line.
- *   4. sync, then reboot(LINUX_REBOOT_CMD_POWER_OFF); if that returns, reboot(..._HALT); if that
+ *   4. tcdrain the console, sync, then reboot(LINUX_REBOOT_CMD_POWER_OFF); if that returns, reboot(..._HALT); if that
  *      returns too, pause() for ever.  PID 1 never exits (the kernel would panic).
  *
  * Output format, every line "init: KEY VALUE", in this order:
@@ -381,6 +381,9 @@ static __attribute__((noreturn)) void power_off(void)
 {
     begin("poweroff");
     end();
+    /* The console's tty sends what write() queued from its interrupts, and power off does not
+       wait for them: tcdrain (TCSBRK with 1) does, as shutdown programs do before reboot(2). */
+    syscall3(SYS_ioctl, 1, TCSBRK, 1);
     syscall0(SYS_sync);
     long r = syscall4(SYS_reboot, (long)LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2,
                       (long)LINUX_REBOOT_CMD_POWER_OFF, 0);

@@ -12,6 +12,7 @@ typedef long ssize_t;
 #define SYS_open        2
 #define SYS_close       3
 #define SYS_pause       34
+#define SYS_ioctl       16
 #define SYS_dup2        33
 #define SYS_getpid      39
 #define SYS_exit        60
@@ -44,6 +45,7 @@ typedef long ssize_t;
 #define LINUX_REBOOT_MAGIC2         672274793
 #define LINUX_REBOOT_CMD_POWER_OFF  0x4321FEDC
 #define LINUX_REBOOT_CMD_HALT       0xCDEF0123
+#define TCSBRK                      0x5409      /* ioctl: with 1, wait until output is sent (tcdrain) */
 
 struct new_utsname {
     char sysname[65];
