@@ -221,6 +221,44 @@ def test_gdb_follows_the_shim_into_the_real_kernel(real_kernel):
     assert any("the real kernel halted" in line for line in logs), logs
 
 
+def test_gdb_breaks_on_the_kernels_own_symbols(real_kernel):
+    """The kernel's symbols from its kallsyms reach gdb as a shared library: break by name."""
+    import threading
+    from hclsim.debug.gdbserver import GdbServer
+    from hclsim.debug.kernel_target import RealLinuxTarget
+    from tests.tools import require
+    config = real_config(BootConfig(cpus=1, kernel=str(real_kernel), linux="real"))
+    machine = Machine(config)
+    status = {}
+    server = GdbServer(RealLinuxTarget(machine), "127.0.0.1", 0, wait=True)
+    thread = threading.Thread(target=lambda: status.update(exit=server.serve()), daemon=True)
+    thread.start()
+    try:
+        args = [require("gdb"), "-batch", "-nx", "-ex", f"file {machine.shim_path}", "-ex", "set breakpoint pending on",
+                "-ex", f"target remote 127.0.0.1:{server.address[1]}", "-ex", "break start_kernel",
+                "-ex", "continue", "-ex", "continue", "-ex", "bt", "-ex", "kill"]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        text = out.stdout + out.stderr
+    finally:
+        server.close()
+        thread.join(timeout=10)
+        server.target.close()
+        machine.close()
+    assert re.search(r"Breakpoint 1, 0x[0-9a-f]+ in start_kernel \(\)", text), text
+    assert re.search(r"#1 +0x[0-9a-f]+ in secondary_startup_64\w* \(\)", text), text   # its caller, named
+
+
+def test_hclsim_step_breaks_on_the_kernels_own_symbols(real_kernel):
+    done = subprocess.run([sys.executable, "-m", "hclsim", "step", "--quiet", "--linux", "real", "--kernel",
+                           str(real_kernel), "-x", "break start_kernel", "-x", "continue", "-x", "continue",
+                           "-x", "x/2i $pc"], capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert done.returncode == 0, done.stderr + out
+    assert re.search(r"kernel symbols from kallsyms", out), out
+    assert re.search(r"Breakpoint 1, VP 0 stopped at 0xffffffff[0-9a-f]{8} <linux:start_kernel>", out), out
+    assert re.search(r"<linux:start_kernel\+0x[0-9a-f]+>:", out), out          # the disassembly named too
+
+
 def test_with_hyperv_the_kernel_takes_its_hyper_v_path_to_init(real_kernel):
     """--hyperv: the Hyper-V leaves shown, the synthetic MSRs served by the hypervisor model; the
     kernel runs on the reference TSC page's clock and still boots to /init."""
@@ -259,8 +297,9 @@ def test_hclsim_step_follows_into_the_real_kernel(real_kernel):
     out = done.stdout
     assert done.returncode == 0, done.stderr + out
     assert "the real kernel runs VP 0" in out and f"Breakpoint 1, VP 0 stopped at {address:#x}" in out, out
-    assert re.search(r"cs +0x10 ", out) and re.search(rf"=> {address:#x}:\t\S", out), out   # disassembled live
-    stops = re.findall(r"VP 0 stopped at (0xffffffff[0-9a-f]{8})\n", out)
+    assert re.search(r"cs +0x10 ", out) and re.search(rf"=> {address:#x}( <linux:\S+>)?:\t\S", out), out   # disassembled live
+    stops = re.findall(r"VP 0 stopped at (0xffffffff[0-9a-f]{8})( <linux:\S+>)?\n", out)
+    stops = [at for at, _sym in stops]
     assert stops[0] == f"{address:#x}" and int(stops[1], 16) != address, out   # stepi moved on
 
 

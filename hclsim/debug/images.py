@@ -33,7 +33,7 @@ _cs.skipdata = True
 
 @dataclass(frozen=True)
 class Alias:
-    name: str        # "shim", "sidecar", "vtl0"
+    name: str        # "shim", "sidecar", "vtl0", "linux" (the real kernel's, from kallsyms)
     base: int        # runtime address of link address 0
     gpa: int         # guest physical address of link address 0
     image: object    # boot.elfimage.FirmwareImage
@@ -78,6 +78,12 @@ class ImageMap:
         if machine.vtl0_guest is not None:
             self.aliases.append(Alias("vtl0", IMAGE_GPA, IMAGE_GPA, machine.vtl0_guest.image))
         self.names = list(dict.fromkeys(a.name for a in self.aliases))
+
+    def add_kernel(self, symbols, gpa: int) -> None:
+        """The real kernel's symbols (debug/kallsyms.py KernelSymbols), at their link addresses:
+        symbolize, break and complete on them as `linux:name` or `name`."""
+        self.aliases.append(Alias("linux", symbols.base, gpa, symbols))
+        self.names.append("linux")
 
     # ---- where ----------------------------------------------------------------------------
     def at(self, addr: int) -> tuple[Alias, int] | None:

@@ -10,6 +10,7 @@ Watchpoints stay the shim's (the kernel phase does not offer them yet).
 """
 import math
 
+from hclsim.debug.kallsyms import KallsymsError, kernel_symbols
 from hclsim.debug.events import FAULT, HANDOFF, IDLE, INTERRUPTED, DebugError, StopEvent, StopRequest
 from hclsim.debug.stops import NextBreakpoint
 from hclsim.debug.runner import Runner
@@ -27,6 +28,14 @@ class RealLinuxTarget:
         self.kernel = None                   # the RealLinux once the BSP took the handoff
         self.outcome = None                  # its RealLinuxResult once the kernel ended
         self.kernel_stop = None
+        # The kernel's symbols from its own kallsyms tables, from the start (breakpoints on them
+        # may be set before the handoff); a kernel without them is only addresses.
+        self.kernel_symbols, self.kernel_symbols_error = None, None
+        try:
+            self.kernel_symbols = kernel_symbols(machine.kernel)
+            self.images.add_kernel(self.kernel_symbols, machine.layout.region("kernel").start)
+        except KallsymsError as exc:
+            self.kernel_symbols_error = str(exc)
 
     @property
     def images(self):
@@ -211,7 +220,9 @@ class RealLinuxTarget:
     def _shim_stop(self, stop: StopEvent) -> StopEvent:
         if stop.reason == HANDOFF:                   # the BSP stands at the kernel's entry
             self._enter_kernel()
-            stop.detail = "kernel entry: handoff checked; the real kernel runs VP 0 (--linux real)"
+            symbols = (f"{len(self.kernel_symbols.symbols)} kernel symbols from kallsyms" if self.kernel_symbols
+                       else f"no kernel symbols: {self.kernel_symbols_error}")
+            stop.detail = f"kernel entry: handoff checked; the real kernel runs VP 0 (--linux real; {symbols})"
             self.kernel_stop = stop
         return stop
 

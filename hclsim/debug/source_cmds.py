@@ -139,7 +139,7 @@ class SourceCommands:
             self.say(f"No symbol matches {arg.strip()}.")
             return
         sym, _, delta = name.partition("+")
-        section = section_name(hit[0].image.path, hit[1]) or "?"
+        section = section_name(hit[0].image.path, hit[1]) or getattr(hit[0].image, "section", None) or "?"
         self.say(f"{sym}{f' + {int(delta, 16)}' if delta else ''} in section {section} of {hit[0].name}")
 
     # ---- print ------------------------------------------------------------------------------
