@@ -457,7 +457,8 @@ def _subreaper(on: bool) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
 
-GONE_GRACE_S = 0.25     # how long a reaped process's report may take (not the 5 s a lost one cost)
+GONE_GRACE_S = 1.5      # how long a reaped process's report may take under load (0.25 s was too short on a
+                        # busy 2-core machine); a report that never comes cost the 5 s before
 
 
 def _state(pid: int) -> str:
