@@ -25,6 +25,7 @@ import time
 from hclsim.defs.platform import Region
 from hclsim.devices import device_worker_pb2 as pb
 from hclsim.devices.bus import Deferred, IoError
+from hclsim.devices.device_clients import GuestMemoryError, ProxiedGuestMemory, ProxiedStore, StoreError  # noqa: F401
 
 MAX_PACKET = 1 << 20
 PROTOCOL_VERSION = 1
@@ -79,63 +80,6 @@ def restore_bytes(device, blob: bytes | None) -> None:
 
 
 # ---- the worker's side ------------------------------------------------------------------------
-class GuestMemoryError(Exception):
-    pass
-
-
-class ProxiedGuestMemory:
-    """Guest memory for a device in a worker that cannot map it: each access is a request to
-    the proxy, answered from the VM's guest RAM (blocking, one at a time). A device that wants
-    it says uses_guest_memory = True and finds it as its guest_memory attribute."""
-
-    def __init__(self, server: "DeviceServer"):
-        self.server = server
-        self._next = 1
-        self.requests = 0
-
-    def _call(self, **op) -> bytes:
-        self.requests += 1
-        reply = self.server.ask("memory", lambda req_id: pb.GuestMemoryRequest(id=req_id, **op))
-        if reply.error:
-            raise GuestMemoryError(reply.error)
-        return reply.data
-
-    def read(self, address: int, length: int) -> bytes:
-        return self._call(read=pb.GuestMemoryRead(address=address, length=length))
-
-    def write(self, address: int, data: bytes) -> None:
-        self._call(write=pb.GuestMemoryWrite(address=address, data=bytes(data)))
-
-    def fill(self, address: int, value: int, length: int) -> None:
-        self._call(fill=pb.GuestMemoryFill(address=address, value=value & 0xFF, length=length))
-
-
-class StoreError(Exception):
-    pass
-
-
-class ProxiedStore:
-    """A device's non-volatile store (NonVolatileStore: restore() -> bytes or None, persist(data)),
-    one VMGS file the VM worker keeps; each call is a request to the proxy. A device names the
-    stores it wants in nonvolatile_stores ({attribute: FileId}) and finds them there."""
-
-    def __init__(self, server: "DeviceServer", file_id: int):
-        self.server, self.file_id = server, file_id
-
-    def _call(self, **op) -> pb.StoreResponse:
-        reply = self.server.ask("store", lambda req_id: pb.StoreRequest(id=req_id, file_id=self.file_id, **op))
-        if reply.error:
-            raise StoreError(reply.error)
-        return reply
-
-    def restore(self) -> bytes | None:
-        reply = self._call(restore=True)
-        return reply.data if reply.present else None
-
-    def persist(self, data: bytes) -> None:
-        self._call(persist=bytes(data))
-
-
 class DeviceServer:
     """Serves one device object (devices/bus.py's duck type) on sock."""
 

@@ -15,6 +15,7 @@ import subprocess
 import time
 
 from hclsim import HclsimError
+from hclsim.defs.streams import read_exact
 
 TPM_HEADER = struct.Struct(">HII")       # tag, size, command code / response code
 MAX_RESPONSE = 4096                      # the CRB and I/O port buffers are a page
@@ -154,13 +155,13 @@ class Swtpm:
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise OSError(0, "the connection closed")
-        out += chunk
-    return bytes(out)
+    try:
+        data = read_exact(sock, n)
+    except EOFError:
+        data = None
+    if data is None:
+        raise OSError(0, "the connection closed")
+    return data
 
 
 # ---- TPM 2.0 commands (TCG TPM 2.0 Library, Part 3), as the tests and the guest send them ----

@@ -4,6 +4,8 @@ most 0xFFFFFF bytes. Shared by the diag server (hcl/diag_server.py) and hclsim's
 """
 import struct
 
+from hclsim.defs.streams import read_exact  # noqa: F401 (the diag client's too)
+
 HEADER = struct.Struct(">IIBB")
 TYPE_REQUEST, TYPE_RESPONSE = 1, 2
 MAX_MESSAGE = 0xFFFFFF
@@ -25,20 +27,6 @@ def encode(stream_id: int, kind: int, payload: bytes) -> bytes:
     if len(payload) > MAX_MESSAGE:
         raise FrameTooLong(stream_id, len(payload))
     return HEADER.pack(len(payload), stream_id, kind, 0) + payload
-
-
-def read_exact(sock, n: int) -> bytes | None:
-    """n bytes, or None at a clean end of stream before the first byte; EOFError mid-way."""
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(min(n - got, 1 << 20))
-        if not chunk:
-            if got == 0:
-                return None
-            raise EOFError(f"the peer hung up {got} bytes into a {n}-byte read")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
 
 
 def read_frame(sock) -> tuple[int, int, bytes] | None:
