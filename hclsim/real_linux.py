@@ -147,6 +147,7 @@ class RealLinux:
         self.start_icount = self.engine.counters()["instructions"]
         self.clock = VirtualClock(lambda: self._now() + self.idle)
         self.port_ios = 0
+        self.port_io_units = PORT_IO_NS * self.clock.hz // NS_PER_SECOND
         self.t0 = time.perf_counter()
         self.console = _Console(lambda: (self._now() - self.start_icount, time.perf_counter() - self.t0))
         self.pic = Pic8259("pic", intr=self._intr)
@@ -180,11 +181,10 @@ class RealLinux:
         and the slice's deadline move with it."""
         h = self.engine.state.buf
         self.port_ios += 1
-        self.idle += PORT_IO_NS * self.clock.hz // NS_PER_SECOND
+        self.idle += self.port_io_units
         h[fastpath.H_TSC_IDLE] = self.idle
         if h[fastpath.H_DEADLINE] > 1:
-            h[fastpath.H_DEADLINE] = max(self._now() + 1,
-                                         int(h[fastpath.H_DEADLINE]) - PORT_IO_NS * self.clock.hz // NS_PER_SECOND)
+            h[fastpath.H_DEADLINE] = max(self._now() + 1, int(h[fastpath.H_DEADLINE]) - self.port_io_units)
         return self.bus.engine_io(port, size, value, is_in)
 
     def _retired(self) -> int:
