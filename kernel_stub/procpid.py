@@ -7,18 +7,19 @@ import os
 from hclsim.kernel_stub.vfs import Dir, GeneratedFile
 
 
-def _state(pid: int) -> str:
-    """The host's view of the process's state (R, S, D, Z, T), '?' when it is gone."""
+def host_state(pid: int, gone: str = "?") -> str:
+    """The host's view of the process's state letter (R, S, D, Z, T, ...), gone when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return "?"
+        return gone
+
 
 
 def _stat(proc) -> bytes:
     # pid (comm) state ppid pgrp session tty_nr tpgid flags: the fields ps uses come first.
-    return f"{proc.pid} ({proc.comm}) {_state(proc.pid)} {proc.ppid} {os.getpgid(proc.pid) if _alive(proc.pid) else 0} " \
+    return f"{proc.pid} ({proc.comm}) {host_state(proc.pid)} {proc.ppid} {os.getpgid(proc.pid) if _alive(proc.pid) else 0} " \
            f"0 0 -1 0\n".encode()
 
 
@@ -31,7 +32,7 @@ def _alive(pid: int) -> bool:
 
 
 def _status(proc) -> bytes:
-    return (f"Name:\t{proc.comm}\nState:\t{_state(proc.pid)}\nPid:\t{proc.pid}\nPPid:\t{proc.ppid}\n").encode()
+    return (f"Name:\t{proc.comm}\nState:\t{host_state(proc.pid)}\nPid:\t{proc.pid}\nPPid:\t{proc.ppid}\n").encode()
 
 
 def pid_dirs(server) -> dict:

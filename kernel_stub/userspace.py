@@ -29,6 +29,7 @@ from hclsim.kernel_stub import devfs, kmsg as kmsg_mod, procfs, sysfs
 from hclsim.kernel_stub.handoff import kernel_params
 from hclsim.kernel_stub.mshv import Mshv
 from hclsim.kernel_stub.namespace import Namespace
+from hclsim.kernel_stub.procpid import host_state
 from hclsim.kernel_stub.rootfs import RootfsError, unpack
 from hclsim.kernel_stub.syscalls import SyscallServer
 from hclsim.kernel_stub.vfs import CharDevice, Dir, File, KernelError
@@ -463,11 +464,7 @@ GONE_GRACE_S = 1.5      # how long a reaped process's report may take under load
 
 def _state(pid: int) -> str:
     """The host's state letter of pid (R, S, D, T, Z, ...); "X" once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "X"
+    return host_state(pid, gone="X")
 
 
 def _group_members(pgid: int) -> list[int]:
