@@ -232,10 +232,9 @@ def cmd_boot(args) -> int:
         from hclsim.console import Console
         console = Console(echo=not args.json and not args.quiet, progress=not args.json and not args.quiet)
         return real_linux_cli.cmd_real(args, real_linux_cli.real_config(config), console, _new_machine,
-                                       _report_fault)
+                                       _to_handoff)
     import json
-    from hclsim.cpu.fault import GuestFaultError
-    from hclsim.report import boot_report, fault_report, write_outputs
+    from hclsim.report import boot_report, write_outputs
 
     from hclsim.console import Console
     console = Console(echo=not args.json and not args.quiet, progress=not args.json and not args.quiet)
@@ -255,12 +254,9 @@ def cmd_boot(args) -> int:
         raise UsageError("--tpm puts the vTPM on the VM worker's bus: it needs the whole run (drop --until handoff)")
     machine = _new_machine(config, console)
     try:
-        try:
-            with console.phase(f"booting {config.cpus} vCPU{'s' if config.cpus > 1 else ''}"):
-                result = machine.run_to_handoff()
-        except GuestFaultError as exc:
-            report = fault_report(exc, config, machine)
-            return _report_fault(args, exc, report)
+        result, code = _to_handoff(args, config, console, machine, "")
+        if result is None:
+            return code
     finally:
         machine.close()
     report = boot_report(result)
@@ -299,6 +295,18 @@ def _firmware_cached(config) -> bool:
         return all(firmware.cached_path(spec).exists() for spec in specs)
     except (HclsimError, OSError):
         return True                    # the build itself will say what is wrong
+
+
+def _to_handoff(args, config, console, machine, what: str):
+    """The boot to the kernel entry, as a console phase: (its result, None), or after a guest
+    fault (None, the exit code), the fault reported."""
+    from hclsim.cpu.fault import GuestFaultError
+    from hclsim.report import fault_report
+    try:
+        with console.phase(f"booting {config.cpus} vCPU{'s' if config.cpus > 1 else ''}{what}"):
+            return machine.run_to_handoff(), None
+    except GuestFaultError as exc:
+        return None, _report_fault(args, exc, fault_report(exc, config, machine))
 
 
 def _report_fault(args, exc, report: dict) -> int:

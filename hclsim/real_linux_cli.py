@@ -36,17 +36,16 @@ def outcome_dict(outcome) -> dict:
             "idle_ns": outcome.idle_ns, "port_ios": outcome.port_ios, "port_io_ns": outcome.port_io_ns}
 
 
-def cmd_real(args, config, console, new_machine, report_fault) -> int:
-    from hclsim.cpu.fault import GuestFaultError
+def cmd_real(args, config, console, new_machine, to_handoff) -> int:
+    """to_handoff(args, config, console, machine, what): cli's boot to the kernel entry ((result,
+    None), or (None, exit code) after it reported a guest fault)."""
     from hclsim.real_linux import RealLinux
-    from hclsim.report import boot_report, fault_report, write_outputs
+    from hclsim.report import boot_report, write_outputs
     machine = new_machine(config, console)
     try:
-        try:
-            with console.phase(f"booting {config.cpus} vCPU{'s' if config.cpus > 1 else ''} to the kernel"):
-                result = machine.run_to_handoff()
-        except GuestFaultError as exc:
-            return report_fault(args, exc, fault_report(exc, config, machine))
+        result, code = to_handoff(args, config, console, machine, " to the kernel")
+        if result is None:
+            return code
         run = RealLinux(machine, on_serial=console.serial, hyperv=config.hyperv)
         with console.phase("running the real kernel"):
             outcome = run.run(timeout=config.timeout)
