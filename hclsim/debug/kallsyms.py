@@ -18,6 +18,7 @@ relative_base + offset, or with CONFIG_KALLSYMS_ABSOLUTE_PERCPU (x86_64) a non-n
 is absolute (per-CPU symbols) and a negative one is relative_base - 1 - offset.
 """
 import bisect
+import functools
 import hashlib
 import os
 import struct
@@ -51,14 +52,23 @@ class KernelSymbols:
     def span(self) -> int:
         return self.symbols[-1][0] + self.symbols[-1][1] if self.symbols else 0
 
-    def symbol(self, name: str) -> int | None:
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        return [s[0] for s in self.symbols]
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, int]:
+        """name -> the first (lowest) offset of that name (static functions repeat names)."""
+        found = {}
         for offset, _size, sym in self.symbols:
-            if sym == name:
-                return offset
-        return None
+            found.setdefault(sym, offset)
+        return found
+
+    def symbol(self, name: str) -> int | None:
+        return self._by_name.get(name)
 
     def symbolize(self, offset: int) -> str | None:
-        i = bisect.bisect_right([s[0] for s in self.symbols], offset) - 1
+        i = bisect.bisect_right(self._starts, offset) - 1
         if i < 0:
             return None
         start, size, name = self.symbols[i]
