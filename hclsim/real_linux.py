@@ -147,6 +147,7 @@ class RealLinux:
         self.start_icount = self.engine.counters()["instructions"]
         self.clock = VirtualClock(lambda: self._now() + self.idle)
         self.port_ios = 0
+        self._gc_was_enabled = False                    # _take_over pauses the collector; _give_back resumes it
         self.port_io_units = PORT_IO_NS * self.clock.hz // NS_PER_SECOND
         self.t0 = time.perf_counter()
         self.console = _Console(lambda: (self._now() - self.start_icount, time.perf_counter() - self.t0))
@@ -229,8 +230,9 @@ class RealLinux:
 
     def _give_back(self) -> None:
         e = self.engine
-        if getattr(self, "_gc_was_enabled", False):
+        if self._gc_was_enabled:
             gc.enable()
+            self._gc_was_enabled = False
         self.delivery.uninstall()
         self.tsc.off()
         if self.hyperv is not None:
